@@ -17,7 +17,6 @@ import http.client
 import io
 import json
 import os
-import shutil
 import tarfile
 import tempfile
 import urllib.request
@@ -135,7 +134,10 @@ class EpitomeRecord:
 
 
 def load_epitome(csv_path) -> list:
-    """All records of one EPITOME file, in file order, duplicates included (see `load_epitome_splits`)."""
+    """All records of one EPITOME file, in file order, duplicates included (see `load_epitome_splits`).
+
+    Quoted CSV (posts hold commas, quotes and newlines), read with the csv module; `rationales` is unused.
+    """
     reader = csv.reader(io.StringIO(_read_text(csv_path), newline=""))
     records = []
     try:
@@ -268,7 +270,8 @@ def format_context(turns) -> str:
 
 
 def encode_context(tok, turns, max_len=200) -> list:
-    """Ids of format_context(turns) + EOS; when too long the oldest tokens go, the latest turn stays whole."""
+    """Ids of format_context(turns) + EOS, at most max_len: when too long the oldest tokens are dropped,
+    so the end of the latest turn, which the reply answers, is always kept (a cut may split a word or tag)."""
     return tok.encode(format_context(turns), add_eos=False)[-(max_len - 1):] + [tok.eos_id]
 
 
@@ -333,9 +336,7 @@ def ensure_data(data_dir=None) -> Path:
             _fetch_empathetic_dialogues(data_dir)
         for name in EPITOME_FILES.values():
             if f"epitome/{name}" in missing:
-                dest = data_dir / "epitome" / name
-                print(f"downloading {URLS['epitome'] + name} -> {dest}")
-                _download(URLS["epitome"] + name, dest, EPITOME_SHA256[name])
+                _write_atomic(data_dir / "epitome" / name, _fetch(URLS["epitome"] + name, EPITOME_SHA256[name]))
     except (ValueError, KeyError, OSError, http.client.HTTPException, tarfile.TarError, EOFError, zlib.error) as e:
         # ValueError covers our DataError, a bad URL and a damaged .json record
         raise DataError(
@@ -347,84 +348,51 @@ def ensure_data(data_dir=None) -> Path:
     return data_dir
 
 
-def _download(url, dest: Path, sha256=None) -> str:
-    """Stream url to dest through a temp file in dest's folder; check length and sha256; return sha256."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        digest, n = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
-            expected = r.headers.get("Content-Length")
-            while chunk := r.read(1 << 20):
-                n += len(chunk)
-                if n > MAX_DOWNLOAD_BYTES:
-                    raise DataError(f"{url} is larger than {MAX_DOWNLOAD_BYTES >> 20} MiB, not the expected file")
-                digest.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        if expected is not None and n != int(expected):
-            raise DataError(f"{url}: received {n} of {expected} bytes (interrupted download)")
-        if sha256 is not None and digest.hexdigest() != sha256:
-            raise DataError(f"{url}: sha256 {digest.hexdigest()} differs from the expected {sha256}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return digest.hexdigest()
+def _fetch(url, sha256=None) -> bytes:
+    """The body of url (all files here fit in memory), checked against Content-Length and sha256."""
+    print(f"downloading {url}")
+    with urllib.request.urlopen(url, timeout=60) as r:
+        expected = r.headers.get("Content-Length")
+        body = r.read(MAX_DOWNLOAD_BYTES + 1)  # a server that closes early raises IncompleteRead here
+    if len(body) > MAX_DOWNLOAD_BYTES or (expected is not None and len(body) != int(expected)):
+        raise DataError(f"{url}: received {len(body)} bytes, expected {expected} (interrupted download?)")
+    if sha256 is not None and hashlib.sha256(body).hexdigest() != sha256:
+        raise DataError(f"{url}: sha256 {hashlib.sha256(body).hexdigest()} differs from the expected {sha256}")
+    return body
 
 
 def _fetch_empathetic_dialogues(data_dir: Path):
-    """Download the ED archive, check it, extract only the three split CSVs, delete the archive.
+    """Download the ED archive, check it, and write only its three split CSVs (the archive is not kept).
 
     ED publishes no checksum: the first download records the archive's sha256 and size in
-    <data_dir>/empatheticdialogues.tar.gz.json, and later downloads must match it.
+    <data_dir>/empatheticdialogues.tar.gz.json, and later downloads must match it. The archive is
+    untrusted: it is refused whole if any member has an absolute path, a '..' component, or is a link
+    or device, and we write only to fixed names, never to a member's own path.
     """
-    archive, record = data_dir / "empatheticdialogues.tar.gz", data_dir / "empatheticdialogues.tar.gz.json"
-    known = json.loads(record.read_text()) if record.is_file() else None
-    print(f"downloading {URLS['empatheticdialogues']} -> {archive}")
-    try:
-        digest = _download(URLS["empatheticdialogues"], archive, known and known["sha256"])
-        _extract_ed_csvs(archive, data_dir / "empatheticdialogues")
-        if known is None:
-            _write_atomic(record, json.dumps({"url": URLS["empatheticdialogues"], "sha256": digest,
-                                              "bytes": archive.stat().st_size}, indent=1).encode())
-    finally:
-        archive.unlink(missing_ok=True)
-
-
-def _extract_ed_csvs(archive: Path, out_dir: Path):
-    """Extract empatheticdialogues/{train,valid,test}.csv from an untrusted tar.gz.
-
-    The whole archive is refused if any member has an absolute path, a '..' component, or is a link or
-    device. We write only to fixed names in out_dir, never to a member's own path.
-    """
-    with tarfile.open(archive, "r:gz") as tar:
+    record = data_dir / "empatheticdialogues.tar.gz.json"
+    known = json.loads(record.read_text())["sha256"] if record.is_file() else None
+    archive = _fetch(URLS["empatheticdialogues"], known)
+    csvs = {}
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         members = tar.getmembers()  # reads the whole archive: a truncated one fails here
         for m in members:
             if m.name.startswith(("/", "\\")) or ".." in PurePosixPath(m.name).parts or not (m.isfile() or m.isdir()):
-                raise DataError(f"{archive}: unsafe member {m.name!r} (absolute path, '..', link or device); refusing the archive")
+                raise DataError(f"unsafe member {m.name!r} in the ED archive (absolute path, '..', link or device); refusing it")
         files = {str(PurePosixPath(m.name)): m for m in members if m.isfile()}
         for s in ED_SPLITS:
             if f"empatheticdialogues/{s}.csv" not in files:
-                raise DataError(f"{archive}: no member empatheticdialogues/{s}.csv; not the ED archive")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmps = {}
-        try:
-            for s in ED_SPLITS:  # all three to temp names first, then rename: never a partial split set
-                tmps[s] = out_dir / f".{s}.csv.part"
-                with tar.extractfile(files[f"empatheticdialogues/{s}.csv"]) as src, open(tmps[s], "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                    dst.flush()
-                    os.fsync(dst.fileno())
-            for s in ED_SPLITS:
-                os.replace(tmps[s], out_dir / f"{s}.csv")
-        finally:
-            for t in tmps.values():
-                t.unlink(missing_ok=True)
+                raise DataError(f"no member empatheticdialogues/{s}.csv in {URLS['empatheticdialogues']}; not the ED archive")
+            csvs[s] = tar.extractfile(files[f"empatheticdialogues/{s}.csv"]).read()
+    for s in ED_SPLITS:  # only once all three are read and checked
+        _write_atomic(data_dir / "empatheticdialogues" / f"{s}.csv", csvs[s])
+    if known is None:
+        _write_atomic(record, json.dumps({"url": URLS["empatheticdialogues"], "bytes": len(archive),
+                                          "sha256": hashlib.sha256(archive).hexdigest()}).encode())
 
 
 def _write_atomic(path: Path, data: bytes):
+    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
