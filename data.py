@@ -46,7 +46,7 @@ EPITOME_SHA256 = {  # commit 0e11f98 of behavioral-data/Empathy-Mental-Health
     "emotional-reactions-reddit.csv": "225b28ffdc257f8a997d557eb937e78b68235e6203c87c7e2203d00fef8545cc",
     "interpretations-reddit.csv": "2cedbe4252c919d22a6f46685afa16d3192a91e3306c2d4a386be12a30ad3f29",
     "explorations-reddit.csv": "9efa1af8e0537c16894379598f2076cb380ae18aacd9a8d26ebd381f5b7f9645"}
-MAX_DOWNLOAD_BYTES = 500 << 20  # the ED archive is ~28 MB; anything far bigger is not the file we want
+MAX_DOWNLOAD_BYTES = 500 << 20  # the ED archive is ~28 MB (~80 MB of CSVs inside); far bigger is not ED
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -234,7 +234,7 @@ class Tokenizer:
         except RuntimeError as e:  # sentencepiece reports an empty or too-small corpus this way
             raise DataError(f"training the tokenizer for {model_path} failed ({e}); "
                             f"give it more text or a smaller vocab_size") from None
-        _write_atomic(model_path, proto.getvalue())
+        write_atomic(model_path, proto.getvalue())
         return cls(model_path)
 
     def encode(self, text: str, add_eos=True) -> list:
@@ -336,9 +336,10 @@ def ensure_data(data_dir=None) -> Path:
             _fetch_empathetic_dialogues(data_dir)
         for name in EPITOME_FILES.values():
             if f"epitome/{name}" in missing:
-                _write_atomic(data_dir / "epitome" / name, _fetch(URLS["epitome"] + name, EPITOME_SHA256[name]))
-    except (ValueError, KeyError, OSError, http.client.HTTPException, tarfile.TarError, EOFError, zlib.error) as e:
-        # ValueError covers our DataError, a bad URL and a damaged .json record
+                print(f"downloading {URLS['epitome'] + name}")
+                download(URLS["epitome"] + name, data_dir / "epitome" / name, EPITOME_SHA256[name])
+    except (ValueError, KeyError, OSError, tarfile.TarError, EOFError, zlib.error) as e:
+        # ValueError covers our DataError and a damaged .json record; the rest a damaged archive or disk
         raise DataError(
             f"data files missing in {data_dir}: {', '.join(missing)}. Download failed: "
             f"{type(e).__name__}: {e}. Get them from {URLS['empatheticdialogues']} (extract "
@@ -348,50 +349,75 @@ def ensure_data(data_dir=None) -> Path:
     return data_dir
 
 
-def _fetch(url, sha256=None) -> bytes:
-    """The body of url (all files here fit in memory), checked against Content-Length and sha256."""
-    print(f"downloading {url}")
-    with urllib.request.urlopen(url, timeout=60) as r:
-        expected = r.headers.get("Content-Length")
-        body = r.read(MAX_DOWNLOAD_BYTES + 1)  # a server that closes early raises IncompleteRead here
-    if len(body) > MAX_DOWNLOAD_BYTES or (expected is not None and len(body) != int(expected)):
-        raise DataError(f"{url}: received {len(body)} bytes, expected {expected} (interrupted download?)")
-    if sha256 is not None and hashlib.sha256(body).hexdigest() != sha256:
-        raise DataError(f"{url}: sha256 {hashlib.sha256(body).hexdigest()} differs from the expected {sha256}")
-    return body
+def download(url, dest, sha256=None, max_bytes=None) -> str:
+    """Stream url to dest through a temp file in dest's folder, check its length (Content-Length) and
+    sha256, then rename; return the sha256. Any failure raises DataError and leaves nothing at dest."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        digest, n = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+            expected = r.headers.get("Content-Length")
+            while chunk := r.read(1 << 20):
+                n += len(chunk)
+                if max_bytes is not None and n > max_bytes:
+                    raise DataError(f"{url} is larger than {max_bytes} bytes, not the expected file")
+                digest.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        if expected is not None and str(n) != expected.strip():
+            raise DataError(f"{url}: received {n} of {expected} bytes (interrupted download)")
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise DataError(f"{url}: sha256 {digest.hexdigest()} differs from the expected {sha256}")
+        os.replace(tmp, dest)
+    except DataError:
+        raise
+    except (OSError, http.client.HTTPException, ValueError) as e:  # offline, HTTP error, bad URL, cut connection
+        raise DataError(f"downloading {url} to {dest} failed: {type(e).__name__}: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return digest.hexdigest()
 
 
 def _fetch_empathetic_dialogues(data_dir: Path):
-    """Download the ED archive, check it, and write only its three split CSVs (the archive is not kept).
+    """Download the ED archive, check it, write only its three split CSVs, then delete the archive.
 
     ED publishes no checksum: the first download records the archive's sha256 and size in
     <data_dir>/empatheticdialogues.tar.gz.json, and later downloads must match it. The archive is
     untrusted: it is refused whole if any member has an absolute path, a '..' component, or is a link
     or device, and we write only to fixed names, never to a member's own path.
     """
-    record = data_dir / "empatheticdialogues.tar.gz.json"
+    archive, record = data_dir / "empatheticdialogues.tar.gz", data_dir / "empatheticdialogues.tar.gz.json"
     known = json.loads(record.read_text())["sha256"] if record.is_file() else None
-    archive = _fetch(URLS["empatheticdialogues"], known)
-    csvs = {}
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-        members = tar.getmembers()  # reads the whole archive: a truncated one fails here
-        for m in members:
-            if m.name.startswith(("/", "\\")) or ".." in PurePosixPath(m.name).parts or not (m.isfile() or m.isdir()):
-                raise DataError(f"unsafe member {m.name!r} in the ED archive (absolute path, '..', link or device); refusing it")
-        files = {str(PurePosixPath(m.name)): m for m in members if m.isfile()}
-        for s in ED_SPLITS:
-            if f"empatheticdialogues/{s}.csv" not in files:
-                raise DataError(f"no member empatheticdialogues/{s}.csv in {URLS['empatheticdialogues']}; not the ED archive")
-            csvs[s] = tar.extractfile(files[f"empatheticdialogues/{s}.csv"]).read()
-    for s in ED_SPLITS:  # only once all three are read and checked
-        _write_atomic(data_dir / "empatheticdialogues" / f"{s}.csv", csvs[s])
-    if known is None:
-        _write_atomic(record, json.dumps({"url": URLS["empatheticdialogues"], "bytes": len(archive),
-                                          "sha256": hashlib.sha256(archive).hexdigest()}).encode())
+    print(f"downloading {URLS['empatheticdialogues']}")
+    digest = download(URLS["empatheticdialogues"], archive, known, max_bytes=MAX_DOWNLOAD_BYTES)
+    try:
+        csvs = {}
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()  # reads the whole archive: a truncated one fails here
+            for m in members:
+                if m.name.startswith(("/", "\\")) or ".." in PurePosixPath(m.name).parts or not (m.isfile() or m.isdir()):
+                    raise DataError(f"unsafe member {m.name!r} in the ED archive (absolute path, '..', link or device); refusing it")
+            files = {str(PurePosixPath(m.name)): m for m in members if m.isfile()}
+            for s in ED_SPLITS:
+                if f"empatheticdialogues/{s}.csv" not in files:
+                    raise DataError(f"no member empatheticdialogues/{s}.csv in {URLS['empatheticdialogues']}; not the ED archive")
+                csvs[s] = tar.extractfile(files[f"empatheticdialogues/{s}.csv"]).read(MAX_DOWNLOAD_BYTES)
+        for s in ED_SPLITS:  # only once all three are read and checked
+            write_atomic(data_dir / "empatheticdialogues" / f"{s}.csv", csvs[s])
+        if known is None:
+            write_atomic(record, json.dumps({"url": URLS["empatheticdialogues"], "sha256": digest,
+                                             "bytes": archive.stat().st_size}).encode())
+    finally:
+        archive.unlink(missing_ok=True)
 
 
-def _write_atomic(path: Path, data: bytes):
+def write_atomic(path, data: bytes):
     """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:

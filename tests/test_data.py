@@ -352,6 +352,20 @@ def test_download_fetches_extracts_records_checksum_then_never_again(tmp_path, s
     assert not (d / "empatheticdialogues" / "test.csv").exists() and not (d / "empatheticdialogues.tar.gz").exists()
 
 
+def test_download_checks_length_size_and_sha256_and_leaves_nothing_on_failure(tmp_path, server):
+    body = server.routes["/ed.tar.gz"]
+    server.routes["/cut"] = body
+    server.truncate.add("/cut")
+    dest = tmp_path / "ok" / "f.bin"
+    assert data.download(server.url + "/ed.tar.gz", dest) == hashlib.sha256(body).hexdigest()
+    assert dest.read_bytes() == body
+    for url, kwargs, expected in [("/cut", {}, "interrupted"), ("/ed.tar.gz", {"sha256": "0" * 64}, "sha256"),
+                                  ("/ed.tar.gz", {"max_bytes": 100}, "larger than"), ("/nothing", {}, "HTTPError")]:
+        with pytest.raises(DataError, match=expected):
+            data.download(server.url + url, tmp_path / "bad" / "f.bin", **kwargs)
+    assert listing(tmp_path / "bad") == []  # no file, no temp file
+
+
 BAD_ARCHIVES = {
     "interrupted": ("truncate", "interrupted download"),
     "truncated_tarball": ("half", "empatheticdialogues"),
