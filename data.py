@@ -72,7 +72,8 @@ def _int_field(value: str, path, line: int, name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise DataError(f"{path}:{line}: field {name}={value[:40]!r} is not an integer; fix or re-download the file") from None
+        raise DataError(f"{path}:{line}: field {name}={value[:40]!r} is not an integer; "
+                        f"fix or re-download the file") from None
 
 
 # ----------------------------------------------------------------------------- EmpatheticDialogues
@@ -399,12 +400,15 @@ def _fetch_empathetic_dialogues(data_dir: Path):
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()  # reads the whole archive: a truncated one fails here
             for m in members:
-                if m.name.startswith(("/", "\\")) or ".." in PurePosixPath(m.name).parts or not (m.isfile() or m.isdir()):
-                    raise DataError(f"unsafe member {m.name!r} in the ED archive (absolute path, '..', link or device); refusing it")
+                unsafe = m.name.startswith(("/", "\\")) or ".." in PurePosixPath(m.name).parts
+                if unsafe or not (m.isfile() or m.isdir()):  # links, devices, fifos
+                    raise DataError(f"unsafe member {m.name!r} in the ED archive (absolute path, '..', link "
+                                    f"or device); refusing it")
             files = {str(PurePosixPath(m.name)): m for m in members if m.isfile()}
             for s in ED_SPLITS:
                 if f"empatheticdialogues/{s}.csv" not in files:
-                    raise DataError(f"no member empatheticdialogues/{s}.csv in {URLS['empatheticdialogues']}; not the ED archive")
+                    raise DataError(f"no member empatheticdialogues/{s}.csv in {URLS['empatheticdialogues']}; "
+                                    f"not the ED archive")
                 csvs[s] = tar.extractfile(files[f"empatheticdialogues/{s}.csv"]).read(MAX_DOWNLOAD_BYTES)
         for s in ED_SPLITS:  # only once all three are read and checked
             write_atomic(data_dir / "empatheticdialogues" / f"{s}.csv", csvs[s])

@@ -131,7 +131,8 @@ def test_epitome_bad_input_raises_data_error_naming_file_and_line(tmp_path, case
 
 def write_epitome_dir(root, n_seekers=40):
     """Three mechanism files with the same pairs in the same order, a duplicate pair with conflicting levels."""
-    rows = [(f"s{i}", f"r{i}{j}", f"post {i}", f"reply {i}{j}", (i + j) % 3) for i in range(n_seekers) for j in range(i % 3 + 1)]
+    rows = [(f"s{i}", f"r{i}{j}", f"post {i}", f"reply {i}{j}", (i + j) % 3)
+            for i in range(n_seekers) for j in range(i % 3 + 1)]  # 1-3 responses per seeker post
     rows.insert(5, rows[0][:4] + ((rows[0][4] + 1) % 3,))  # duplicate of the first pair, other level
     (root / "epitome").mkdir(parents=True)
     for mech, name in data.EPITOME_FILES.items():
@@ -262,7 +263,8 @@ def test_batch_indices_cover_each_index_once_seeded_and_bucketing_cuts_padding()
     assert data.batch_indices(lengths, 16, shuffle=False, seed=0)[0] == list(range(16))
     assert data.batch_indices(lengths, 16, True, seed=1) != data.batch_indices(lengths, 16, True, seed=2)
     padding = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs)  # noqa: E731
-    assert padding(data.batch_indices(lengths, 16, True, 1, bucket=True)) < 0.7 * padding(data.batch_indices(lengths, 16, True, 1))
+    bucketed, plain = data.batch_indices(lengths, 16, True, 1, bucket=True), data.batch_indices(lengths, 16, True, 1)
+    assert padding(bucketed) < 0.7 * padding(plain)
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -449,7 +451,10 @@ def test_fuzzed_csv_files_only_ever_raise_data_error(tmp_path, parser, seed_text
     """Seeded and time-bounded (~1 s per parser): any input either parses or raises our DataError."""
     rng, p, n, t0 = random.Random(0), tmp_path / "fuzz.csv", 0, time.monotonic()
     while time.monotonic() - t0 < 1.0:
-        raw = mutate(rng, seed_text.encode()) if rng.random() < 0.9 else bytes(rng.randrange(256) for _ in range(rng.randrange(200)))
+        if rng.random() < 0.9:
+            raw = mutate(rng, seed_text.encode())
+        else:  # random bytes
+            raw = bytes(rng.randrange(256) for _ in range(rng.randrange(200)))
         p.write_bytes(raw)
         try:
             parser(p)
