@@ -1,0 +1,269 @@
+"""The empathy reward of EmpRL: identifiers, their training, Emp-F1 and the reward (METHOD.md 2, 3, 5, Evaluation).
+
+One identifier per communication mechanism k in {ER, IP, EX} (three separate models, Sharma et al. 2020) reads a
+context c and a reply y and predicts its empathy level 0 = no, 1 = weak, 2 = strong:
+
+    h_c = Enc_c(c)                                              (B, S, D)  context encoder (T5 stack)     [I1]
+    h_y = Enc_y(y)                                              (B, T, D)  response encoder (T5 stack)    [I2]
+    a   = softmax(h_y W_q (h_c W_k)^T / sqrt(D) + mask_c) h_c W_v W_o   (B, T, D)  reply attends to context [I3]
+    z   = h_y + dropout(a)                                      (B, T, D)  residual                       [I4]
+    u   = sum_t m_t z_t / sum_t m_t                             (B, D)     mean over real reply tokens    [I5]
+    p_k(. | c, y) = softmax(W_2 dropout(tanh(W_1 u)))           (B, C)                                    [I6]
+
+Trained with cross-entropy on EPITOME. The trained identifiers label every human reply y* of EmpatheticDialogues
+once, y*_k = argmax p_k(. | c, y*) (METHOD.md 3). The reward for a sampled reply y_hat is the probability that
+it has the same three levels as the human reply:
+
+    r(c, y_hat) = prod_k p_k(y*_k | c, y_hat) = exp(-sum_k CE_k)   in (0, 1]                          [R1]
+
+Emp-F1 compares the levels of generated and target replies, per mechanism, with the support-weighted F1
+(sklearn's average="weighted": the weights n_c are counts of level c among the *target* levels):
+
+    F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c)   (0 when TP_c = 0)                                         [E1]
+    F1_k = sum_c n_c F1_c / sum_c n_c        over levels present in either side                        [E2]
+    Emp-F1 = 100 (F1_ER + F1_IP + F1_EX) / 3                                                           [E3]
+
+Deviations from the authors' code:
+- The attention scores are scaled by 1/sqrt(D) (standard dot-product attention; their single head is
+  nn.MultiheadAttention-like). Only the residual gets dropout, as in METHOD.md.
+- Class imbalance: `train_identifier(class_weights=True)` weights the cross-entropy by inverse level
+  frequency; whether it is used is measured on validation (benchmarks/bench_identifiers.py), see there.
+- EPITOME seeker posts are turned into a one-turn dialogue with data.encode_context, so the identifier sees
+  the same role-tagged format as the ED contexts it labels later; contexts keep their most recent tokens.
+
+Shapes: B batch, S context tokens, T reply tokens, D d_model, C empathy levels (3), M mechanisms (<= 3).
+Masks: 1 = real token.
+"""
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import t5
+
+NUM_LEVELS = 3  # C: 0 = no, 1 = weak, 2 = strong communication of the mechanism
+
+
+class EmpathyIdentifier(nn.Module):
+    """Predicts one mechanism's empathy level of a reply given its context: logits (B, C)."""
+
+    def __init__(self, config, dropout=0.1):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        # Two separate encoders, each with its own embedding: the seeker's post and the reply are different
+        # kinds of text, and the authors (after Sharma et al.) keep them apart.
+        self.context_encoder = t5.T5Stack(config, is_decoder=False, embed_tokens=nn.Embedding(config.vocab_size, d))
+        self.response_encoder = t5.T5Stack(config, is_decoder=False, embed_tokens=nn.Embedding(config.vocab_size, d))
+        for stack in (self.context_encoder, self.response_encoder):
+            t5.T5.init_weights(stack)  # T5's initialisation (it reads only .config and the parameter names) ...
+            nn.init.normal_(stack.embed_tokens.weight, std=1.0)  # ... whose embedding table is N(0, 1)
+        # One attention head, the reply's states as queries over the context's states [I3].
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Sequential(nn.Linear(d, d // 2), nn.Tanh(), nn.Dropout(dropout), nn.Linear(d // 2, NUM_LEVELS))
+
+    @classmethod
+    def from_t5(cls, t5_model, dropout=0.1):
+        """Both encoders start as copies of a trained T5's encoder (with its embedding); attention and head random.
+
+        load_state_dict (strict) checks that every parameter of the stack is filled with a matching shape."""
+        model = cls(t5_model.config, dropout)
+        model.context_encoder.load_state_dict(t5_model.encoder.state_dict())
+        model.response_encoder.load_state_dict(t5_model.encoder.state_dict())
+        return model
+
+    def forward(self, ctx_ids, ctx_mask, resp_ids, resp_mask):
+        h_c = self.context_encoder(ctx_ids, attention_mask=ctx_mask)  # (B, S, D)  [I1]
+        h_y = self.response_encoder(resp_ids, attention_mask=resp_mask)  # (B, T, D)  [I2]
+        q, k, v = self.q(h_y), self.k(h_c), self.v(h_c)  # (B, T, D), (B, S, D), (B, S, D)
+        scores = q @ k.transpose(1, 2) / math.sqrt(q.size(-1))  # (B, T, S)
+        # Padding in the context gets no attention. (Padding in the reply is dropped by the pooling below.)
+        scores = scores.masked_fill(ctx_mask[:, None, :] == 0, torch.finfo(scores.dtype).min)  # (B, T, S)
+        a = self.o(scores.softmax(dim=-1) @ v)  # (B, T, D)  [I3]
+        z = h_y + self.dropout(a)  # (B, T, D)  [I4]
+        m = resp_mask.unsqueeze(-1).to(z.dtype)  # (B, T, 1)
+        u = (z * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (B, D)  [I5]
+        return self.head(u)  # (B, C) logits  [I6]
+
+
+def reward_from_logits(logits, targets):
+    """Reward [R1]: product over mechanisms of the probability of the target level. logits (B, M, C), targets (B, M).
+
+    prod_k softmax(l_k)[y*_k] = exp(sum_k log_softmax(l_k)[y*_k]) = exp(-(CE_ER + CE_IP + CE_EX)), the
+    authors' form. Leaving a mechanism out (ablation) = leaving its column out of both arguments."""
+    probs = logits.float().softmax(dim=-1)  # (B, M, C)
+    p_target = probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # (B, M)
+    return p_target.prod(dim=-1)  # (B,)  [R1]
+
+
+class Identifiers(nn.Module):
+    """The three trained identifiers (ER, IP, EX), frozen: no gradients, always in eval mode (no dropout), so the
+    reward is a deterministic function of (context, reply, target levels)."""
+
+    def __init__(self, models):
+        super().__init__()
+        if len(models) != len(data.MECHANISMS):
+            raise ValueError(f"Identifiers needs {len(data.MECHANISMS)} models in the order {data.MECHANISMS}, "
+                             f"got {len(models)}")
+        self.models = nn.ModuleList(models)  # in the order data.MECHANISMS = (er, ip, ex)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        # A parent's .train() must not switch dropout back on: the reward would become noisy.
+        return super().train(False)
+
+    def forward(self, ctx_ids, ctx_mask, resp_ids, resp_mask, mechanisms=data.MECHANISMS):
+        """Logits (B, M, C) of the chosen mechanisms, in the order given. Every identifier reads the same
+        tokenised batch; a loop over three models is as fast on CPU as stacking them with torch.func.vmap."""
+        unknown = [m for m in mechanisms if m not in data.MECHANISMS]
+        if unknown:
+            raise ValueError(f"unknown mechanism(s) {unknown}: choose from {data.MECHANISMS}")
+        return torch.stack([self.models[data.MECHANISMS.index(m)](ctx_ids, ctx_mask, resp_ids, resp_mask)
+                            for m in mechanisms], dim=1)  # (B, M, C)
+
+    @torch.no_grad()
+    def score(self, ctx_ids, ctx_mask, resp_ids, resp_mask, targets, mechanisms=data.MECHANISMS):
+        """Reward (B,) [R1] for replies resp_ids (ending with </s>, as in training) with target levels (B, 3)."""
+        logits = self(ctx_ids, ctx_mask, resp_ids, resp_mask, mechanisms)  # (B, M, C)
+        columns = [data.MECHANISMS.index(m) for m in mechanisms]
+        return reward_from_logits(logits, targets[:, columns])  # (B,)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics (numpy only: sklearn is not a dependency)
+
+def classification_metrics(y_true, y_pred):
+    """Accuracy, macro-F1 and support-weighted F1 (sklearn semantics [E1, E2]), as fractions in [0, 1]."""
+    y_true, y_pred = np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()
+    labels = np.union1d(y_true, y_pred)  # sklearn averages over the labels present in either side
+    f1, support = [], []
+    for c in labels:
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0)  # [E1]; = 2PR/(P+R), 0 where undefined
+        support.append(np.sum(y_true == c))
+    f1, support = np.array(f1, dtype=float), np.array(support, dtype=float)
+    return {
+        "acc": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
+        "macro_f1": float(f1.mean()) if len(f1) else 0.0,
+        "weighted_f1": float((f1 * support).sum() / support.sum()) if support.sum() > 0 else 0.0,  # [E2]
+    }
+
+
+def emp_f1(generated_levels, target_levels):
+    """Emp-F1 [E3] and per-mechanism weighted F1 and accuracy (x 100) of levels (N, 3) in the order ER, IP, EX."""
+    generated_levels, target_levels = np.asarray(generated_levels), np.asarray(target_levels)
+    out = {}
+    for j, mech in enumerate(data.MECHANISMS):
+        m = classification_metrics(target_levels[:, j], generated_levels[:, j])  # weights = target supports
+        out[mech] = 100 * m["weighted_f1"]
+        out[f"acc_{mech}"] = 100 * m["acc"]
+    out["emp_f1"] = float(np.mean([out[mech] for mech in data.MECHANISMS]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training on EPITOME
+
+def epitome_examples(records, tok, ctx_len=128, resp_len=64):
+    """EPITOME records -> (ctx_ids, resp_ids, level): the seeker post as a one-turn context (its most recent
+    ctx_len tokens), the response cut to resp_len tokens; both end with </s>."""
+    return [(data.encode_context(tok, [r.seeker_post], ctx_len), data.encode_target(tok, r.response_post, resp_len),
+             r.level) for r in records]
+
+
+def _batch(examples, idx, device):
+    """Pad the chosen examples into tensors: ctx (B, S), ctx mask, resp (B, T), resp mask on device."""
+    ctx, ctx_mask = data.pad_batch([examples[i][0] for i in idx])
+    resp, resp_mask = data.pad_batch([examples[i][1] for i in idx])
+    return ctx.to(device), ctx_mask.to(device), resp.to(device), resp_mask.to(device)
+
+
+@torch.no_grad()
+def predict(model, examples, batch_size, device):
+    """Logits (N, C) of one identifier, or (N, M, C) of Identifiers, for (ctx_ids, resp_ids[, level]) examples.
+
+    Eval mode, no gradient; examples are batched in order of length (little padding), returned in input order."""
+    model.eval()
+    order = np.argsort([len(ex[0]) + len(ex[1]) for ex in examples], kind="stable")
+    out = [None] * len(examples)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        logits = model(*_batch(examples, idx, device)).float().cpu()  # (B, C) or (B, M, C)
+        for i, row in zip(idx, logits):
+            out[i] = row
+    return torch.stack(out).numpy() if out else np.zeros((0, NUM_LEVELS), dtype=np.float32)
+
+
+def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weights, device, seed, patience=3,
+                     log=print):
+    """Train one identifier with cross-entropy and AdamW on (ctx_ids, resp_ids, level) examples.
+
+    Keeps the state with the best validation macro-F1 (the mean over levels: rare levels count as much as
+    "no"), stops after `patience` epochs without improvement, and loads the best state into the model.
+    Returns {"best_epoch", "valid" (metrics at the best epoch), "history" (one dict per epoch; epoch 0 is the
+    untrained model), "seconds", "class_weights"}."""
+    torch.manual_seed(seed)
+    model.to(device)
+    levels = np.array([ex[2] for ex in train])
+    counts = np.bincount(levels, minlength=NUM_LEVELS)
+    # Class imbalance (EX: 84 % "no", IP: 4 % "weak"): plain cross-entropy learns mostly the majority level.
+    # class_weights=True weights each level by N / (C n_c) ("balanced"), so every level contributes equally
+    # to the loss, which is what macro-F1 measures. It also shifts the predicted probabilities toward the
+    # rare levels, i.e. the reward is no longer calibrated; we therefore choose it on validation, not by habit.
+    weight = torch.tensor(len(levels) / (NUM_LEVELS * np.maximum(counts, 1)), dtype=torch.float32) \
+        if class_weights else None
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    y_valid = np.array([ex[2] for ex in valid])
+    # Bucketing by context length (the larger part of the cost) keeps padding small; batches are shuffled.
+    lengths = [len(ex[0]) for ex in train]
+
+    def evaluate(epoch, train_loss, seconds):
+        logits = predict(model, valid, batch_size, device)  # (N, C)
+        loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_valid)).item()  # unweighted
+        return {"epoch": epoch, "train_loss": train_loss, "valid_loss": loss,
+                **classification_metrics(y_valid, logits.argmax(-1)), "seconds": seconds}
+
+    t_start = time.time()
+    history = [evaluate(0, float("nan"), 0.0)]
+    best, best_state, since_best = history[0], None, 0
+    for epoch in range(1, epochs + 1):
+        t0 = time.time()
+        model.train()
+        total, n = 0.0, 0
+        for idx in data.batch_indices(lengths, batch_size, shuffle=True, seed=seed + epoch, bucket=True):
+            y = torch.tensor([train[i][2] for i in idx], device=device)
+            logits = model(*_batch(train, idx, device))  # (B, C)
+            loss = F.cross_entropy(logits, y, weight=None if weight is None else weight.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            total, n = total + loss.item() * len(idx), n + len(idx)
+        stats = evaluate(epoch, total / max(n, 1), time.time() - t0)
+        history.append(stats)
+        improved = stats["macro_f1"] > best["macro_f1"] or best_state is None
+        if improved:
+            best, since_best = stats, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since_best += 1
+        log(f"epoch {epoch} | train loss {stats['train_loss']:.3f} | valid loss {stats['valid_loss']:.3f} | "
+            f"acc {stats['acc']:.3f} | macro-F1 {stats['macro_f1']:.3f} | {stats['seconds']:.1f} s"
+            + (" *" if improved else ""))
+        if since_best >= patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {"best_epoch": best["epoch"], "valid": best, "history": history, "seconds": time.time() - t_start,
+            "class_weights": None if weight is None else weight.tolist()}
