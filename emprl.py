@@ -175,7 +175,7 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     score_moments.update(scores)
     norm_scores = (scores - score_moments.mean) / (score_moments.std + 1e-8) if cfg.score_norm else scores
     rewards = ppo.kl_penalized_rewards(norm_scores, roll["logprobs"], roll["ref_logprobs"], mask,
-                                       kl_ctl.value, cfg.kl_min, cfg.kl_max)  # (B, T)
+                                       kl_ctl.value, cfg.kl_min, cfg.kl_max, cfg.kl_estimator)  # (B, T)
     if cfg.whiten_rewards:
         rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
     # 3. GAE, then whitened advantages

@@ -107,23 +107,35 @@ def normalize_scores(scores, moments, eps=1e-8):
     return (scores - moments.mean) / (moments.std + eps)
 
 
-def per_token_kl(logprobs, ref_logprobs, mask, kl_min=0.0, kl_max=10.0):
-    """KL_t = clamp(log π(a_t) - log π_ref(a_t), kl_min, kl_max) · m_t, (B, T).
+def per_token_kl(logprobs, ref_logprobs, mask, kl_min=0.0, kl_max=10.0, estimator="k1"):
+    """Per-token KL estimate at the sampled tokens a_t ~ π, clamped to [kl_min, kl_max], (B, T):
 
-    The clamp keeps the penalty non-negative and bounded (see Deviations); None disables that side.
+      k1:  KL_t = log π(a_t) - log π_ref(a_t)               (TRL's "kl"; unbiased, either sign)
+      k3:  KL_t = (ρ_t - 1) - log ρ_t,  ρ_t = π_ref(a_t) / π(a_t)   (unbiased and >= 0 per token)
+
+    Both average to KL(π || π_ref) under samples from π. k1 clamped at 0 is biased upwards to first order
+    in the policy change (E[max(k1, 0)] ~ E|k1| / 2): a cost per token even where KL ~ 0, i.e. a push to
+    shorter replies. k3 is non-negative per token and second order, so its clamp only bounds the top.
+    None disables a side of the clamp.
     """
-    kl = logprobs - ref_logprobs
+    log_ratio = logprobs - ref_logprobs                                      # log π - log π_ref
+    if estimator == "k1":
+        kl = log_ratio
+    elif estimator == "k3":
+        kl = torch.expm1(-log_ratio) + log_ratio                             # (ρ - 1) - log ρ
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1' or 'k3'")
     if kl_min is not None or kl_max is not None:
         kl = kl.clamp(min=kl_min, max=kl_max)
     return kl * mask.to(kl.dtype)
 
 
-def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_min=0.0, kl_max=10.0):
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_min=0.0, kl_max=10.0, estimator="k1"):
     """r_t = -β·KL_t + s·[t = last real token of the row], (B, T); padding gets 0.
 
     scores (B,) are the (normalised) sequence scores; rows with no real token get nothing.
     """
-    kl = per_token_kl(logprobs, ref_logprobs, mask, kl_min, kl_max)          # (B, T)
+    kl = per_token_kl(logprobs, ref_logprobs, mask, kl_min, kl_max, estimator)  # (B, T)
     rewards = -kl_coef * kl                                                  # -β·KL_t
     mask = mask.to(kl.dtype)
     T = mask.shape[1]

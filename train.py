@@ -91,7 +91,8 @@ class Config:
     adaptive_kl: bool = True  # Ziegler et al. controller; False = fixed β
     kl_target: float = 6.0  # nats summed over the reply
     kl_horizon: int = 10000
-    kl_min: float = 0.0  # per-token KL penalty clamped to [kl_min, kl_max] nats
+    kl_estimator: str = "k1"  # per-token KL: k1 = log π - log π_ref (TRL's) | k3 = (ρ-1) - log ρ (see ppo.py)
+    kl_min: float = 0.0  # per-token KL penalty clamped to [kl_min, kl_max] nats (non-negative and bounded)
     kl_max: float = 10.0
     score_norm: bool = True  # normalise scores by their running mean / std
     whiten_rewards: bool = True  # scale-only whitening of the per-token rewards
@@ -140,7 +141,7 @@ _FIRST_STAGE = {
     "epitome_limit": "identifiers", "ident_resp_tokens": "identifiers",
     **{f: "ppo" for f in ("batch_size", "mini_batch_size", "clip_range", "clip_range_value", "vf_coef", "gamma",
                           "lam", "max_grad_norm", "ratio_threshold", "init_kl_coef", "adaptive_kl", "kl_target",
-                          "kl_horizon", "kl_min", "kl_max", "score_norm", "whiten_rewards", "temperature",
+                          "kl_horizon", "kl_estimator", "kl_min", "kl_max", "score_norm", "whiten_rewards", "temperature",
                           "min_new_tokens", "max_new_tokens", "reward_mechanisms")},
     "eval_batch_size": "eval", "eval_seed": "eval",
 }
@@ -327,7 +328,8 @@ def stage_tokenizer(cfg, run, data_dir):
         examples = data.load_empathetic_dialogues(data_dir / "empatheticdialogues" / "train.csv")
         if cfg.limit_train:
             examples = examples[: cfg.limit_train]
-        texts = sorted({t for ex in examples for t in ex.context + [ex.target]})
+        # one role-tagged text per dialogue prefix (so "speaker:"/"listener:" become pieces), plus EPITOME posts
+        texts = [data.format_context(ex.context + [ex.target]) for ex in examples]
         for rec in data.load_epitome(data_dir / "epitome" / data.EPITOME_FILES["er"]):
             texts += [rec.seeker_post, rec.response_post]
         data.Tokenizer.train(texts, run / "spiece.model", vocab_size=cfg.vocab_size, seed=cfg.seed)
@@ -546,9 +548,8 @@ def stage_ppo(cfg, run, env, log):
                                                autocast, n=cfg.ppo_eval_n, seed=cfg.eval_seed)
         print(eval_line("valid sft", state["sft_valid"]))
     n_train = len(train["ctx"])
-    mechanisms = [data.MECHANISMS.index(m) for m in cfg.reward_mechanisms.split(",")]
     cfg_run = dataclasses.replace(cfg)
-    cfg_run.reward_mechanisms = mechanisms
+    cfg_run.reward_mechanisms = tuple(cfg.reward_mechanisms.split(","))
     bar = tqdm(total=cfg.ppo_steps, initial=state["step"], desc="ppo", dynamic_ncols=True)
     while state["step"] < cfg.ppo_steps:
         # contexts of iteration i: a seeded permutation of the train split per pass, consumed in order
