@@ -86,7 +86,7 @@ class Dropout(nn.Dropout):
 
 
 class RMSNorm(nn.Module):
-    """T5's layer norm: scale only. y = w * x / sqrt(mean(x^2) + eps), statistics in fp32 for bf16 safety."""
+    """T5's layer norm: scale only, no mean subtraction, no bias. y = w * x / sqrt(mean(x^2) + eps)."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -94,30 +94,29 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.type_as(x)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
 
 
 def relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance):
     """Map relative positions n = key_pos - query_pos (any integer tensor) to buckets in [0, num_buckets).
 
-    Bidirectional (encoder): half the buckets for n <= 0, half for n > 0. Causal (decoder): only n <= 0
-    occurs. Within a half, |n| < num_buckets/4 gets its own bucket; larger |n| is binned logarithmically
-    up to max_distance, and everything beyond shares the last bucket.
+    Bidirectional (encoder): buckets [0, nb/2) for keys at or left of the query, [nb/2, nb) for keys to
+    its right. Causal (decoder): all nb buckets for n <= 0. In a range of m buckets, distances below m/2
+    get one bucket each; larger ones are binned logarithmically up to max_distance, and everything
+    beyond shares the range's last bucket.
     """
-    buckets = torch.zeros_like(relative_position)
     if bidirectional:
         num_buckets //= 2
-        buckets = buckets + (relative_position > 0).long() * num_buckets  # keys to the right: upper half
+        offset = (relative_position > 0).long() * num_buckets  # keys to the right use the upper half
         n = relative_position.abs()
     else:
+        offset = 0
         n = (-relative_position).clamp(min=0)  # distance back in time; future keys are masked anyway
     max_exact = num_buckets // 2
     # log-spaced bins for max_exact <= n < max_distance (clamp(min=1) only avoids log(0) in unused entries)
     log_ratio = torch.log(n.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
     large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
-    return buckets + torch.where(n < max_exact, n, large)
+    return offset + torch.where(n < max_exact, n, large)
 
 
 class Attention(nn.Module):
@@ -188,7 +187,7 @@ class FeedForward(nn.Module):
         if self.gated:  # tanh-approximated GELU, as the checkpoints were trained ("gelu_new" in HF)
             h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)  # (B, L, F)
         else:
-            h = F.relu(self.wi(x))  # (B, L, F)
+            h = F.relu(self.wi(x), inplace=True)  # (B, L, F); in place saves a buffer
         return self.wo(self.dropout(h))  # HF T5 also drops out inside the feed-forward
 
 
@@ -355,7 +354,7 @@ class T5(nn.Module):
         cache = [{"self": {}, "cross": {}} for _ in self.decoder.block]
         token = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        out = []
+        out = [token[:, :0]]  # (B, 0), so that max_new_tokens=0 returns an empty (B, 0) tensor
         for step in range(max_new_tokens):
             hidden = self.decoder(token, encoder_hidden=encoder_hidden, encoder_mask=attention_mask, cache=cache)
             logits = self.lm_logits(hidden[:, -1]).float()  # (B, V)
@@ -380,7 +379,10 @@ class T5(nn.Module):
             raw = json.loads((path / "config.json").read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
-        config = T5Config.from_dict(raw)
+        try:
+            config = T5Config.from_dict(raw)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path / 'config.json'}: {e}") from None
         if (path / "model.safetensors").is_file():
             state = load_safetensors(path / "model.safetensors")
         elif (path / "pytorch_model.bin").is_file():

@@ -163,6 +163,25 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(model):
     assert torch.equal(draw(42), draw(42))
     assert not torch.equal(draw(42), draw(43))
     assert torch.equal(draw(5, top_k=1, temperature=0.7), model.generate(ids, mask, max_new_tokens=15))
+    assert torch.equal(draw(7, top_p=1e-6), model.generate(ids, mask, max_new_tokens=15))  # top_p -> 0: greedy
+    assert model.generate(ids, mask, max_new_tokens=0).shape == (3, 0)
+
+
+def test_sampler_frequencies_match_the_distribution():
+    """sample_next (inverse CDF, one uniform per row) draws token i with probability softmax(logits/temp)_i,
+    renormalised over the top_k tokens and over the top_p nucleus."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -30.0]]).repeat(40000, 1)
+    def freqs(**kw):
+        ids = sample_next(logits, True, generator=torch.Generator().manual_seed(0), **kw)
+        return torch.bincount(ids, minlength=6).double() / len(ids)
+    p = (logits[0] / 0.7).softmax(-1).double()
+    torch.testing.assert_close(freqs(temperature=0.7, top_k=0, top_p=1.0), p, atol=0.01, rtol=0)
+    top3 = torch.cat([p[:3] / p[:3].sum(), torch.zeros(3, dtype=p.dtype)])
+    torch.testing.assert_close(freqs(temperature=0.7, top_k=3, top_p=1.0), top3, atol=0.01, rtol=0)
+    # nucleus 0.8: the sorted cumulative mass passes 0.8 at the second token (0.70, 0.87), so two tokens stay
+    assert p[0] < 0.8 < p[0] + p[1]
+    top2 = torch.cat([p[:2] / p[:2].sum(), torch.zeros(4, dtype=p.dtype)])
+    torch.testing.assert_close(freqs(temperature=0.7, top_k=0, top_p=0.8), top2, atol=0.01, rtol=0)
 
 
 def eos_loving(model, eos_bias):
@@ -230,7 +249,17 @@ def test_dropout_only_in_train_mode(model):
     assert torch.equal(m(ids, mask, dec), m(ids, mask, dec))
 
 
-def test_config_fields_and_errors():
+def test_dropout_statistics():
+    """Our CPU dropout is inverted dropout: a fraction p of zeros, survivors scaled by 1/(1-p), mean kept."""
+    from t5 import Dropout
+    d = Dropout(0.25).train()
+    y = d(torch.ones(1000, 1000))
+    assert abs((y == 0).float().mean().item() - 0.25) < 0.005
+    assert torch.all((y == 0) | (y == 1 / 0.75)) and abs(y.mean().item() - 1.0) < 0.01
+    assert torch.equal(d.eval()(y), y)
+
+
+def test_config_fields_and_errors(tmp_path):
     """Unknown config.json keys are ignored, num_decoder_layers defaults to num_layers, unknown FFNs fail."""
     cfg = T5Config.from_dict({"d_model": 8, "num_layers": 3, "architectures": ["x"], "n_positions": 512})
     assert cfg.num_decoder_layers == 3 and T5Config.from_dict(cfg.to_dict()) == cfg
@@ -238,6 +267,10 @@ def test_config_fields_and_errors():
         T5Config(feed_forward_proj="gated-silu")
     with pytest.raises(ValueError, match="decoder_input_ids"):
         T5(T5Config(**TINY))(torch.ones(1, 3, dtype=torch.long))
+    T5(T5Config(**TINY)).save_pretrained(tmp_path)  # a config.json with an unsupported FFN is a CheckpointError
+    (tmp_path / "config.json").write_text(json.dumps({**T5Config(**TINY).to_dict(), "feed_forward_proj": "gelu"}))
+    with pytest.raises(CheckpointError, match="feed_forward_proj"):
+        T5.from_pretrained(tmp_path)
 
 
 # ---- broken checkpoints: each raises CheckpointError with a message naming the problem ----
