@@ -10,6 +10,7 @@ Ours and transformers alternate, and each figure is the best of --repeats, which
 noise from other processes sharing the CPU.
 
     python benchmarks/bench_t5.py            # a few minutes on 2 cores
+    python benchmarks/bench_t5.py --device cuda
 """
 import argparse
 import sys
@@ -52,7 +53,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (best is kept)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import transformers  # benchmark-only dependency
 
     device = torch.device(args.device)
