@@ -274,12 +274,10 @@ class T5Stack(nn.Module):
         return self.dropout(self.final_layer_norm(x))
 
 
-# Checkpoint keys that duplicate a parameter we load under another name, or that T5 never uses.
-IGNORED_KEYS = (
-    "encoder.embed_tokens.weight",  # == shared.weight
-    "decoder.embed_tokens.weight",  # == shared.weight
-    "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",  # unused (cross-attn has no bias)
-)
+# Checkpoint keys that may hold copies of shared.weight (HF state dicts keep every tied name), and one
+# that T5 never uses. They must equal shared.weight when present; shared.weight itself may be absent.
+TIED_KEYS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+UNUSED_KEYS = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)  # cross-attn has no bias
 
 
 class T5(nn.Module):
@@ -397,12 +395,19 @@ class T5(nn.Module):
             raise CheckpointError(f"{path}: the weights file does not hold a flat {{name: tensor}} dict")
         model = cls(config)
         params = dict(model.named_parameters())  # a tied lm_head appears once, as shared.weight
-        ignored = IGNORED_KEYS + (("lm_head.weight",) if config.tie_word_embeddings else ())
+        tied = TIED_KEYS + (("lm_head.weight",) if config.tie_word_embeddings else ())
+        if "shared.weight" not in state:  # some files keep the table only under a stack's name
+            state["shared.weight"] = next((state[k] for k in TIED_KEYS if k in state), None)
         if not config.tie_word_embeddings and "lm_head.weight" not in state and raw.get("tie_word_embeddings"):
             # transformers>=5 omits lm_head.weight when it equals shared.weight (untied model, tied values)
-            state["lm_head.weight"] = state.get("shared.weight")
+            state["lm_head.weight"] = state["shared.weight"]
+        differ = [k for k in tied if k in state and state["shared.weight"] is not None
+                  and not torch.equal(state[k], state["shared.weight"])]
+        if differ:
+            raise CheckpointError(f"{path}: {differ} differ from shared.weight, but this T5 has one embedding table "
+                                  "for encoder and decoder (and, with tie_word_embeddings, the LM head)")
         missing = [k for k in params if state.get(k) is None]
-        unexpected = [k for k in state if k not in params and k not in ignored]
+        unexpected = [k for k in state if k not in params and k not in tied + UNUSED_KEYS]
         if missing or unexpected:
             raise CheckpointError(f"{path}: checkpoint does not match config.json: missing keys {missing}, "
                                   f"unexpected keys {unexpected}")

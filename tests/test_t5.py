@@ -86,6 +86,20 @@ def test_gradients_match_transformers(tmp_path):
         torch.testing.assert_close(p.grad, hf_grads[name].grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
+def test_shared_table_stored_under_a_stack_name_loads(tmp_path):
+    """A file that keeps the shared table only as encoder.embed_tokens.weight (and the tied copies HF state
+    dicts carry) loads to the same model; the copies are checked, not silently dropped."""
+    torch.manual_seed(0)
+    ours = T5(T5Config(**TINY)).eval()
+    ours.save_pretrained(tmp_path)
+    tensors = load_safetensors(tmp_path / "model.safetensors")
+    shared = tensors.pop("shared.weight")
+    tensors.update({"encoder.embed_tokens.weight": shared, "decoder.embed_tokens.weight": shared.clone(),
+                    "lm_head.weight": shared.clone()})
+    save_safetensors(tensors, tmp_path / "model.safetensors")
+    assert torch.equal(T5.from_pretrained(tmp_path).shared.weight, ours.shared.weight)
+
+
 def test_transformers_v5_tied_layout_of_untied_model_loads(tmp_path):
     """transformers>=5 writes an untied (gated-gelu) model whose lm_head equals shared as tie_word_embeddings=true,
     scale_decoder_outputs=false and no lm_head.weight; we load it untied and unscaled, matching HF's logits."""
@@ -323,7 +337,7 @@ def test_malformed_safetensors_raise_checkpoint_error(tmp_path, case, message):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", "missing keys"), ("extra", "unexpected keys"), ("shape", "shape mismatch"),
+    ("missing", "missing keys"), ("extra", "unexpected keys"), ("shape", "shape mismatch"), ("untied_copy", "differ"),
     ("no_weights", "neither"), ("no_config", "no config.json"), ("bad_bin", "cannot be read")])
 def test_broken_checkpoint_directory_raises_checkpoint_error(tmp_path, case, message):
     """from_pretrained fails loudly, naming the offending keys, for any mismatch between files and config."""
@@ -337,6 +351,8 @@ def test_broken_checkpoint_directory_raises_checkpoint_error(tmp_path, case, mes
         tensors["decoder.block.3.layer.0.SelfAttention.q.weight"] = torch.zeros(18, 32)
     elif case == "shape":
         tensors["encoder.final_layer_norm.weight"] = torch.ones(31)
+    elif case == "untied_copy":  # a separate decoder embedding table cannot be represented: refuse it
+        tensors["decoder.embed_tokens.weight"] = tensors["shared.weight"] + 1
     if case == "no_weights":
         st.unlink()
     elif case == "no_config":
