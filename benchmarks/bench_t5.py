@@ -5,7 +5,9 @@ Measures, in one run on the same machine (fp32, CPU unless --device says otherwi
   * sampling throughput: generate with KV cache, batch 32, 128 source tokens, exactly 30 new tokens
     (min_new_tokens=30 on both), top_k 20; tokens/s counts new tokens, encoder time included;
   * the machine's fp32 matmul rate, so that training can be stated as a fraction of it:
-    6 * parameters * tokens per step / rate (the usual forward + backward FLOP estimate).
+    6 * parameters * tokens per step / rate (the usual forward + backward FLOP estimate). For T5 it
+    overcounts: the embedding table costs no matmul and the decoder and LM head see only the 32 target
+    tokens, so a fast implementation can exceed 100 %.
 Ours and transformers alternate, and each figure is the best of --repeats, which damps (but does not remove)
 noise from other processes sharing the CPU.
 
