@@ -430,6 +430,9 @@ def write_atomic(path, data: bytes):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        e.filename = e.filename or str(path)  # a full disk names no file: name the one being written
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

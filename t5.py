@@ -490,11 +490,12 @@ def load_safetensors(path):
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
             shape = [int(s) for s in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
             raise CheckpointError(f"{path}: tensor {name!r} has a bad header entry {info!r} "
                                   f"(known dtypes: {sorted(SAFETENSORS_DTYPES)})") from None
         nbytes = math.prod(shape) * dtype.itemsize
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(buffer) or end - begin != nbytes:
+        # dims must fit int64 too: an empty tensor (a 0 dim) passes the size check with any other dim
+        if not all(0 <= d < 2**63 for d in shape) or not 0 <= begin <= end <= len(buffer) or end - begin != nbytes:
             raise CheckpointError(f"{path}: tensor {name!r} (shape {shape}, {info['dtype']}) has data_offsets "
                                   f"[{begin}, {end}] outside the {len(buffer)}-byte buffer or of the wrong size")
         spans.append((begin, end, name))
@@ -536,6 +537,8 @@ def atomic_write(path, chunks):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            e.filename = e.filename or str(path)  # a full disk names no file: name the one being written
         raise

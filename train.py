@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import sys
@@ -214,7 +215,7 @@ def check_run_dir(cfg, run):
     saved = run / "config.json"
     if not saved.exists():
         return
-    old = json.loads(saved.read_text())
+    old = read_json(saved)
     new = dataclasses.asdict(cfg)
     diff = sorted(k for k in _FIRST_STAGE if k in old and old[k] != new[k])
     if not diff:
@@ -223,19 +224,42 @@ def check_run_dir(cfg, run):
         raise RunError(f"{run} was made with different settings ({', '.join(f'{k}: {old[k]} -> {new[k]}' for k in diff)}); "
                        f"use a new --out_dir, or --force to rerun the stages they affect")
     first = min(STAGES.index(_FIRST_STAGE[k]) for k in diff)
-    done = read_json(run / "stages.json", {})
-    for stage in STAGES[first:]:
-        done.pop(stage, None)
-        for name in STAGE_OUTPUTS[stage]:
-            p = run / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    write_json(run / "stages.json", done)
+    drop_stages(run, read_json(run / "stages.json", {}), first)
     print(f"--force: rerunning from stage '{STAGES[first]}' ({', '.join(diff)} changed)")
 
 
 STAGE_OUTPUTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft", "sft_ckpt.pt"],
                  "identifiers": ["identifiers.pt", "identifiers.json"], "labels": ["labels.pt"],
                  "ppo": ["emprl", "ppo_ckpt.pt", "ppo_curves.png"], "eval": ["results.json", "results.md"]}
+# what later stages read: a stage counts as done only while these exist
+STAGE_RESULTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft/config.json", "sft/model.safetensors"],
+                 "identifiers": ["identifiers.pt", "identifiers.json"], "labels": ["labels.pt"],
+                 "ppo": ["emprl/config.json", "emprl/model.safetensors"], "eval": ["results.json", "results.md"]}
+
+
+def drop_stages(run, done, first):
+    """Forget stage number `first` and every later one, deleting their outputs (checkpoints included), so
+    they rerun from their beginning: they were computed from what is being redone."""
+    for stage in STAGES[first:]:
+        done.pop(stage, None)
+        for name in STAGE_OUTPUTS[stage]:
+            p = run / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    write_json(run / "stages.json", done)
+
+
+def damaged(run, name, why):
+    """The error for a damaged file `name` of the run directory: which file, why, and how to go on."""
+    stage = next((s for s, outs in STAGE_OUTPUTS.items() if Path(name).parts[0] in outs), None)
+    if name == "config.json":
+        then = "this run's settings are then not compared with the earlier ones"
+    elif name == "stages.json":
+        then = "every stage is then redone, SFT and PPO from their last checkpoints"
+    elif name.endswith("_ckpt.pt"):
+        then = f"stage '{stage}' then restarts from its beginning"
+    else:
+        then = f"stage '{stage}' and the stages after it are then redone"
+    return RunError(f"{run / name} is damaged ({why}): delete it and rerun the same command; {then}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,9 +275,12 @@ def read_json(path, default=None):
     if not path.exists():
         return default
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RunError(f"{path} is corrupt (not JSON); delete it to redo the stage that wrote it") from None
+        raise damaged(path.parent, path.name, "not JSON") from None
+    if not isinstance(obj, dict):  # every JSON file of a run directory holds one object
+        raise damaged(path.parent, path.name, f"a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
 def save_torch(path, obj):
@@ -263,10 +290,21 @@ def save_torch(path, obj):
 
 
 def load_torch(path, device="cpu"):
+    """A .pt file of the run directory. weights_only: tensors and plain containers only, so a tampered
+    file cannot run code while it is unpickled."""
+    path = Path(path)
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated or corrupt: say which file and what to do
-        raise RunError(f"{path} is corrupt ({type(e).__name__}); delete it to redo that stage") from None
+    except Exception as e:  # truncated, corrupt or tampered with: say which file and what to do
+        raise damaged(path.parent, path.name, type(e).__name__) from None
+
+
+def load_t5(run, name):
+    """The T5 saved in run/name (sft or emprl)."""
+    try:
+        return T5.from_pretrained(run / name)
+    except CheckpointError as e:
+        raise damaged(run, name, str(e)) from None
 
 
 class Logger:
@@ -278,25 +316,28 @@ class Logger:
             f.write(json.dumps(record) + "\n")
 
 
-_STOP = {"requested": False}
+_STOP = {"requested": False, "stage": None}
+CHECKPOINTED = ("sft", "ppo")  # the stages that save checkpoints as they go
 
 
 def _on_sigint(signum, frame):
-    if _STOP["requested"]:  # a second Ctrl-C: leave now
+    # the other stages have nothing to save (every file is written whole, at its end): they stop at once
+    if _STOP["requested"] or _STOP["stage"] not in CHECKPOINTED:  # a second Ctrl-C: leave now
         raise KeyboardInterrupt
     _STOP["requested"] = True
     print("\nCtrl-C: saving a checkpoint at the next safe point (Ctrl-C again to quit at once)", flush=True)
 
 
 def rng_state():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state()[1].tolist(), python=random.getstate()[1],
-                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), numpy=dict(keys=keys.tolist(), pos=pos, has_gauss=has_gauss, gauss=gauss),
+                python=random.getstate()[1], cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
 
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    np.random.seed(0)
-    np.random.set_state(("MT19937", np.array(s["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    n = s["numpy"]
+    np.random.set_state(("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate((3, tuple(s["python"]), None))
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
@@ -380,6 +421,7 @@ def stage_sft(cfg, run, env, log):
     lengths = [len(c) + len(t) for c, t in zip(train["ctx"], train["tgt"])]
     steps_per_epoch = len(data.batch_indices(lengths, cfg.sft_batch_size, shuffle=False, seed=0))
     total = max(1, int(cfg.sft_epochs * steps_per_epoch))
+    seed_everything(cfg.seed)  # before the random init: torch seeds itself randomly at start-up
     model = build_model(cfg, env["tok"].vocab_size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.sft_weight_decay)
     sched = linear_schedule(opt, total, cfg.sft_warmup_steps)
@@ -391,8 +433,6 @@ def stage_sft(cfg, run, env, log):
         state = ck["state"]
         set_rng_state(ck["rng"])
         print(f"sft: resuming at step {state['step']}/{total}")
-    else:
-        seed_everything(cfg.seed)
 
     def checkpoint():
         save_torch(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
@@ -448,9 +488,12 @@ def identifier_examples(cfg, tok, records):
 
 def load_identifiers(path, device):
     ck = load_torch(path, device)
-    models = [reward.EmpathyIdentifier(T5Config(**ck["config"])) for _ in data.MECHANISMS]
-    identifiers = reward.Identifiers(models).to(device)
-    identifiers.load_state_dict(ck["state"])
+    try:
+        models = [reward.EmpathyIdentifier(T5Config(**ck["config"])) for _ in data.MECHANISMS]
+        identifiers = reward.Identifiers(models).to(device)
+        identifiers.load_state_dict(ck["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a readable file that is not ours
+        raise damaged(path.parent, path.name, f"{type(e).__name__}: {e}") from None
     return identifiers.eval()
 
 
@@ -461,11 +504,12 @@ def stage_identifiers(cfg, run, env, log):
     models, table = [], {}
     for mech in data.MECHANISMS:
         ex = {s: identifier_examples(cfg, tok, splits[mech][s][: cfg.epitome_limit or None]) for s in splits[mech]}
+        seed_everything(cfg.seed)  # the heads' init is random: seeded, a rerun trains the same identifiers
         if cfg.ident_init == "scratch":
             base = build_model(cfg, tok.vocab_size)
             model = reward.EmpathyIdentifier(base.config)
         else:  # start both encoders from a T5 that has read text: our SFT model, or the pretrained checkpoint
-            base = T5.from_pretrained(run / "sft" if cfg.ident_init == "sft" else cfg.pretrained)
+            base = load_t5(run, "sft") if cfg.ident_init == "sft" else T5.from_pretrained(cfg.pretrained)
             model = reward.EmpathyIdentifier.from_t5(base)
         model.to(device)
         t0 = time.time()
@@ -514,8 +558,8 @@ def stage_ppo(cfg, run, env, log):
     """5. PPO: policy + value head from the SFT model, frozen reference, the empathy reward."""
     device, autocast, encoded = env["device"], env["autocast"], env["encoded"]
     train, levels = encoded["train"], env["labels"]["train"].numpy()
-    ref_model = T5.from_pretrained(run / "sft").to(device).eval().requires_grad_(False)
-    policy = emprl.PolicyWithValue(T5.from_pretrained(run / "sft"), cfg.dropout_rate).to(device)
+    ref_model = load_t5(run, "sft").to(device).eval().requires_grad_(False)
+    policy = emprl.PolicyWithValue(load_t5(run, "sft"), cfg.dropout_rate).to(device)
     identifiers = load_identifiers(run / "identifiers.pt", device).requires_grad_(False)
     n_updates = cfg.ppo_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo_lr)
@@ -565,12 +609,15 @@ def stage_ppo(cfg, run, env, log):
         bar.update(1)
         bad = "nonfinite_scores" in stats or stats.get("skipped_nonfinite", 0) > 0
         state["nonfinite"] = state["nonfinite"] + 1 if bad else 0
-        if state["nonfinite"] >= cfg.max_nonfinite:
-            raise RunError(f"{state['nonfinite']} PPO iterations in a row with non-finite rewards or gradients: "
-                           f"stopping instead of training on garbage")
         log(dict(stage="ppo", step=state["step"], **stats))
         if "score" in stats:
             tqdm.write(ppo_line(state["step"], cfg.ppo_steps, stats))
+        if bad:
+            tqdm.write(f"ppo {state['step']:>4}/{cfg.ppo_steps} | non-finite: {stats.get('nonfinite_scores', 0)} scores "
+                       f"(whole update skipped), {stats.get('skipped_nonfinite', 0)} minibatch updates skipped")
+        if state["nonfinite"] >= cfg.max_nonfinite:
+            raise RunError(f"{state['nonfinite']} PPO iterations in a row with non-finite rewards or gradients: "
+                           f"stopping instead of training on garbage (lower --ppo_lr, or use --dtype=float32)")
         if state["step"] % cfg.sample_every == 0:
             for i in range(2):
                 ctx = env["tok"].decode(train["ctx"][idx[i]])
@@ -609,9 +656,15 @@ def plot_curves(run):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    recs = [json.loads(line) for line in open(run / "log.jsonl")]
-    ppo_recs = [r for r in recs if r.get("stage") == "ppo" and "score" in r]
-    evals = [r for r in recs if r.get("stage") == "ppo_eval"]
+    recs = []
+    for line in open(run / "log.jsonl"):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill (the log is appended to, not written atomically)
+            pass
+    # a resumed run redoes the iterations after its last checkpoint: keep the last record of each step
+    ppo_recs = list({r["step"]: r for r in recs if r.get("stage") == "ppo" and "score" in r}.values())
+    evals = list({r["step"]: r for r in recs if r.get("stage") == "ppo_eval"}.values())
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
     for ax, key in zip(axes[:3], ("score", "kl", "beta")):
         ax.plot([r["step"] for r in ppo_recs], [r[key] for r in ppo_recs])
@@ -626,24 +679,26 @@ def plot_curves(run):
 
 def stage_eval(cfg, run, env, log):
     """6. SFT and EmpRL on the ED test split, decoded like the authors; results.json and results.md."""
+    t0 = time.time()
     device, autocast, tok = env["device"], env["autocast"], env["tok"]
     test, test_levels = env["encoded"]["test"], env["labels"]["test"].numpy()
     identifiers = load_identifiers(run / "identifiers.pt", device)
     results, texts = {}, {}
-    for name, path in (("sft", run / "sft"), ("emprl", run / "emprl")):
-        model = T5.from_pretrained(path).to(device)
+    for name in ("sft", "emprl"):
+        model = load_t5(run, name).to(device)
         results[name], texts[name] = emprl.evaluate(model, identifiers, tok, test, test_levels, device, cfg, autocast,
                                                     seed=cfg.eval_seed)
         print(eval_line(f"test {name}", results[name]))
     results["majority"] = emprl.majority_reference(env["labels"]["train"].numpy(), test_levels)
     results["identifiers"] = read_json(run / "identifiers.json")
     results["config"] = dataclasses.asdict(cfg)
-    results["time_s"] = {**read_json(run / "stages.json", {}), "eval": None}
+    results["time_s"] = {**read_json(run / "stages.json", {}), "eval": time.time() - t0}
     results["n_test"] = len(test["ctx"])
     samples = [dict(context=tok.decode(test["ctx"][i]), reference=tok.decode(test["tgt"][i]), sft=texts["sft"][i],
                     emprl=texts["emprl"][i]) for i in range(0, len(test["ctx"]), max(1, len(test["ctx"]) // 6))][:6]
     results["samples"] = samples
-    return results
+    write_json(run / "results.json", results)
+    data.write_atomic(run / "results.md", results_markdown(results).encode())
 
 
 def results_markdown(results):
@@ -700,26 +755,40 @@ def run_pipeline(cfg, preset):
     print(f"preset {preset} | device {device} | dtype {dtype} | torch threads {torch.get_num_threads()} | run {run}")
     print("config: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     done = read_json(run / "stages.json", {})
+    for i, name in enumerate(STAGES):  # a deleted result: redo the stage that made it, and what was built on it
+        missing = [f for f in STAGE_RESULTS[name] if not (run / f).exists()]
+        if name in done and missing:
+            print(f"[{name}] {', '.join(missing)} missing: redoing '{name}' and the stages after it")
+            drop_stages(run, done, i)
+            break
     env = dict(device=device, autocast=autocast, data_dir=data_dir)
 
     def stage(name, fn):
         if name in done:
             print(f"[{name}] done earlier ({done[name]:.0f} s), skipped")
             return None
+        if _STOP["requested"]:  # Ctrl-C between two stages
+            raise Interrupted(f"the start of stage '{name}'")
         print(f"[{name}]")
+        _STOP["stage"] = name
         t0 = time.time()
         out = fn(cfg, run, env, log)
         done[name] = time.time() - t0 + read_json(run / f".{name}_time.json", {"s": 0})["s"]
         write_json(run / "stages.json", done)
+        if _STOP["requested"]:  # Ctrl-C after the stage's last checkpoint
+            raise Interrupted(f"the end of stage '{name}'")
         return out
 
     stage("tokenizer", lambda c, r, e, l: stage_tokenizer(c, r, data_dir))
-    env["tok"] = data.Tokenizer(run / "spiece.model")
+    try:
+        env["tok"] = data.Tokenizer(run / "spiece.model")
+    except data.DataError as e:
+        raise damaged(run, "spiece.model", str(e).split(": ", 1)[-1].split(";")[0]) from None
     env["encoded"] = load_torch(run / "encoded.pt")
     n = {s: len(v["ctx"]) for s, v in env["encoded"].items()}
     print(f"data: ED train {n['train']} / valid {n['valid']} / test {n['test']} examples | vocab {env['tok'].vocab_size}")
     stage("sft", stage_sft)
-    sft_params = sum(p.numel() for p in T5.from_pretrained(run / "sft").parameters())
+    sft_params = sum(p.numel() for p in load_t5(run, "sft").parameters())
     print(f"policy: T5 with {sft_params / 1e6:.2f}M parameters")
     stage("identifiers", stage_identifiers)
     if "identifiers" in done and (run / "identifiers.json").exists():
@@ -727,35 +796,39 @@ def run_pipeline(cfg, preset):
     stage("labels", stage_labels)
     env["labels"] = load_torch(run / "labels.pt")
     stage("ppo", stage_ppo)
-    results = stage("eval", stage_eval)
-    if results is not None:
-        results["time_s"] = read_json(run / "stages.json")
-        write_json(run / "results.json", results)
-        md = results_markdown(results)
-        data.write_atomic(run / "results.md", md.encode())
-    else:
-        md = (run / "results.md").read_text()
-    print(md)
+    stage("eval", stage_eval)
+    print((run / "results.md").read_text())
     print("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in read_json(run / "stages.json").items()))
 
 
 def main(argv):
     signal.signal(signal.SIGINT, _on_sigint)
+    resume = f"Resume with the same command: python train.py {shlex.join(argv)}"
     try:
-        cfg, preset = parse_args(argv)
-        run_pipeline(cfg, preset)
+        try:
+            cfg, preset = parse_args(argv)
+            run_pipeline(cfg, preset)
+        finally:  # end the progress bars an exception left open, so the message below gets its own line
+            for bar in list(getattr(tqdm, "_instances", ())):
+                bar.close()
     except Interrupted as e:
-        print(f"interrupted at {e}; checkpoint saved. Resume with the same command: python train.py {' '.join(argv)}")
+        print(f"interrupted at {e}; checkpoint saved. {resume}")
+        sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one in a stage without checkpoints: nothing is half-written
+        print(f"\ninterrupted in stage '{_STOP['stage'] or 'start-up'}'; finished stages and checkpoints are kept. "
+              f"{resume}")
         sys.exit(130)
     except (RunError, data.DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except OSError as e:
+    except OSError as e:  # the file system said no: which file and why, without a traceback
+        where = e.filename or "the run directory"
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"error: no space left on the device while writing {e.filename or 'a file'}; free some space and "
-                  f"rerun the same command (finished stages are kept)", file=sys.stderr)
-            sys.exit(1)
-        raise
+            print(f"error: no space left on the device while writing {where}; free some space and "
+                  f"rerun the same command (finished stages and checkpoints are kept)", file=sys.stderr)
+        else:
+            print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,520 @@
+"""Crash safety, bad input and untrusted files (issue 7).
+
+A training run is hours of someone's GPU budget, and checkpoints and datasets come from the internet, so:
+a killed run loses at most the work since its last checkpoint and resumes to the same weights; Ctrl-C
+saves and says how to resume; a damaged file or a bad option ends with one clear line, never a
+traceback; loading a file never runs code; non-finite numbers never reach the weights.
+
+The runs are `--preset=tiny` in a subprocess (as a user runs it) or `train.main` in-process where a
+monkeypatch is needed, all with one torch thread: two threads fighting other processes for 2 cores are
+~10x slower here, and one thread makes the float sums, hence the weights, reproducible.
+Covered elsewhere, not repeated here: a tiny run end to end, rerun skips every stage, changed settings
+refused, SIGKILL in PPO (test_train.py); hand-made malformed safetensors and checkpoint directories
+(test_t5.py); tar members with absolute paths, `..` or links, downloads checked against size and sha256,
+bad CSV rows (test_data.py).
+"""
+import errno
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import ppo
+import emprl
+import reward
+import train
+from t5 import CheckpointError, T5, load_safetensors, save_safetensors
+from test_data import mutate  # the CSV fuzzer's byte mutations, reused for the safetensors reader
+from test_emprl import SubsetReward, batch, ppo_cfg, setup, _nullctx
+
+ROOT = Path(__file__).resolve().parent.parent
+# max_nonfinite=2: the non-finite tests below reuse the finished run and must hit the limit within 4 PPO steps
+OPTS = ["--preset=tiny", "--max_nonfinite=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # unbuffered: poll stdout for stages
+
+
+def argv(data_dir, out):
+    return [*OPTS, f"--data_dir={data_dir}", f"--out_dir={out}"]
+
+
+def start(data_dir, out):
+    """`python train.py ...` in the background; stdout and stderr go to out.log (read while it runs)."""
+    with open(f"{out}.log", "w") as f:
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv(data_dir, out)], cwd=ROOT, env=ENV,
+                                stdout=f, stderr=subprocess.STDOUT)
+
+
+def interrupt(data_dir, out, when, sig, timeout=180):
+    """Run the command and send `sig` as soon as when(out, output so far) holds. Returns (exit code, output)."""
+    proc, deadline = start(data_dir, out), time.monotonic() + timeout
+    try:
+        while not when(out, Path(f"{out}.log").read_text()):
+            assert proc.poll() is None, "the run ended before the moment to interrupt it:\n" + Path(f"{out}.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "timed out waiting for the moment to interrupt the run"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, Path(f"{out}.log").read_text()
+
+
+def run_to_end(data_dir, out):
+    proc = start(data_dir, out)
+    proc.wait(timeout=300)
+    return proc.returncode, Path(f"{out}.log").read_text()
+
+
+def stages_done(out):
+    p = out / "stages.json"
+    return set(json.loads(p.read_text())) if p.exists() else set()
+
+
+def printed(text):
+    return lambda out, log: text in log
+
+
+def appeared(name):
+    return lambda out, log: (out / name).exists()
+
+
+def one_error_line(err):
+    """The failure is one `error: ...` line and no traceback (tqdm's bars may precede it on stderr)."""
+    assert "Traceback" not in err, err[-3000:]
+    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip()]
+    assert lines and lines[-1].startswith("error: "), err[-3000:]
+    assert sum(l.startswith("error: ") for l in lines) == 1, err[-3000:]
+    return lines[-1]
+
+
+def same_tensors(a, b):
+    ta, tb = load_safetensors(a), load_safetensors(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared runs
+
+
+@pytest.fixture(scope="module")
+def baseline(real_data_dir, tmp_path_factory):
+    """One uninterrupted run: the reference weights, and the finished run directory that other tests copy."""
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    code, log = run_to_end(real_data_dir, out)
+    assert code == 0, log[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def interrupted(real_data_dir, tmp_path_factory):
+    """The same command as `baseline`, interrupted at every stage, each time rerun as is:
+    SIGKILL in the tokenizer and in SFT, Ctrl-C in SFT and in the identifiers, SIGKILL in PPO, a log line
+    cut short, Ctrl-C in PPO, SIGKILL in the evaluation, then a last rerun to the end.
+    Returns the run directory and {event: (exit code, output, stages done after it)}."""
+    out, events = tmp_path_factory.mktemp("interrupted") / "run", {}
+
+    def event(name, when, sig):
+        code, log = interrupt(real_data_dir, out, when, sig)
+        events[name] = (code, log, stages_done(out))
+
+    event("kill_tokenizer", printed("[tokenizer]"), signal.SIGKILL)
+    event("kill_sft", appeared("sft_ckpt.pt"), signal.SIGKILL)  # the first SFT checkpoint (step 10 of 25)
+    event("ctrl_c_sft", printed("sft: resuming"), signal.SIGINT)
+    event("ctrl_c_identifiers", printed("[identifiers]"), signal.SIGINT)
+    event("kill_ppo", appeared("ppo_ckpt.pt"), signal.SIGKILL)  # after PPO iteration 1 of 4
+    with open(out / "log.jsonl", "a") as f:  # as if a kill had landed in the middle of appending a record
+        f.write('{"stage": "ppo", "step": 2, "sco')
+    event("ctrl_c_ppo", printed("ppo: resuming"), signal.SIGINT)
+    event("kill_eval", printed("[eval]"), signal.SIGKILL)
+    code, log = run_to_end(real_data_dir, out)
+    events["final"] = (code, log, stages_done(out))
+    return out, events
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_and_our_sigint_handler_restored():
+    """In-process runs: one torch thread (as the subprocesses), and pytest's Ctrl-C handler back afterwards."""
+    threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, handler)
+
+
+def main(args, capsys):
+    """train.main in-process -> (exit code, stdout, stderr)."""
+    train._STOP.update(requested=False, stage=None)
+    capsys.readouterr()
+    try:
+        train.main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def finished(baseline, tmp_path):
+    """A private copy of the finished baseline run."""
+    out = tmp_path / "run"
+    shutil.copytree(baseline, out)
+    return out
+
+
+def unfinish(run, stage):
+    """Mark `stage` and the later ones unfinished, files kept: a run killed in `stage` after its last checkpoint."""
+    done = json.loads((run / "stages.json").read_text())
+    (run / "stages.json").write_text(json.dumps({k: v for k, v in done.items()
+                                                 if train.STAGES.index(k) < train.STAGES.index(stage)}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# SIGKILL and Ctrl-C at every stage
+
+
+def test_sigkill_during_any_stage_then_the_same_command_resumes_and_completes(interrupted):
+    """A SIGKILL in the tokenizer, SFT, PPO or evaluation leaves files a rerun of the same command can use:
+    each kill landed inside its stage (the stage is not recorded done), and the last rerun finishes."""
+    out, ev = interrupted
+    for name, stage in (("kill_tokenizer", "tokenizer"), ("kill_sft", "sft"), ("kill_ppo", "ppo"), ("kill_eval", "eval")):
+        code, log, done = ev[name]
+        assert code == -signal.SIGKILL, (name, log[-2000:])
+        assert stage not in done, f"{name}: the kill landed after stage {stage} had finished"
+    assert "sft: resuming at step 10/25" in ev["ctrl_c_sft"][1]  # the rerun after the SIGKILL in SFT
+    assert "ppo: resuming at iteration 1/4" in ev["ctrl_c_ppo"][1]  # the rerun after the SIGKILL in PPO
+    code, log, done = ev["final"]
+    assert code == 0, log[-3000:]
+    assert done == set(train.STAGES)
+    assert (out / "results.json").exists() and (out / "ppo_curves.png").exists()
+    leftovers = [p.name for p in out.rglob("*") if p.name.endswith((".part", ".tmp"))]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+def test_resumed_run_ends_with_the_same_weights_and_metrics_as_an_uninterrupted_one(interrupted, baseline):
+    """Fixed seed, same device and threads: a run killed and Ctrl-C'd during SFT and PPO ends bit-identical
+    to one never interrupted. Checkpoints hold everything that decides the future: weights, optimizer,
+    schedule, every RNG (dropout, sampling), the PPO generator, KL controller, score moments, data position."""
+    out, _ = interrupted
+    for model in ("sft", "emprl"):
+        assert same_tensors(out / model / "model.safetensors", baseline / model / "model.safetensors"), model
+    got, want = (json.loads((d / "results.json").read_text()) for d in (out, baseline))
+    for model in ("sft", "emprl", "majority"):
+        assert got[model] == want[model], model
+
+
+def test_ctrl_c_in_sft_or_ppo_saves_a_checkpoint_at_the_next_step_and_says_how_to_resume(interrupted, real_data_dir):
+    """Ctrl-C (SIGINT) in SFT or PPO: the step under way finishes, a checkpoint of exactly that step is
+    written, and one line says where it stopped and the command to resume with; the exit code is 130."""
+    out, ev = interrupted
+    for name, what, ckpt, key in (("ctrl_c_sft", "sft step", "sft_ckpt.pt", "step"),
+                                  ("ctrl_c_ppo", "ppo iteration", "ppo_ckpt.pt", "step")):
+        code, log, _ = ev[name]
+        assert code == 130, (name, log[-2000:])
+        assert "Traceback" not in log
+        lines = [l for l in log.replace("\r", "\n").splitlines() if l.startswith("interrupted at")]
+        assert len(lines) == 1, log[-2000:]
+        assert lines[0].startswith(f"interrupted at {what} ") and "checkpoint saved" in lines[0], lines[0]
+        assert f"Resume with the same command: python train.py {' '.join(argv(real_data_dir, out))}" in lines[0]
+    # the checkpoint belongs to the step the message names, and the next run resumes from it
+    step = int(ev["ctrl_c_ppo"][1].split("interrupted at ppo iteration ")[1].split(";")[0])
+    assert f"ppo: resuming at iteration {step}/4" in ev["kill_eval"][1]
+    step = int(ev["ctrl_c_sft"][1].split("interrupted at sft step ")[1].split(";")[0])
+    assert f"sft: resuming at step {step}/25" in ev["ctrl_c_identifiers"][1]
+
+
+def test_ctrl_c_in_a_stage_without_checkpoints_stops_at_once_and_the_stage_reruns(interrupted):
+    """The identifiers stage keeps no checkpoint: Ctrl-C stops it at once (nothing is half-written) with one
+    line saying how to resume, and the rerun trains the identifiers again."""
+    _, ev = interrupted
+    code, log, done = ev["ctrl_c_identifiers"]
+    assert code == 130 and "Traceback" not in log, log[-2000:]
+    assert "identifiers" not in done
+    assert [l for l in log.splitlines() if l.startswith("interrupted in stage 'identifiers'")], log[-2000:]
+    assert "[identifiers]\n" in ev["kill_ppo"][1]  # redone by the next run
+
+
+# ----------------------------------------------------------------------------------------------------
+# damaged files of the run directory
+
+
+def truncate(p):
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+class RunsCode:
+    """A pickle that would create a file when unpickled by a full (unsafe) unpickler."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+# (file, damage, the stage from which the run must be unfinished for the file to be read)
+DAMAGE = [("config.json", "not_json", None), ("stages.json", "not_json", None), ("stages.json", "list", None),
+          ("spiece.model", "truncate", None), ("encoded.pt", "truncate", None), ("identifiers.json", "not_json", None),
+          ("sft/model.safetensors", "truncate", None), ("sft/config.json", "not_json", None),
+          ("labels.pt", "truncate", None), ("labels.pt", "code", None),
+          ("identifiers.pt", "truncate", "eval"), ("emprl/model.safetensors", "truncate", "eval"),
+          ("sft_ckpt.pt", "truncate", "sft"), ("ppo_ckpt.pt", "truncate", "ppo"), ("ppo_ckpt.pt", "code", "ppo")]
+
+
+@pytest.mark.parametrize("name, damage, unfinished", DAMAGE)
+def test_a_damaged_file_ends_the_run_with_one_line_naming_it_and_what_to_do(finished, name, damage, unfinished,
+                                                                            real_data_dir, capsys, tmp_path):
+    """Truncated, garbled or tampered-with files: one `error:` line naming the file, no traceback, and no
+    code from a tampered pickle runs (.pt files are read with weights_only=True)."""
+    if unfinished:
+        unfinish(finished, unfinished)
+    p, marker = finished / name, tmp_path / "code_ran"
+    if damage == "truncate":
+        truncate(p)
+    elif damage == "not_json":
+        p.write_text('{"tokenizer": 3.1, "sft')
+    elif damage == "list":
+        p.write_text("[1, 2]")
+    elif damage == "code":
+        torch.save({"x": RunsCode(marker)}, p)
+    code, out, err = main(argv(real_data_dir, finished), capsys)
+    assert code == 1, out[-2000:] + err[-2000:]
+    line = one_error_line(err)
+    shown = str(finished / name.split("/")[0]) if name.startswith(("sft/", "emprl/")) else str(p)
+    assert shown in line and "delete it and rerun the same command" in line, line
+    assert not marker.exists(), "unpickling ran code"
+
+
+@pytest.mark.parametrize("name", ["labels.pt", "ppo_ckpt.pt", "emprl/model.safetensors", "config.json", "stages.json"])
+def test_following_the_damaged_file_message_gets_the_run_to_the_end(finished, name, real_data_dir, capsys):
+    """The advice is true: delete what the message names, rerun the same command, and the run completes,
+    redoing the stage that wrote the file and the stages built on it."""
+    if name in ("ppo_ckpt.pt", "emprl/model.safetensors"):
+        unfinish(finished, "eval" if name.startswith("emprl") else "ppo")
+    truncate(finished / name)
+    code, _, err = main(argv(real_data_dir, finished), capsys)
+    assert code == 1
+    named = Path(one_error_line(err).split("error: ")[1].split(" is damaged")[0])
+    shutil.rmtree(named) if named.is_dir() else named.unlink()
+    code, out, err = main(argv(real_data_dir, finished), capsys)
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert (finished / "results.json").exists() and (finished / "emprl" / "model.safetensors").exists()
+    redone = {"labels.pt": ["labels", "ppo", "eval"], "ppo_ckpt.pt": ["ppo", "eval"],
+              "emprl/model.safetensors": ["ppo", "eval"]}.get(name, [])
+    for stage in redone:
+        assert f"[{stage}]\n" in out, (stage, out[-2000:])
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad command lines and a full disk
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--no_such_key=1"], "unknown option --no_such_key"),
+    (["--ppo_steps=many"], "--ppo_steps=many: expected int"),
+    (["--adaptive_kl=maybe"], "--adaptive_kl=maybe: expected bool"),
+    (["--preset=huge"], "unknown preset 'huge'"),
+    (["positional"], "unexpected argument 'positional'"),
+    (["--dtype=float16"], "float16 overflows"),
+])
+def test_bad_command_line_is_one_error_line_and_exit_1(args, says, capsys):
+    code, _, err = main(args, capsys)
+    assert code == 1
+    assert says in one_error_line(err)
+
+
+def test_out_dir_that_is_a_file_or_inside_one_is_one_error_line(tmp_path, real_data_dir, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    for out, says in ((f, "is a file; give a directory"), (f / "run", str(f / "run"))):
+        code, _, err = main(argv(real_data_dir, out), capsys)
+        assert code == 1
+        assert says in one_error_line(err)
+
+
+def test_no_space_left_on_device_names_the_file_and_keeps_the_finished_stages(finished, real_data_dir, capsys,
+                                                                               monkeypatch):
+    """A full disk (ENOSPC from fsync, as from any write) while PPO saves: one line naming the file being
+    written, exit 1, and the files already there are untouched (writes go to a temp file, then a rename)."""
+    unfinish(finished, "ppo")
+    before = (finished / "ppo_ckpt.pt").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(train, "plot_curves", lambda run: None)  # matplotlib could also write; not the point
+    monkeypatch.setattr(os, "fsync", full)
+    code, _, err = main(argv(real_data_dir, finished), capsys)
+    monkeypatch.undo()
+    assert code == 1
+    line = one_error_line(err)
+    assert "no space left on the device while writing" in line and str(finished / "config.json") in line, line
+    assert (finished / "ppo_ckpt.pt").read_bytes() == before
+    assert not [p for p in finished.rglob("*.part")]
+
+
+def test_command_line_errors_print_no_traceback_in_a_real_process(tmp_path):
+    """As a user sees it: a subprocess with an unknown option prints one line on stderr and exits 1."""
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--preset=tiny", "--learning_rate=1"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    assert p.stderr.strip() == "error: unknown option --learning_rate: see the fields of Config in train.py"
+
+
+# ----------------------------------------------------------------------------------------------------
+# non-finite numbers
+
+
+class NaNReward:
+    """Identifiers gone wrong: every score is NaN."""
+
+    def score(self, ctx_ids, ctx_mask, replies, mask, levels, mechanisms=None):
+        return torch.full((replies.shape[0],), float("nan"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # no optimizer step: all skipped
+def test_nan_scores_skip_the_whole_update_and_are_reported():
+    """A non-finite score never reaches the running moments, the optimizer or the weights; the iteration
+    says how many scores were non-finite."""
+    policy, ref, opt, sched, kl_ctl, moments = setup()
+    weights = {k: v.clone() for k, v in policy.state_dict().items()}
+    stats, _ = emprl.ppo_iteration(policy, ref, NaNReward(), opt, sched, kl_ctl, moments, batch(), ppo_cfg(),
+                                   _nullctx, torch.Generator().manual_seed(0))
+    assert stats == {"nonfinite_scores": 16}
+    assert all(torch.equal(v, weights[k]) for k, v in policy.state_dict().items())
+    assert opt.state_dict()["state"] == {} and sched.last_epoch == 0 and kl_ctl.value == 0.05
+    assert moments.state_dict() == ppo.RunningMoments().state_dict()
+
+
+def test_nan_losses_skip_each_minibatch_and_are_counted(monkeypatch):
+    """A non-finite PPO loss (or gradient) skips that minibatch's step: weights unchanged, every skip counted."""
+    policy, ref, opt, sched, kl_ctl, moments = setup()
+    weights = {k: v.clone() for k, v in policy.state_dict().items()}
+    real = ppo.policy_loss
+    monkeypatch.setattr(ppo, "policy_loss", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+    cfg = ppo_cfg()
+    stats, _ = emprl.ppo_iteration(policy, ref, SubsetReward(), opt, sched, kl_ctl, moments, batch(), cfg,
+                                   _nullctx, torch.Generator().manual_seed(0))
+    assert stats["skipped_nonfinite"] == cfg.ppo_epochs * cfg.batch_size // cfg.mini_batch_size
+    assert all(torch.equal(v, weights[k]) for k, v in policy.state_dict().items())
+    assert opt.state_dict()["state"] == {}
+
+
+def test_a_run_that_keeps_getting_nan_rewards_stops_with_one_clear_line(finished, real_data_dir, capsys, monkeypatch):
+    """max_nonfinite (2 here) iterations in a row with NaN rewards: each is printed and logged, then the run
+    stops (exit 1) instead of training on garbage, and writes no EmpRL model."""
+    train.drop_stages(finished, json.loads((finished / "stages.json").read_text()), train.STAGES.index("ppo"))
+    monkeypatch.setattr(reward.Identifiers, "score", lambda self, *a, **k: NaNReward().score(*a, **k))
+    code, out, err = main(argv(real_data_dir, finished), capsys)
+    assert code == 1
+    assert "2 PPO iterations in a row with non-finite rewards" in one_error_line(err)
+    assert "ppo    1/4 | non-finite: 8 scores (whole update skipped)" in out
+    logged = [json.loads(l) for l in (finished / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r.get("nonfinite_scores") == 8] == [1, 2]
+    assert not (finished / "emprl").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # every step skipped, as it should
+def test_an_sft_run_that_keeps_getting_nan_losses_stops_with_one_clear_line(finished, real_data_dir, capsys,
+                                                                            monkeypatch):
+    train.drop_stages(finished, json.loads((finished / "stages.json").read_text()), train.STAGES.index("sft"))
+    monkeypatch.setattr(emprl, "sft_loss", lambda model, b: (model.shared.weight.sum() * float("nan"), torch.tensor(1)))
+    code, _, err = main(argv(real_data_dir, finished), capsys)
+    assert code == 1
+    assert "2 non-finite losses/gradients in a row" in one_error_line(err)
+    assert not (finished / "sft").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# untrusted files
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_pickle_that_would_run_code_is_refused_by_from_pretrained(tmp_path):
+    """pytorch_model.bin is read with weights_only=True: a pickle whose unpickling calls a function is a
+    CheckpointError, and the function never runs (raw pickle and torch.save's zip format alike)."""
+    torch.manual_seed(0)
+    T5(setup()[0].model.config).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    marker = tmp_path / "code_ran"
+    for write in (lambda p: p.write_bytes(pickle.dumps({"shared.weight": RunsCode(marker)})),
+                  lambda p: torch.save({"shared.weight": RunsCode(marker)}, p)):
+        write(tmp_path / "pytorch_model.bin")
+        with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+            T5.from_pretrained(tmp_path)
+        assert not marker.exists()
+
+
+def small_safetensors(path):
+    g = torch.Generator().manual_seed(0)
+    save_safetensors({"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g).bfloat16(),
+                      "i": torch.arange(6).view(2, 3), "flag": torch.tensor([True, False])}, path,
+                     metadata={"format": "pt"})
+    return path.read_bytes()
+
+
+def header_variant(rng, raw):
+    """The file with one header entry's field replaced by an odd JSON value (types, signs, sizes, NaN, ∞)."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = rng.choice([k for k in header if k != "__metadata__"])
+    odd = [None, True, -1, 0, 2**63, 2**70, 1.5, -0.0, float("nan"), float("inf"), "F32", "I4", "", [], {}, [1, 2, 3],
+           [-1, 4], [0, 2**62], [2**31, 2**31], [float("inf")], ["3", "4"], [[3]], {"a": 1}, "x" * 100]
+    field = rng.choice(["dtype", "shape", "data_offsets", None, "empty"])
+    if field == "empty":  # no bytes to check the shape against: only the shape's own sanity is left
+        header[name] = {"dtype": "F32", "shape": [0, rng.choice([2**63, 2**70, -1, 5])], "data_offsets": [0, 0]}
+    elif field is None:
+        header[name] = rng.choice(odd)
+    elif rng.random() < 0.5:
+        header[name][field] = rng.choice(odd)
+    else:
+        header[name].pop(field)
+    blob = json.dumps(header).encode()  # json writes NaN and Infinity, which Python's json reads back
+    return len(blob).to_bytes(8, "little") + blob + raw[8 + n:]
+
+
+def test_fuzzed_safetensors_files_only_ever_raise_checkpoint_error(tmp_path):
+    """Seeded, ~2 s: random byte edits and odd header values either load or raise CheckpointError, never
+    another exception (the hand-made malformations are in test_t5.py)."""
+    p = tmp_path / "fuzz.safetensors"
+    raw = small_safetensors(p)
+    rng, n, t0 = random.Random(0), 0, time.monotonic()
+    while time.monotonic() - t0 < 2.0:
+        p.write_bytes(header_variant(rng, raw) if rng.random() < 0.5 else mutate(rng, raw))
+        try:
+            load_safetensors(p)
+        except CheckpointError:
+            pass
+        n += 1
+    assert n > 200
+
+
+@pytest.mark.parametrize("parser, path", [(data.load_empathetic_dialogues, "empatheticdialogues/train.csv"),
+                                          (data.load_epitome, "epitome/emotional-reactions-reddit.csv")])
+def test_fuzzed_real_csv_prefixes_only_ever_raise_data_error(real_data_dir, tmp_path, parser, path):
+    """test_data.py fuzzes small hand-written fixtures; here the mutations start from the first ~40 rows of
+    the real files (real quoting, `_comma_`, long posts). Seeded, ~1 s each."""
+    raw = (real_data_dir / path).read_bytes()[:20000]
+    raw = raw[: raw.rfind(b"\n") + 1]
+    p, rng, n, t0 = tmp_path / "fuzz.csv", random.Random(1), 0, time.monotonic()
+    while time.monotonic() - t0 < 1.0:
+        p.write_bytes(mutate(rng, raw))
+        try:
+            parser(p)
+        except data.DataError:
+            pass
+        n += 1
+    assert n > 20
