@@ -180,8 +180,8 @@ def test_identifier_learns_cue_word_task():
     torch.manual_seed(0)
     model = reward.EmpathyIdentifier(tiny_config(vocab_size=40, dropout_rate=0.0))
     train, valid = cue_word_examples(600, seed=0), cue_word_examples(200, seed=1)
-    result = reward.train_identifier(model, train, valid, epochs=8, batch_size=32, lr=3e-3, class_weights=False,
-                                     device="cpu", seed=0, patience=8, log=lambda s: None)
+    result = reward.train_identifier(model, train, valid, epochs=5, batch_size=32, lr=3e-3, class_weights=False,
+                                     device="cpu", seed=0, patience=5, log=lambda s: None)
     logits = reward.predict(model, valid, batch_size=64, device="cpu")
     assert logits.shape == (200, 3)
     acc = reward.classification_metrics([ex[2] for ex in valid], logits.argmax(-1))["acc"]
