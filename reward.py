@@ -34,6 +34,7 @@ Deviations from the authors' code:
 Shapes: B batch, S context tokens, T reply tokens, D d_model, C empathy levels (3), M mechanisms (<= 3).
 Masks: 1 = real token.
 """
+import io
 import math
 import time
 
@@ -129,6 +130,24 @@ class Identifiers(nn.Module):
             raise ValueError(f"unknown mechanism(s) {unknown}: choose from {data.MECHANISMS}")
         return torch.stack([self.models[data.MECHANISMS.index(m)](ctx_ids, ctx_mask, resp_ids, resp_mask)
                             for m in mechanisms], dim=1)  # (B, M, C)
+
+    def save(self, path):
+        """One file {"config": T5Config dict, "state": state_dict}, written atomically."""
+        buf = io.BytesIO()
+        torch.save({"config": self.models[0].config.to_dict(), "state": self.state_dict()}, buf)
+        data.write_atomic(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        """Identifiers written by `save`. weights_only: a tampered file cannot run code while it is read."""
+        try:
+            ck = torch.load(path, map_location=device, weights_only=True)
+            ids = cls([EmpathyIdentifier(t5.T5Config.from_dict(ck["config"])) for _ in data.MECHANISMS])
+            ids.load_state_dict(ck["state"])  # strict: every parameter present with its shape
+        except Exception as e:  # missing, truncated, not ours: one message saying which file and what to do
+            raise t5.CheckpointError(f"{path}: cannot load the identifiers ({type(e).__name__}: {str(e)[:200]}); "
+                                     f"delete it and retrain the identifiers with train.py") from None
+        return ids.to(device)
 
     @torch.no_grad()
     def score(self, ctx_ids, ctx_mask, resp_ids, resp_mask, targets, mechanisms=data.MECHANISMS):

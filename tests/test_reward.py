@@ -203,3 +203,17 @@ def test_tiny_training_on_real_epitome_improves_validation_loss(real_data_dir, t
     losses = [h["valid_loss"] for h in result["history"]]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0], losses
+
+
+def test_identifiers_save_load_round_trip_and_damaged_file(tmp_path):
+    """Saved identifiers score exactly as before; a damaged file raises CheckpointError naming it."""
+    ids = make_identifiers(seed=3)
+    ids.save(tmp_path / "identifiers.pt")
+    loaded = reward.Identifiers.load(tmp_path / "identifiers.pt")
+    batch = random_batch(torch.Generator().manual_seed(4))
+    targets = torch.tensor([[0, 1, 2], [2, 2, 0], [1, 0, 0], [0, 0, 1]])
+    torch.testing.assert_close(loaded.score(*batch, targets), ids.score(*batch, targets))
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    (tmp_path / "bad.pt").write_bytes((tmp_path / "identifiers.pt").read_bytes()[:1000])
+    with pytest.raises(t5.CheckpointError, match="bad.pt"):
+        reward.Identifiers.load(tmp_path / "bad.pt")
