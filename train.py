@@ -428,7 +428,7 @@ def stage_sft(cfg, run, env, log):
     state = dict(step=0, best=float("inf"), nonfinite=dict(total=0, consecutive=0))
     ckpt_path = run / "sft_ckpt.pt"
     if ckpt_path.exists():  # resume: weights, optimizer, schedule, RNG, position in the data
-        ck = load_torch(ckpt_path, device)
+        ck = load_torch(ckpt_path)  # on the CPU: RNG states must be CPU tensors; load_state_dict moves the rest
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), sched.load_state_dict(ck["scheduler"])
         state = ck["state"]
         set_rng_state(ck["rng"])
@@ -571,7 +571,7 @@ def stage_ppo(cfg, run, env, log):
     state = dict(step=0, nonfinite=0, sft_valid=None)
     ckpt_path = run / "ppo_ckpt.pt"
     if ckpt_path.exists():
-        ck = load_torch(ckpt_path, device)
+        ck = load_torch(ckpt_path)  # on the CPU: RNG states must be CPU tensors; load_state_dict moves the rest
         policy.load_state_dict(ck["policy"]), opt.load_state_dict(ck["optimizer"]), sched.load_state_dict(ck["scheduler"])
         kl_ctl.load_state_dict(ck["kl_ctl"]), moments.load_state_dict(ck["moments"])
         gen.set_state(ck["generator"])
