@@ -613,8 +613,8 @@ def stage_ppo(cfg, run, env, log):
         if "score" in stats:
             tqdm.write(ppo_line(state["step"], cfg.ppo_steps, stats))
         if bad:
-            tqdm.write(f"ppo {state['step']:>4}/{cfg.ppo_steps} | non-finite: {stats.get('nonfinite_scores', 0)} scores "
-                       f"(whole update skipped), {stats.get('skipped_nonfinite', 0)} minibatch updates skipped")
+            tqdm.write(f"ppo {state['step']:>4}/{cfg.ppo_steps} | non-finite: {stats.get('nonfinite_scores', 0)} "
+                       f"scores (whole update skipped), {stats.get('skipped_nonfinite', 0)} minibatch updates skipped")
         if state["nonfinite"] >= cfg.max_nonfinite:
             raise RunError(f"{state['nonfinite']} PPO iterations in a row with non-finite rewards or gradients: "
                            f"stopping instead of training on garbage (lower --ppo_lr, or use --dtype=float32)")
