@@ -423,7 +423,8 @@ def stage_sft(cfg, run, env, log):
     total = max(1, int(cfg.sft_epochs * steps_per_epoch))
     seed_everything(cfg.seed)  # before the random init: torch seeds itself randomly at start-up
     model = build_model(cfg, env["tok"].vocab_size).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.sft_weight_decay)
+    # fused: one kernel updates every parameter (the for-each default launches several per step)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.sft_weight_decay, fused=True)
     sched = linear_schedule(opt, total, cfg.sft_warmup_steps)
     state = dict(step=0, best=float("inf"), nonfinite=dict(total=0, consecutive=0))
     ckpt_path = run / "sft_ckpt.pt"
@@ -562,7 +563,7 @@ def stage_ppo(cfg, run, env, log):
     policy = emprl.PolicyWithValue(load_t5(run, "sft"), cfg.dropout_rate).to(device)
     identifiers = load_identifiers(run / "identifiers.pt", device).requires_grad_(False)
     n_updates = cfg.ppo_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo_lr)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo_lr, fused=True)
     sched = linear_schedule(opt, n_updates)
     kl_ctl = (ppo.AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else ppo.FixedKLController(cfg.init_kl_coef))
@@ -773,8 +774,13 @@ def run_pipeline(cfg, preset):
         _STOP["stage"] = name
         t0 = time.time()
         out = fn(cfg, run, env, log)
-        done[name] = time.time() - t0 + read_json(run / f".{name}_time.json", {"s": 0})["s"]
+        done[name] = time.time() - t0
         write_json(run / "stages.json", done)
+        if device.type == "cuda":  # what the stage needed on the GPU
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            print(f"[{name}] {done[name]:.0f} s, peak GPU memory {peak:.2f} GiB")
+            log(dict(stage=name, seconds=done[name], peak_gpu_gib=peak))
+            torch.cuda.reset_peak_memory_stats()
         if _STOP["requested"]:  # Ctrl-C after the stage's last checkpoint
             raise Interrupted(f"the end of stage '{name}'")
         return out
