@@ -281,18 +281,19 @@ def generate_replies(model, split, device, batch_size, seed, autocast, top_k=20,
 
 @torch.no_grad()
 def identifier_levels(identifiers, split, replies, device, batch_size, autocast):
-    """Levels (N, 3) and logits (N, 3, 3) the identifiers give each (context, reply) pair."""
-    logits = []
-    for start in range(0, len(replies), batch_size):
-        idx = list(range(start, min(start + batch_size, len(replies))))
+    """Levels (N, 3) and logits (N, 3, 3) the identifiers give each (context, reply) pair.
+    Pairs are batched by length (less padding), results returned in the input order."""
+    n = len(replies)
+    replies = [r.tolist() if torch.is_tensor(r) else r for r in replies]
+    logits = torch.empty(n, 3, 3)
+    lengths = [len(split["ident_ctx"][i]) + len(replies[i]) for i in range(n)]
+    for idx in data.batch_indices(lengths, batch_size, shuffle=False, seed=0, bucket=True):
         ctx_ids, ctx_mask = data.pad_batch([split["ident_ctx"][i] for i in idx])
-        resp = [replies[i] for i in idx]
-        resp_ids, resp_mask = data.pad_batch([r.tolist() if torch.is_tensor(r) else r for r in resp])
+        resp_ids, resp_mask = data.pad_batch([replies[i] for i in idx])
         resp_mask = reply_mask(resp_ids) * resp_mask
         with autocast():
-            logits.append(identifiers(ctx_ids.to(device), ctx_mask.to(device), resp_ids.to(device),
-                                      resp_mask.to(device)).float().cpu())
-    logits = torch.cat(logits)  # (N, M, 3)
+            logits[idx] = identifiers(ctx_ids.to(device), ctx_mask.to(device), resp_ids.to(device),
+                                      resp_mask.to(device)).float().cpu()  # (b, M, 3)
     return logits.argmax(-1).numpy(), logits
 
 

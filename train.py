@@ -73,6 +73,7 @@ class Config:
     ident_class_weights: bool = False  # inverse-frequency class weights in the identifier loss
     ident_patience: int = 2  # epochs without validation macro-F1 gain before stopping
     epitome_limit: int = 0  # use only the first N EPITOME pairs per split (0 = all); for tests
+    label_train_limit: int = 0  # label only the first N ED train targets (0 = all); PPO draws contexts from them
     reward_mechanisms: str = "er,ip,ex"  # mechanisms in the reward; drop one for the ablation
     # ppo
     ppo_steps: int = 200  # PPO iterations, each on `batch_size` contexts
@@ -125,8 +126,10 @@ PRESETS = {
                  mini_batch_size=4, ppo_epochs=2, max_new_tokens=12, ppo_eval_every=2, ppo_eval_n=16,
                  sample_every=2, save_every=1, eval_batch_size=32),
     # the default without a GPU: full data, a small T5 from scratch, our own 8k SentencePiece vocabulary
+    # (identifier settings from benchmarks/bench_identifiers.py; PPO's from the prototype in METHOD.md)
     "cpu": dict(sft_epochs=2.0, sft_batch_size=32, sft_lr=1e-3, sft_warmup_steps=200, sft_eval_every=500,
-                ppo_steps=200, ppo_lr=3e-5, adaptive_kl=False, init_kl_coef=0.5),
+                ident_init="scratch", ident_lr=3e-4, ident_class_weights=True, ident_epochs=5,
+                label_train_limit=12000, ppo_steps=200, ppo_lr=3e-5, adaptive_kl=False, init_kl_coef=0.5),
     # the default with CUDA: the authors' settings on pretrained t5-base
     "gpu": dict(pretrained="t5-base", ident_init="pretrained", sft_epochs=3.0, sft_batch_size=8, sft_lr=1e-4,
                 sft_eval_every=2000, ident_batch_size=16, ident_lr=2e-5, ppo_steps=1000, ppo_lr=1e-5),
@@ -139,7 +142,7 @@ _FIRST_STAGE = {
                                 "limit_valid", "limit_test", "pretrained", "ident_ctx_tokens")},
     **{f: "sft" for f in ("d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
                           "feed_forward_proj", "dropout_rate", "seed", "dtype", "max_nonfinite")},
-    "epitome_limit": "identifiers", "ident_resp_tokens": "identifiers",
+    "epitome_limit": "identifiers", "ident_resp_tokens": "identifiers", "label_train_limit": "labels",
     **{f: "ppo" for f in ("batch_size", "mini_batch_size", "clip_range", "clip_range_value", "vf_coef", "gamma",
                           "lam", "max_grad_norm", "ratio_threshold", "init_kl_coef", "adaptive_kl", "kl_target",
                           "kl_horizon", "kl_estimator", "kl_min", "kl_max", "score_norm", "whiten_rewards", "temperature",
@@ -546,6 +549,8 @@ def stage_labels(cfg, run, env, log):
     identifiers = load_identifiers(run / "identifiers.pt", env["device"])
     labels = {}
     for split, enc in env["encoded"].items():
+        if split == "train" and cfg.label_train_limit:  # the PPO context pool; 200 x 32 contexts need ~6k
+            enc = {k: v[: cfg.label_train_limit] for k, v in enc.items()}
         tgt = [t[: cfg.ident_resp_tokens - 1] + [t[-1]] if len(t) > cfg.ident_resp_tokens else t for t in enc["tgt"]]
         levels, _ = emprl.identifier_levels(identifiers, enc, tgt, env["device"], cfg.eval_batch_size, env["autocast"])
         labels[split] = torch.as_tensor(levels)
@@ -558,7 +563,8 @@ def stage_labels(cfg, run, env, log):
 def stage_ppo(cfg, run, env, log):
     """5. PPO: policy + value head from the SFT model, frozen reference, the empathy reward."""
     device, autocast, encoded = env["device"], env["autocast"], env["encoded"]
-    train, levels = encoded["train"], env["labels"]["train"].numpy()
+    levels = env["labels"]["train"].numpy()
+    train = {k: v[: len(levels)] for k, v in encoded["train"].items()}  # the labelled train examples
     ref_model = load_t5(run, "sft").to(device).eval().requires_grad_(False)
     policy = emprl.PolicyWithValue(load_t5(run, "sft"), cfg.dropout_rate).to(device)
     identifiers = load_identifiers(run / "identifiers.pt", device).requires_grad_(False)
