@@ -173,7 +173,7 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     if not finite.all():  # a non-finite score must not reach the running moments or the update
         return {"nonfinite_scores": int((~finite).sum())}, roll
     score_moments.update(scores)
-    norm_scores = (scores - score_moments.mean) / (score_moments.std + 1e-8) if cfg.score_norm else scores
+    norm_scores = ppo.normalize_scores(scores, score_moments) if cfg.score_norm else scores
     rewards = ppo.kl_penalized_rewards(norm_scores, roll["logprobs"], roll["ref_logprobs"], mask,
                                        kl_ctl.value, cfg.kl_min, cfg.kl_max, cfg.kl_estimator)  # (B, T)
     if cfg.whiten_rewards:

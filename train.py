@@ -485,20 +485,12 @@ def stage_sft(cfg, run, env, log):
     print(f"sft: best validation perplexity {state['best']:.2f}")
 
 
-def identifier_examples(cfg, tok, records):
-    return [(data.encode_context(tok, [r.seeker_post], cfg.ident_ctx_tokens),
-             data.encode_target(tok, r.response_post, cfg.ident_resp_tokens), r.level) for r in records]
-
-
 def load_identifiers(path, device):
-    ck = load_torch(path, device)
+    """The frozen identifiers of a run; a damaged file gets the run's one-line advice."""
     try:
-        models = [reward.EmpathyIdentifier(T5Config(**ck["config"])) for _ in data.MECHANISMS]
-        identifiers = reward.Identifiers(models).to(device)
-        identifiers.load_state_dict(ck["state"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a readable file that is not ours
-        raise damaged(path.parent, path.name, f"{type(e).__name__}: {e}") from None
-    return identifiers.eval()
+        return reward.Identifiers.load(path, device).eval()
+    except CheckpointError as e:
+        raise damaged(path.parent, path.name, str(e).split(": ", 1)[-1]) from None
 
 
 def stage_identifiers(cfg, run, env, log):
@@ -507,7 +499,8 @@ def stage_identifiers(cfg, run, env, log):
     splits = data.load_epitome_splits(env["data_dir"], seed=cfg.seed)
     models, table = [], {}
     for mech in data.MECHANISMS:
-        ex = {s: identifier_examples(cfg, tok, splits[mech][s][: cfg.epitome_limit or None]) for s in splits[mech]}
+        ex = {s: reward.epitome_examples(splits[mech][s][: cfg.epitome_limit or None], tok, cfg.ident_ctx_tokens,
+                                            cfg.ident_resp_tokens) for s in splits[mech]}
         seed_everything(cfg.seed)  # the heads' init is random: seeded, a rerun trains the same identifiers
         if cfg.ident_init == "scratch":
             base = build_model(cfg, tok.vocab_size)
@@ -531,7 +524,7 @@ def stage_identifiers(cfg, run, env, log):
         log(dict(stage="identifiers", mechanism=mech, **table[mech]))
         models.append(model.cpu())
     identifiers = reward.Identifiers(models)
-    save_torch(run / "identifiers.pt", dict(config=models[0].config.to_dict(), state=identifiers.state_dict()))
+    identifiers.save(run / "identifiers.pt")
     write_json(run / "identifiers.json", table)
     print_identifier_table(table)
 

@@ -88,7 +88,7 @@ def test_huge_beta_keeps_the_policy_at_the_reference():
     first = sum(h["score"] for h in hist[:5]) / 5
     last = sum(h["score"] for h in hist[-5:]) / 5
     assert abs(last - first) < 0.15, (first, last)
-    assert sum(h["kl"] for h in hist[-10:]) / 10 < 0.5
+    assert sum(h["kl"] for h in hist[-10:]) / 10 < 1.0  # nats over the reply (β = 0.05 ends near 5)
 
 
 def test_first_minibatch_ratio_is_one_and_nothing_is_clipped():

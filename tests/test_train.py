@@ -89,3 +89,11 @@ def test_kill_during_ppo_then_rerun_resumes_and_finishes(real_data_dir, tmp_path
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "ppo: resuming at iteration" in p.stdout
     assert (out / "results.json").exists()
+
+
+def test_reply_command_answers_with_the_identifiers_levels(tiny_run):
+    """`python emprl.py --run=RUN "message"` prints a reply and its ER / IP / EX levels."""
+    out, _, _ = tiny_run
+    p = run([sys.executable, str(ROOT / "emprl.py"), f"--run={out}", "I failed my driving test again."], timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "emprl> " in p.stdout and "ER=" in p.stdout and "IP=" in p.stdout and "EX=" in p.stdout
