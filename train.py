@@ -510,7 +510,8 @@ def stage_identifiers(cfg, run, env, log):
             model = reward.EmpathyIdentifier.from_t5(base)
         model.to(device)
         t0 = time.time()
-        print(f"identifier {mech}: {len(ex['train'])} train / {len(ex['valid'])} valid / {len(ex['test'])} test pairs")
+        print(f"identifier {mech}: {len(ex['train'])} train / {len(ex['valid'])} valid / {len(ex['test'])} test pairs | "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
         hist = reward.train_identifier(model, ex["train"], ex["valid"], epochs=cfg.ident_epochs,
                                        batch_size=cfg.ident_batch_size, lr=cfg.ident_lr,
                                        class_weights=cfg.ident_class_weights, device=device, seed=cfg.seed,
@@ -526,7 +527,6 @@ def stage_identifiers(cfg, run, env, log):
     identifiers = reward.Identifiers(models)
     identifiers.save(run / "identifiers.pt")
     write_json(run / "identifiers.json", table)
-    print_identifier_table(table)
 
 
 def print_identifier_table(table):
@@ -794,10 +794,10 @@ def run_pipeline(cfg, preset):
     print(f"data: ED train {n['train']} / valid {n['valid']} / test {n['test']} examples | vocab {env['tok'].vocab_size}")
     stage("sft", stage_sft)
     sft_params = sum(p.numel() for p in load_t5(run, "sft").parameters())
-    print(f"policy: T5 with {sft_params / 1e6:.2f}M parameters")
+    print(f"models: policy T5 {sft_params / 1e6:.2f}M parameters + a linear value head; reference: a frozen "
+          f"copy of the SFT model")
     stage("identifiers", stage_identifiers)
-    if "identifiers" in done and (run / "identifiers.json").exists():
-        print_identifier_table(read_json(run / "identifiers.json"))
+    print_identifier_table(read_json(run / "identifiers.json"))  # the test table, whether just made or not
     stage("labels", stage_labels)
     env["labels"] = load_torch(run / "labels.pt")
     stage("ppo", stage_ppo)
