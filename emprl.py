@@ -25,6 +25,7 @@ Deviations from the authors' code (TRL 0.9.6), each because the prototype in MET
 
 Shapes: B batch, S context tokens, T reply tokens, D d_model, V vocab, M mechanisms.
 """
+import json
 import math
 import re
 import sys
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 import data
 import ppo
 import reward
-from t5 import T5
+from t5 import T5, CheckpointError
 
 # ----------------------------------------------------------------------------------------------------
 # policy
@@ -337,8 +338,10 @@ def load_run(run_dir, device="cpu"):
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise SystemExit(f"error: {run_dir} is not a run directory (no config.json); train one with `python train.py`")
-    import json
-    cfg = json.loads((run_dir / "config.json").read_text())
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SystemExit(f"error: {run_dir / 'config.json'} is damaged (not JSON); rerun train.py with this --out_dir")
     tok = data.Tokenizer(run_dir / "spiece.model")
     policy_dir = run_dir / "emprl" if (run_dir / "emprl" / "config.json").exists() else run_dir / "sft"
     model = T5.from_pretrained(policy_dir).to(device).eval()
@@ -372,7 +375,10 @@ def main(argv):
     if not args.interactive and not args.message:
         p.error("give a message, or --interactive")
     torch.set_grad_enabled(False)
-    model, identifiers, tok, cfg, which = load_run(args.run)
+    try:
+        model, identifiers, tok, cfg, which = load_run(args.run)
+    except (CheckpointError, data.DataError) as e:  # a damaged run: the message names the file and what to do
+        raise SystemExit(f"error: {e}")
     names = ["no", "weak", "strong"]
     show = lambda r, lv: print(f"{which}> {r}\n      [{' '.join(f'{k}={names[v]}' for k, v in lv.items())}]")
     if not args.interactive:

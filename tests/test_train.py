@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,3 +98,16 @@ def test_reply_command_answers_with_the_identifiers_levels(tiny_run):
     p = run([sys.executable, str(ROOT / "emprl.py"), f"--run={out}", "I failed my driving test again."], timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "emprl> " in p.stdout and "ER=" in p.stdout and "IP=" in p.stdout and "EX=" in p.stdout
+
+
+@pytest.mark.parametrize("name", ["identifiers.pt", "config.json", "emprl/model.safetensors"])
+def test_reply_command_on_a_damaged_run_is_one_error_line_naming_the_file(tiny_run, tmp_path, name):
+    """A truncated file in the run directory: `emprl.py` exits 1 with one line naming it, no traceback."""
+    out, _, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (copy / name).write_bytes((copy / name).read_bytes()[:40])
+    p = run([sys.executable, str(ROOT / "emprl.py"), f"--run={copy}", "hello"], timeout=120)
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr and p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
+    assert name.split("/")[-1] in p.stderr or name.split("/")[0] in p.stderr
