@@ -157,16 +157,8 @@ for _f in ("ppo_eval_every", "ppo_eval_n", "sample_every", "save_every"):  # log
     _FIRST_STAGE.pop(_f, None)
 
 
-class RunError(Exception):
-    """A user-facing failure: printed as one line, no traceback."""
-
-
-class Interrupted(Exception):
-    pass
-
-
 # ----------------------------------------------------------------------------------------------------
-# configuration
+# command line
 
 
 def parse_args(argv):
@@ -208,156 +200,6 @@ def parse_args(argv):
     if cfg.batch_size % cfg.mini_batch_size:
         raise RunError("--batch_size must be a multiple of --mini_batch_size")
     return cfg, preset
-
-
-def check_run_dir(cfg, run):
-    """Refuse to reuse a run directory made with settings that change results, unless --force; with
-    --force, drop the outputs of every stage from the first affected one on."""
-    if run.exists() and not run.is_dir():
-        raise RunError(f"--out_dir={run} is a file; give a directory")
-    saved = run / "config.json"
-    if not saved.exists():
-        return
-    old = read_json(saved)
-    new = dataclasses.asdict(cfg)
-    diff = sorted(k for k in _FIRST_STAGE if k in old and old[k] != new[k])
-    if not diff:
-        return
-    if not cfg.force:
-        raise RunError(f"{run} was made with different settings ({', '.join(f'{k}: {old[k]} -> {new[k]}' for k in diff)}); "
-                       f"use a new --out_dir, or --force to rerun the stages they affect")
-    first = min(STAGES.index(_FIRST_STAGE[k]) for k in diff)
-    drop_stages(run, read_json(run / "stages.json", {}), first)
-    print(f"--force: rerunning from stage '{STAGES[first]}' ({', '.join(diff)} changed)")
-
-
-STAGE_OUTPUTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft", "sft_ckpt.pt"],
-                 "identifiers": ["identifiers.pt", "identifiers.json"], "labels": ["labels.pt"],
-                 "ppo": ["emprl", "ppo_ckpt.pt", "ppo_curves.png"], "eval": ["results.json", "results.md"]}
-# what later stages read: a stage counts as done only while these exist
-STAGE_RESULTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft/config.json", "sft/model.safetensors"],
-                 "identifiers": ["identifiers.pt", "identifiers.json"], "labels": ["labels.pt"],
-                 "ppo": ["emprl/config.json", "emprl/model.safetensors"], "eval": ["results.json", "results.md"]}
-
-
-def drop_stages(run, done, first):
-    """Forget stage number `first` and every later one, deleting their outputs (checkpoints included), so
-    they rerun from their beginning: they were computed from what is being redone."""
-    for stage in STAGES[first:]:
-        done.pop(stage, None)
-        for name in STAGE_OUTPUTS[stage]:
-            p = run / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    write_json(run / "stages.json", done)
-
-
-def damaged(run, name, why):
-    """The error for a damaged file `name` of the run directory: which file, why, and how to go on."""
-    stage = next((s for s, outs in STAGE_OUTPUTS.items() if Path(name).parts[0] in outs), None)
-    if name == "config.json":
-        then = "this run's settings are then not compared with the earlier ones"
-    elif name == "stages.json":
-        then = "every stage is then redone, SFT and PPO from their last checkpoints"
-    elif name.endswith("_ckpt.pt"):
-        then = f"stage '{stage}' then restarts from its beginning"
-    else:
-        then = f"stage '{stage}' and the stages after it are then redone"
-    return RunError(f"{run / name} is damaged ({why}): delete it and rerun the same command; {then}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# small utilities: atomic files, logging, interruption
-
-
-def write_json(path, obj):
-    data.write_atomic(Path(path), json.dumps(obj, indent=1).encode())
-
-
-def read_json(path, default=None):
-    path = Path(path)
-    if not path.exists():
-        return default
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise damaged(path.parent, path.name, "not JSON") from None
-    if not isinstance(obj, dict):  # every JSON file of a run directory holds one object
-        raise damaged(path.parent, path.name, f"a JSON {type(obj).__name__}, not an object")
-    return obj
-
-
-def save_torch(path, obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data.write_atomic(Path(path), buf.getvalue())
-
-
-def load_torch(path, device="cpu"):
-    """A .pt file of the run directory. weights_only: tensors and plain containers only, so a tampered
-    file cannot run code while it is unpickled."""
-    path = Path(path)
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, corrupt or tampered with: say which file and what to do
-        raise damaged(path.parent, path.name, type(e).__name__) from None
-
-
-def load_t5(run, name):
-    """The T5 saved in run/name (sft or emprl)."""
-    try:
-        return T5.from_pretrained(run / name)
-    except CheckpointError as e:
-        raise damaged(run, name, str(e)) from None
-
-
-class Logger:
-    def __init__(self, run):
-        self.path = run / "log.jsonl"
-
-    def __call__(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-_STOP = {"requested": False, "stage": None}
-CHECKPOINTED = ("sft", "ppo")  # the stages that save checkpoints as they go
-
-
-def _on_sigint(signum, frame):
-    # the other stages have nothing to save (every file is written whole, at its end): they stop at once
-    if _STOP["requested"] or _STOP["stage"] not in CHECKPOINTED:  # a second Ctrl-C: leave now
-        raise KeyboardInterrupt
-    _STOP["requested"] = True
-    print("\nCtrl-C: saving a checkpoint at the next safe point (Ctrl-C again to quit at once)", flush=True)
-
-
-def rng_state():
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), numpy=dict(keys=keys.tolist(), pos=pos, has_gauss=has_gauss, gauss=gauss),
-                python=random.getstate()[1], cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    n = s["numpy"]
-    np.random.set_state(("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate((3, tuple(s["python"]), None))
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def linear_schedule(optimizer, total_steps, warmup_steps=0):
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, 1.0 - (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -834,6 +676,168 @@ def main(argv):
         else:
             print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run directory: errors, settings, stage outputs, damaged files
+
+
+class RunError(Exception):
+    """A user-facing failure: printed as one line, no traceback."""
+
+
+class Interrupted(Exception):
+    pass
+
+
+def check_run_dir(cfg, run):
+    """Refuse to reuse a run directory made with settings that change results, unless --force; with
+    --force, drop the outputs of every stage from the first affected one on."""
+    if run.exists() and not run.is_dir():
+        raise RunError(f"--out_dir={run} is a file; give a directory")
+    saved = run / "config.json"
+    if not saved.exists():
+        return
+    old = read_json(saved)
+    new = dataclasses.asdict(cfg)
+    diff = sorted(k for k in _FIRST_STAGE if k in old and old[k] != new[k])
+    if not diff:
+        return
+    if not cfg.force:
+        raise RunError(f"{run} was made with different settings ({', '.join(f'{k}: {old[k]} -> {new[k]}' for k in diff)}); "
+                       f"use a new --out_dir, or --force to rerun the stages they affect")
+    first = min(STAGES.index(_FIRST_STAGE[k]) for k in diff)
+    drop_stages(run, read_json(run / "stages.json", {}), first)
+    print(f"--force: rerunning from stage '{STAGES[first]}' ({', '.join(diff)} changed)")
+
+
+STAGE_OUTPUTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft", "sft_ckpt.pt"],
+                 "identifiers": ["identifiers.pt", "identifiers.json"], "labels": ["labels.pt"],
+                 "ppo": ["emprl", "ppo_ckpt.pt", "ppo_curves.png"], "eval": ["results.json", "results.md"]}
+# what later stages read: a stage counts as done only while these exist
+STAGE_RESULTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft/config.json", "sft/model.safetensors"],
+                 "identifiers": ["identifiers.pt", "identifiers.json"], "labels": ["labels.pt"],
+                 "ppo": ["emprl/config.json", "emprl/model.safetensors"], "eval": ["results.json", "results.md"]}
+
+
+def drop_stages(run, done, first):
+    """Forget stage number `first` and every later one, deleting their outputs (checkpoints included), so
+    they rerun from their beginning: they were computed from what is being redone."""
+    for stage in STAGES[first:]:
+        done.pop(stage, None)
+        for name in STAGE_OUTPUTS[stage]:
+            p = run / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    write_json(run / "stages.json", done)
+
+
+def damaged(run, name, why):
+    """The error for a damaged file `name` of the run directory: which file, why, and how to go on."""
+    stage = next((s for s, outs in STAGE_OUTPUTS.items() if Path(name).parts[0] in outs), None)
+    if name == "config.json":
+        then = "this run's settings are then not compared with the earlier ones"
+    elif name == "stages.json":
+        then = "every stage is then redone, SFT and PPO from their last checkpoints"
+    elif name.endswith("_ckpt.pt"):
+        then = f"stage '{stage}' then restarts from its beginning"
+    else:
+        then = f"stage '{stage}' and the stages after it are then redone"
+    return RunError(f"{run / name} is damaged ({why}): delete it and rerun the same command; {then}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# small utilities: atomic files, logging, interruption
+
+
+def write_json(path, obj):
+    data.write_atomic(Path(path), json.dumps(obj, indent=1).encode())
+
+
+def read_json(path, default=None):
+    path = Path(path)
+    if not path.exists():
+        return default
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise damaged(path.parent, path.name, "not JSON") from None
+    if not isinstance(obj, dict):  # every JSON file of a run directory holds one object
+        raise damaged(path.parent, path.name, f"a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def save_torch(path, obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data.write_atomic(Path(path), buf.getvalue())
+
+
+def load_torch(path, device="cpu"):
+    """A .pt file of the run directory. weights_only: tensors and plain containers only, so a tampered
+    file cannot run code while it is unpickled."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, corrupt or tampered with: say which file and what to do
+        raise damaged(path.parent, path.name, type(e).__name__) from None
+
+
+def load_t5(run, name):
+    """The T5 saved in run/name (sft or emprl)."""
+    try:
+        return T5.from_pretrained(run / name)
+    except CheckpointError as e:
+        raise damaged(run, name, str(e)) from None
+
+
+class Logger:
+    def __init__(self, run):
+        self.path = run / "log.jsonl"
+
+    def __call__(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+_STOP = {"requested": False, "stage": None}
+CHECKPOINTED = ("sft", "ppo")  # the stages that save checkpoints as they go
+
+
+def _on_sigint(signum, frame):
+    # the other stages have nothing to save (every file is written whole, at its end): they stop at once
+    if _STOP["requested"] or _STOP["stage"] not in CHECKPOINTED:  # a second Ctrl-C: leave now
+        raise KeyboardInterrupt
+    _STOP["requested"] = True
+    print("\nCtrl-C: saving a checkpoint at the next safe point (Ctrl-C again to quit at once)", flush=True)
+
+
+def rng_state():
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), numpy=dict(keys=keys.tolist(), pos=pos, has_gauss=has_gauss, gauss=gauss),
+                python=random.getstate()[1], cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((3, tuple(s["python"]), None))
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def linear_schedule(optimizer, total_steps, warmup_steps=0):
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, 1.0 - (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
 if __name__ == "__main__":
