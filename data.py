@@ -4,10 +4,8 @@ Data directory layout (what the official archives give; `ensure_data` fetches wh
     <data_dir>/empatheticdialogues/{train,valid,test}.csv    ED, Rashkin et al. 2019 (CC BY-NC 4.0)
     <data_dir>/epitome/{emotional-reactions,interpretations,explorations}-reddit.csv   Sharma et al. 2020
 
-Every problem with a user's files raises DataError with one message naming the file, the line and what
-to do. Nothing here writes into the data directory except a download into it, and every write goes to
-a temporary name in the same folder and is renamed when complete, so a killed run never leaves a file
-that looks complete.
+Every problem with a user's file raises DataError, one message naming the file, the line and what to do.
+Nothing writes into the data directory but a download, and every file is written whole or not at all.
 
 Shapes: B batch, L longest sequence in the batch.
 """
@@ -18,15 +16,16 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 import torch
+
+from t5 import atomic_write
 
 
 class DataError(ValueError):
@@ -36,10 +35,10 @@ class DataError(ValueError):
 ED_SPLITS = ("train", "valid", "test")
 ED_COLUMNS = ["conv_id", "utterance_idx", "context", "prompt", "speaker_idx", "utterance", "selfeval", "tags"]
 EPITOME_COLUMNS = ["sp_id", "rp_id", "seeker_post", "response_post", "level"]  # then `rationales`, unused
-MECHANISMS = ("er", "ip", "ex")
+MECHANISMS = ("er", "ip", "ex")  # emotional reactions, interpretations, explorations
+LEVELS = ("no", "weak", "strong")  # empathy level 0, 1, 2 of each mechanism
 EPITOME_FILES = {"er": "emotional-reactions-reddit.csv", "ip": "interpretations-reddit.csv",
                  "ex": "explorations-reddit.csv"}
-# Official locations; a dict so tests (or a mirror) can point them elsewhere.
 URLS = {"empatheticdialogues": "https://dl.fbaipublicfiles.com/parlai/empatheticdialogues/empatheticdialogues.tar.gz",
         "epitome": "https://raw.githubusercontent.com/behavioral-data/Empathy-Mental-Health/master/dataset/"}
 EPITOME_SHA256 = {  # commit 0e11f98 of behavioral-data/Empathy-Mental-Health
@@ -68,7 +67,7 @@ def _read_text(path) -> str:
                         f"the file is damaged, download it again") from None
 
 
-def _int_field(value: str, path, line: int, name: str) -> int:
+def _int_field(value: str, path, line: int, name: str) -> int:  # an int, or a DataError naming file and line
     try:
         return int(value)
     except ValueError:
@@ -90,11 +89,9 @@ class EDExample:
 def load_empathetic_dialogues(csv_path) -> list:
     """One EDExample per listener turn (even utterance_idx) of one ED split file, in file order.
 
-    The official format is a plain comma join, no CSV quoting, commas in text written `_comma_`. Some
-    texts start with an unmatched `"`, so a quote-aware parser would merge lines: we split on ','.
-    Only the first 8 fields are used: rows with extra trailing fields (a few official rows) are accepted.
-    Rows are grouped by conv_id and ordered by utterance_idx, which must run 1..n in each conversation.
-    """
+    The official format is a plain comma join, commas in text written `_comma_`; some texts start with an
+    unmatched `"`, so a quote-aware parser would merge lines: we split on ','. Extra trailing fields (a few
+    official rows) are ignored. Rows are grouped by conv_id and ordered by utterance_idx (1..n, no gaps)."""
     lines = _read_text(csv_path).split("\n")
     if lines[-1] == "":  # the final newline
         lines.pop()
@@ -136,9 +133,7 @@ class EpitomeRecord:
 
 def load_epitome(csv_path) -> list:
     """All records of one EPITOME file, in file order, duplicates included (see `load_epitome_splits`).
-
-    Quoted CSV (posts hold commas, quotes and newlines), read with the csv module; `rationales` is unused.
-    """
+    Quoted CSV (posts hold commas, quotes and newlines), read with the csv module; `rationales` is unused."""
     reader = csv.reader(io.StringIO(_read_text(csv_path), newline=""))
     records = []
     try:
@@ -164,14 +159,10 @@ def load_epitome(csv_path) -> list:
 def load_epitome_splits(data_dir, seed=0) -> dict:
     """{mech: {"train"|"valid"|"test": [EpitomeRecord]}}, 75/5/20 of the seeker posts, seeded.
 
-    Duplicates: 60 (sp_id, rp_id) pairs occur more than once (10/10/5 with conflicting levels in
-    ER/IP/EX); we keep the first occurrence in file order, which is deterministic and, as the three
-    files list the same pairs in the same order, the same pair for every mechanism.
-    Split: EPITOME ships none. We split by seeker post (sp_id), not by pair, so a seeker post answered
-    twice never sits in both train and test; sp_ids (the union over the three files, sorted) are
-    shuffled with `seed` and cut at 75 % / 80 %. The split of a record depends on its sp_id only, so
-    a pair lands in the same split for all three mechanisms.
-    """
+    Duplicates: 60 (sp_id, rp_id) pairs occur twice or more (10/10/5 with conflicting levels in ER/IP/EX);
+    the first in file order is kept, the same pair for every mechanism. EPITOME ships no split: we split by
+    seeker post, so a post answered twice is never in both train and test, and a pair lands in the same
+    split for all three mechanisms (the sorted union of sp_ids, shuffled with `seed`, cut at 75 % / 80 %)."""
     records = {}
     for mech in MECHANISMS:
         seen, records[mech] = set(), []
@@ -182,9 +173,8 @@ def load_epitome_splits(data_dir, seed=0) -> dict:
     seekers = sorted({r.sp_id for recs in records.values() for r in recs})
     order = np.random.default_rng(seed).permutation(len(seekers))
     n_train, n_valid = round(0.75 * len(seekers)), round(0.05 * len(seekers))
-    split_of = {}
-    for rank, i in enumerate(order):
-        split_of[seekers[i]] = "train" if rank < n_train else "valid" if rank < n_train + n_valid else "test"
+    split_of = {seekers[i]: "train" if rank < n_train else "valid" if rank < n_train + n_valid else "test"
+                for rank, i in enumerate(order)}
     return {mech: {s: [r for r in recs if split_of[r.sp_id] == s] for s in ("train", "valid", "test")}
             for mech, recs in records.items()}
 
@@ -192,23 +182,16 @@ def load_epitome_splits(data_dir, seed=0) -> dict:
 # ----------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:
-    """SentencePiece with T5's conventions: pad 0, EOS 1 (appended), UNK 2, no BOS.
-
-    Loads any such model, e.g. the `spiece.model` shipped with a pretrained T5 (32,000 pieces; T5's
-    embedding has 32,128 rows, the extra ids are never produced here and are skipped when decoding).
-    """
+    """SentencePiece with T5's conventions: pad 0, EOS 1 (appended), UNK 2, no BOS. Loads any such model, e.g.
+    a pretrained T5's `spiece.model` (32,000 pieces; its 32,128 embedding rows' extra ids are never produced)."""
     pad_id, eos_id, unk_id = 0, 1, 2
 
     def __init__(self, model_path):
-        self.path = Path(model_path)
-        if not self.path.is_file():
-            raise DataError(f"{self.path}: tokenizer model not found; train one with Tokenizer.train or "
-                            f"point to a T5 checkpoint's spiece.model")
-        self.sp = spm.SentencePieceProcessor()
+        self.path, self.sp = Path(model_path), spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(self.path))
-        except (OSError, RuntimeError) as e:
-            raise DataError(f"{self.path}: not a SentencePiece model ({e}); delete it to retrain") from None
+        except (OSError, RuntimeError) as e:  # missing, truncated or not a model
+            raise DataError(f"{self.path}: not a SentencePiece model ({str(e).strip()[:120]})") from None
         if (self.sp.pad_id(), self.sp.eos_id(), self.sp.unk_id()) != (0, 1, 2):
             raise DataError(f"{self.path}: pad/eos/unk ids are {self.sp.pad_id()}/{self.sp.eos_id()}/"
                             f"{self.sp.unk_id()}, T5 needs 0/1/2; retrain with Tokenizer.train")
@@ -216,13 +199,8 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, model_path, vocab_size=8000, seed=0):
-        """Train a unigram model on `texts` (in the given order) and write it atomically to model_path.
-
-        Deterministic for a given corpus, vocab_size and seed: one thread, seeded sampler, no shuffling.
-        hard_vocab_limit=False lets a small corpus end with fewer pieces than asked (see .vocab_size).
-        """
-        model_path = Path(model_path)
-        model_path.parent.mkdir(parents=True, exist_ok=True)
+        """Train a unigram model on `texts` and write it to model_path. Deterministic for a given corpus, size and
+        seed (one thread, no shuffling); a small corpus may end with fewer pieces than asked (see .vocab_size)."""
         proto = io.BytesIO()  # sentencepiece writes the model here; we write the file ourselves, atomically
         spm.set_random_generator_seed(seed)
         try:
@@ -235,7 +213,7 @@ class Tokenizer:
         except RuntimeError as e:  # sentencepiece reports an empty or too-small corpus this way
             raise DataError(f"training the tokenizer for {model_path} failed ({e}); "
                             f"give it more text or a smaller vocab_size") from None
-        write_atomic(model_path, proto.getvalue())
+        atomic_write(model_path, proto.getvalue())
         return cls(model_path)
 
     def encode(self, text: str, add_eos=True) -> list:
@@ -249,30 +227,22 @@ class Tokenizer:
             ids = ids[:ids.index(self.eos_id)]
         return self.sp.DecodeIds([i for i in ids if self.unk_id < i < self.vocab_size])
 
-    def decode_batch(self, batch) -> list:
-        """decode for each row of a list of id lists or a 2-D tensor (B, L)."""
-        if isinstance(batch, torch.Tensor):
-            batch = batch.tolist()
-        return [self.decode(ids) for ids in batch]
-
 
 # ----------------------------------------------------------------------------- model inputs
 
 def format_context(turns) -> str:
     """Role-tagged dialogue context: "speaker: I lost my job. listener: Oh no! speaker: Yes, today."
 
-    The model always replies as the listener, so the last turn is the speaker's and roles alternate
-    backwards from it (for ED contexts, which start with the speaker and have odd length, this is the
-    same as alternating from the start). An EPITOME seeker post or a user's message is one speaker turn.
-    Plain words, not new special tokens, so any SentencePiece vocabulary (ours or T5's) encodes them.
-    """
+    The model replies as the listener, so the last turn is the speaker's and roles alternate backwards from
+    it; an EPITOME seeker post or a user's message is one speaker turn. Plain words, not special tokens, so
+    any SentencePiece vocabulary (ours or T5's) encodes them."""
     n = len(turns)
     return " ".join(f"{'speaker' if (n - 1 - i) % 2 == 0 else 'listener'}: {t.strip()}" for i, t in enumerate(turns))
 
 
 def encode_context(tok, turns, max_len=200) -> list:
-    """Ids of format_context(turns) + EOS, at most max_len: when too long the oldest tokens are dropped,
-    so the end of the latest turn, which the reply answers, is always kept (a cut may split a word or tag)."""
+    """Ids of format_context(turns) + EOS, at most max_len: the oldest tokens are dropped, so the end of the
+    latest turn, which the reply answers, is always kept."""
     return tok.encode(format_context(turns), add_eos=False)[-(max_len - 1):] + [tok.eos_id]
 
 
@@ -281,24 +251,24 @@ def encode_target(tok, text, max_len=50) -> list:
     return tok.encode(text, add_eos=False)[:max_len - 1] + [tok.eos_id]
 
 
-def pad_batch(seqs, pad_id=0):
-    """Right-pad to the longest sequence: ids (B, L) and mask (B, L), 1 = real token."""
-    L = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[b, :len(s)] = 1
-    return ids, mask
+def make_batch(split, idx, device="cpu"):
+    """Examples idx of a split (a dict of equal-length lists) as tensors on device: token-id lists become `key`
+    (B, L), right-padded with 0, and `key_mask` (B, L), 1 = real token; numbers become `key` (B, ...)."""
+    batch = {}
+    for key, values in split.items():
+        rows = [values[i] for i in idx]
+        if isinstance(rows[0], list):  # token ids
+            L = max(len(r) for r in rows)
+            batch[key] = torch.tensor([r + [0] * (L - len(r)) for r in rows], dtype=torch.long)  # (B, L)
+            batch[f"{key}_mask"] = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])  # (B, L)
+        else:
+            batch[key] = torch.as_tensor(np.asarray(rows))  # (B,) or (B, M)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def batch_indices(lengths, batch_size, shuffle, seed, bucket=False) -> list:
-    """Index batches covering every example once (the last may be short).
-
-    shuffle: seeded permutation. bucket: sort by length within chunks of 50 batches so each batch
-    holds similar lengths (less padding), then shuffle the order of the batches so that training
-    does not see lengths in a sorted sequence.
-    """
+    """Index batches covering every example once (the last may be short). shuffle: seeded permutation.
+    bucket: sort by length within chunks of 50 batches (less padding), then shuffle the batches' order."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
     if bucket:
@@ -311,25 +281,28 @@ def batch_indices(lengths, batch_size, shuffle, seed, bucket=False) -> list:
     return batches
 
 
+def in_input_order(fn, lengths, batch_size):
+    """[fn(idx)[j] for every example], fn called on batches of similar length (little padding); the rows fn
+    returns for a batch are put back in the order of the input. Every batched inference goes through here."""
+    out = [None] * len(lengths)
+    for idx in batch_indices(lengths, batch_size, shuffle=False, seed=0, bucket=True):
+        for i, row in zip(idx, fn(idx)):
+            out[i] = row
+    return out
+
+
 # ----------------------------------------------------------------------------- downloads
 
-def default_data_dir() -> Path:
-    """EMPRL_DATA if set, else ~/.cache/emprl/data."""
+def default_data_dir() -> Path:  # EMPRL_DATA if set, else ~/.cache/emprl/data
     return Path(os.environ.get("EMPRL_DATA") or Path.home() / ".cache" / "emprl" / "data").expanduser()
 
 
-def _required_files():
-    return [f"empatheticdialogues/{s}.csv" for s in ED_SPLITS] + [f"epitome/{f}" for f in EPITOME_FILES.values()]
-
-
 def ensure_data(data_dir=None) -> Path:
-    """Return data_dir once every data file is there, downloading the missing ones (nothing if none is).
-
-    Offline or on any failed download: DataError listing the missing files, where to put them and
-    where to get them (no urllib traceback).
-    """
+    """data_dir once every data file is there, downloading the missing ones. Offline or on a failed download:
+    a DataError listing the missing files, where to put them and where to get them."""
     data_dir = Path(data_dir) if data_dir else default_data_dir()
-    missing = [f for f in _required_files() if not (data_dir / f).is_file()]
+    required = [f"empatheticdialogues/{s}.csv" for s in ED_SPLITS] + [f"epitome/{f}" for f in EPITOME_FILES.values()]
+    missing = [f for f in required if not (data_dir / f).is_file()]
     if not missing:
         return data_dir
     try:
@@ -338,101 +311,50 @@ def ensure_data(data_dir=None) -> Path:
         for name in EPITOME_FILES.values():
             if f"epitome/{name}" in missing:
                 print(f"downloading {URLS['epitome'] + name}")
-                download(URLS["epitome"] + name, data_dir / "epitome" / name, EPITOME_SHA256[name])
+                atomic_write(data_dir / "epitome" / name, fetch(URLS["epitome"] + name, EPITOME_SHA256[name]))
     except (ValueError, KeyError, OSError, tarfile.TarError, EOFError, zlib.error) as e:
-        # ValueError covers our DataError and a damaged .json record; the rest a damaged archive or disk
-        raise DataError(
-            f"data files missing in {data_dir}: {', '.join(missing)}. Download failed: "
-            f"{type(e).__name__}: {e}. Get them from {URLS['empatheticdialogues']} (extract "
-            f"train/valid/test.csv into {data_dir / 'empatheticdialogues'}) and {URLS['epitome']} "
-            f"(the three *-reddit.csv into {data_dir / 'epitome'}), or set --data_dir / EMPRL_DATA "
-            f"to a directory that has them") from None
+        raise DataError(f"data files missing in {data_dir}: {', '.join(missing)}. Download failed: {type(e).__name__}: "
+                        f"{e}. Get them from {URLS['empatheticdialogues']} (train/valid/test.csv into "
+                        f"{data_dir / 'empatheticdialogues'}) and {URLS['epitome']} (the three *-reddit.csv into "
+                        f"{data_dir / 'epitome'}), or set --data_dir / EMPRL_DATA to a directory with them") from None
     return data_dir
 
 
-def download(url, dest, sha256=None, max_bytes=None) -> str:
-    """Stream url to dest through a temp file in dest's folder, check its length (Content-Length) and
-    sha256, then rename; return the sha256. Any failure raises DataError and leaves nothing at dest."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+def fetch(url, sha256=None, max_bytes=MAX_DOWNLOAD_BYTES) -> bytes:
+    """The body of url, checked against its Content-Length, max_bytes and sha256; any failure is a DataError."""
     try:
-        digest, n = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
-            expected = r.headers.get("Content-Length")
-            while chunk := r.read(1 << 20):
-                n += len(chunk)
-                if max_bytes is not None and n > max_bytes:
-                    raise DataError(f"{url} is larger than {max_bytes} bytes, not the expected file")
-                digest.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        if expected is not None and str(n) != expected.strip():
-            raise DataError(f"{url}: received {n} of {expected} bytes (interrupted download)")
-        if sha256 is not None and digest.hexdigest() != sha256:
-            raise DataError(f"{url}: sha256 {digest.hexdigest()} differs from the expected {sha256}")
-        os.replace(tmp, dest)
-    except DataError:
-        raise
-    except (OSError, http.client.HTTPException, ValueError) as e:  # offline, HTTP error, bad URL, cut connection
-        raise DataError(f"downloading {url} to {dest} failed: {type(e).__name__}: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return digest.hexdigest()
+        with urllib.request.urlopen(url, timeout=60) as r:
+            expected, body = r.headers.get("Content-Length"), r.read(max_bytes + 1)
+    except http.client.IncompleteRead as e:
+        raise DataError(f"{url}: received {len(e.partial)} bytes, then the connection closed (interrupted download)")
+    except (OSError, http.client.HTTPException, ValueError) as e:  # offline, HTTP error, bad URL
+        raise DataError(f"downloading {url} failed: {type(e).__name__}: {e}") from None
+    if len(body) > max_bytes:
+        raise DataError(f"{url} is larger than {max_bytes} bytes, not the expected file")
+    if expected is not None and str(len(body)) != expected.strip():
+        raise DataError(f"{url}: received {len(body)} of {expected} bytes (interrupted download)")
+    if sha256 is not None and hashlib.sha256(body).hexdigest() != sha256:
+        raise DataError(f"{url}: sha256 {hashlib.sha256(body).hexdigest()} differs from the expected {sha256}")
+    return body
 
 
 def _fetch_empathetic_dialogues(data_dir: Path):
-    """Download the ED archive, check it, write only its three split CSVs, then delete the archive.
-
-    ED publishes no checksum: the first download records the archive's sha256 and size in
-    <data_dir>/empatheticdialogues.tar.gz.json, and later downloads must match it. The archive is
-    untrusted: it is refused whole if any member has an absolute path, a '..' component, or is a link
-    or device, and we write only to fixed names, never to a member's own path.
-    """
-    archive, record = data_dir / "empatheticdialogues.tar.gz", data_dir / "empatheticdialogues.tar.gz.json"
+    """Download the ED archive (in memory) and write its three split CSVs. Members are read by their fixed
+    names and written to fixed paths, so no member can write elsewhere. ED publishes no checksum: the first
+    download records the archive's sha256 in <data_dir>/empatheticdialogues.tar.gz.json, later ones must match."""
+    record = data_dir / "empatheticdialogues.tar.gz.json"
     known = json.loads(record.read_text())["sha256"] if record.is_file() else None
     print(f"downloading {URLS['empatheticdialogues']}")
-    digest = download(URLS["empatheticdialogues"], archive, known, max_bytes=MAX_DOWNLOAD_BYTES)
-    try:
-        csvs = {}
-        with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()  # reads the whole archive: a truncated one fails here
-            for m in members:
-                unsafe = m.name.startswith(("/", "\\")) or ".." in PurePosixPath(m.name).parts
-                if unsafe or not (m.isfile() or m.isdir()):  # links, devices, fifos
-                    raise DataError(f"unsafe member {m.name!r} in the ED archive (absolute path, '..', link "
-                                    f"or device); refusing it")
-            files = {str(PurePosixPath(m.name)): m for m in members if m.isfile()}
-            for s in ED_SPLITS:
-                if f"empatheticdialogues/{s}.csv" not in files:
-                    raise DataError(f"no member empatheticdialogues/{s}.csv in {URLS['empatheticdialogues']}; "
-                                    f"not the ED archive")
-                csvs[s] = tar.extractfile(files[f"empatheticdialogues/{s}.csv"]).read(MAX_DOWNLOAD_BYTES)
-        for s in ED_SPLITS:  # only once all three are read and checked
-            write_atomic(data_dir / "empatheticdialogues" / f"{s}.csv", csvs[s])
-        if known is None:
-            write_atomic(record, json.dumps({"url": URLS["empatheticdialogues"], "sha256": digest,
-                                             "bytes": archive.stat().st_size}).encode())
-    finally:
-        archive.unlink(missing_ok=True)
+    body = fetch(URLS["empatheticdialogues"], known)
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}  # reads it all: truncation fails here
+        names = [f"empatheticdialogues/{s}.csv" for s in ED_SPLITS]
+        if any(n not in members for n in names):
+            raise DataError(f"{URLS['empatheticdialogues']} has no file {[n for n in names if n not in members]}; "
+                            f"not the ED archive")
+        csvs = [tar.extractfile(members[n]).read(MAX_DOWNLOAD_BYTES) for n in names]
+    for name, text in zip(names, csvs):  # only once all three are read
+        atomic_write(data_dir / name, text)
+    if known is None:  # the first download: record what later ones must match
+        atomic_write(record, json.dumps({"sha256": hashlib.sha256(body).hexdigest()}).encode())
 
-
-def write_atomic(path, data: bytes):
-    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        e.filename = e.filename or str(path)  # a full disk names no file: name the one being written
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -1,4 +1,4 @@
-"""The empathy reward of EmpRL: identifiers, their training, Emp-F1 and the reward (METHOD.md 2, 3, 5, Evaluation).
+"""The empathy reward of EmpRL: identifiers, their training, Emp-F1 and the reward.
 
 One identifier per communication mechanism k in {ER, IP, EX} (three separate models, Sharma et al. 2020) reads a
 context c and a reply y and predicts its empathy level 0 = no, 1 = weak, 2 = strong:
@@ -11,7 +11,7 @@ context c and a reply y and predicts its empathy level 0 = no, 1 = weak, 2 = str
     p_k(. | c, y) = softmax(W_2 dropout(tanh(W_1 u)))           (B, C)                                    [I6]
 
 Trained with cross-entropy on EPITOME. The trained identifiers label every human reply y* of EmpatheticDialogues
-once, y*_k = argmax p_k(. | c, y*) (METHOD.md 3). The reward for a sampled reply y_hat is the probability that
+once, y*_k = argmax p_k(. | c, y*). The reward for a sampled reply y_hat is the probability that
 it has the same three levels as the human reply:
 
     r(c, y_hat) = prod_k p_k(y*_k | c, y_hat) = exp(-sum_k CE_k)   in (0, 1]                          [R1]
@@ -25,18 +25,20 @@ Emp-F1 compares the levels of generated and target replies, per mechanism, with 
 
 Deviations from the authors' code:
 - The attention scores are scaled by 1/sqrt(D) (standard dot-product attention; their single head is
-  nn.MultiheadAttention-like). Only the residual gets dropout, as in METHOD.md.
+  nn.MultiheadAttention-like). Only the residual after the attention gets dropout.
 - Class imbalance: `train_identifier(class_weights=True)` weights the cross-entropy by inverse level
   frequency; whether to use it is measured on validation (benchmarks/bench_identifiers.py).
-- EPITOME seeker posts are turned into a one-turn dialogue with data.encode_context, so the identifier sees
-  the same role-tagged format as the ED contexts it labels later; contexts keep their most recent tokens.
+- EPITOME seeker posts become a one-turn dialogue (data.encode_context), so the identifier sees the same
+  role-tagged format as the ED contexts it labels later; contexts keep their most recent tokens.
 
 Shapes: B batch, S context tokens, T reply tokens, D d_model, C empathy levels (3), M mechanisms (<= 3).
 Masks: 1 = real token.
 """
-import io
+import json
 import math
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,7 +48,7 @@ import torch.nn.functional as F
 import data
 import t5
 
-NUM_LEVELS = 3  # C: 0 = no, 1 = weak, 2 = strong communication of the mechanism
+NUM_LEVELS = len(data.LEVELS)  # C: 0 = no, 1 = weak, 2 = strong communication of the mechanism
 
 
 class EmpathyIdentifier(nn.Module):
@@ -61,8 +63,8 @@ class EmpathyIdentifier(nn.Module):
         self.context_encoder = t5.T5Stack(config, is_decoder=False, embed_tokens=nn.Embedding(config.vocab_size, d))
         self.response_encoder = t5.T5Stack(config, is_decoder=False, embed_tokens=nn.Embedding(config.vocab_size, d))
         for stack in (self.context_encoder, self.response_encoder):
-            t5.T5.init_weights(stack)  # T5's initialisation (it reads only .config and the parameter names) ...
-            nn.init.normal_(stack.embed_tokens.weight, std=1.0)  # ... whose embedding table is N(0, 1)
+            t5.init_weights(stack, config)  # T5's initialisation, and its embedding table is N(0, 1)
+            nn.init.normal_(stack.embed_tokens.weight, std=1.0)
         # One attention head, the reply's states as queries over the context's states [I3].
         self.q = nn.Linear(d, d)
         self.k = nn.Linear(d, d)
@@ -73,9 +75,7 @@ class EmpathyIdentifier(nn.Module):
 
     @classmethod
     def from_t5(cls, t5_model, dropout=0.1):
-        """Both encoders start as copies of a trained T5's encoder (with its embedding); attention and head random.
-
-        load_state_dict (strict) checks that every parameter of the stack is filled with a matching shape."""
+        """Both encoders start as copies of a trained T5's encoder (with its embedding); attention and head random."""
         model = cls(t5_model.config, dropout)
         model.context_encoder.load_state_dict(t5_model.encoder.state_dict())
         model.response_encoder.load_state_dict(t5_model.encoder.state_dict())
@@ -123,8 +123,7 @@ class Identifiers(nn.Module):
         return super().train(False)
 
     def forward(self, ctx_ids, ctx_mask, resp_ids, resp_mask, mechanisms=data.MECHANISMS):
-        """Logits (B, M, C) of the chosen mechanisms, in the order given. The three models share the tokenised,
-        padded batch (tokenise and pad once per PPO step); their weights differ, so they run one after another."""
+        """Logits (B, M, C) of the chosen mechanisms, in the order given; one batch, three models in turn."""
         unknown = [m for m in mechanisms if m not in data.MECHANISMS]
         if unknown:
             raise ValueError(f"unknown mechanism(s) {unknown}: choose from {data.MECHANISMS}")
@@ -132,21 +131,19 @@ class Identifiers(nn.Module):
                             for m in mechanisms], dim=1)  # (B, M, C)
 
     def save(self, path):
-        """One file {"config": T5Config dict, "state": state_dict}, written atomically."""
-        buf = io.BytesIO()
-        torch.save({"config": self.models[0].config.to_dict(), "state": self.state_dict()}, buf)
-        data.write_atomic(path, buf.getvalue())
+        """A directory like a T5 checkpoint: config.json (the encoders' T5Config) and model.safetensors."""
+        t5.save_safetensors(self.state_dict(), Path(path) / "model.safetensors")
+        t5.atomic_write(Path(path) / "config.json", json.dumps(asdict(self.models[0].config)).encode())
 
     @classmethod
     def load(cls, path, device="cpu"):
-        """Identifiers written by `save`. weights_only: a tampered file cannot run code while it is read."""
+        """Identifiers written by `save`; a missing or damaged file is a CheckpointError naming it."""
         try:
-            ck = torch.load(path, map_location=device, weights_only=True)
-            ids = cls([EmpathyIdentifier(t5.T5Config.from_dict(ck["config"])) for _ in data.MECHANISMS])
-            ids.load_state_dict(ck["state"])  # strict: every parameter present with its shape
-        except Exception as e:  # missing, truncated, not ours: one message saying which file and what to do
-            raise t5.CheckpointError(f"{path}: cannot load the identifiers ({type(e).__name__}: {str(e)[:200]}); "
-                                     f"delete it and retrain the identifiers with train.py") from None
+            config = t5.T5Config.from_dict(json.loads((Path(path) / "config.json").read_text()))
+            ids = cls([EmpathyIdentifier(config) for _ in data.MECHANISMS])
+            ids.load_state_dict(t5.load_safetensors(Path(path) / "model.safetensors"))  # strict: names and shapes
+        except (OSError, ValueError, TypeError, RuntimeError) as e:
+            raise t5.CheckpointError(f"{path}: not loadable identifiers ({type(e).__name__}: {str(e)[:200]})") from None
         return ids.to(device)
 
     @torch.no_grad()
@@ -195,38 +192,32 @@ def emp_f1(generated_levels, target_levels):
 # Training on EPITOME
 
 def epitome_examples(records, tok, ctx_len=128, resp_len=64):
-    """EPITOME records -> (ctx_ids, resp_ids, level): the seeker post as a one-turn context (its most recent
+    """EPITOME records -> a split {ctx, resp, level}: the seeker post as a one-turn context (its most recent
     ctx_len tokens), the response cut to resp_len tokens; both end with </s>."""
-    return [(data.encode_context(tok, [r.seeker_post], ctx_len), data.encode_target(tok, r.response_post, resp_len),
-             r.level) for r in records]
+    return dict(ctx=[data.encode_context(tok, [r.seeker_post], ctx_len) for r in records],
+                resp=[data.encode_target(tok, r.response_post, resp_len) for r in records],
+                level=[r.level for r in records])
 
 
-def _batch(examples, idx, device):
-    """Pad the chosen examples into tensors: ctx (B, S), ctx mask, resp (B, T), resp mask on device."""
-    ctx, ctx_mask = data.pad_batch([examples[i][0] for i in idx])
-    resp, resp_mask = data.pad_batch([examples[i][1] for i in idx])
-    return ctx.to(device), ctx_mask.to(device), resp.to(device), resp_mask.to(device)
+def logits_of(model, batch):
+    """One identifier's logits (B, C), or Identifiers' (B, M, C), for a batch of data.make_batch."""
+    return model(batch["ctx"], batch["ctx_mask"], batch["resp"], batch["resp_mask"])
 
 
 @torch.no_grad()
-def predict(model, examples, batch_size, device):
-    """Logits (N, C) of one identifier, or (N, M, C) of Identifiers, for (ctx_ids, resp_ids[, level]) examples.
-
-    Eval mode, no gradient; examples are batched in order of length (little padding), returned in input order."""
+def predict(model, split, batch_size, device):
+    """Logits (N, C) of one identifier, or (N, M, C) of Identifiers, for a split {ctx, resp[, level]}, in its order.
+    Eval mode, no gradient, batched by length (little padding)."""
     model.eval()
-    order = np.argsort([len(ex[0]) + len(ex[1]) for ex in examples], kind="stable")
-    out = [None] * len(examples)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        logits = model(*_batch(examples, idx, device)).float().cpu()  # (B, C) or (B, M, C)
-        for i, row in zip(idx, logits):
-            out[i] = row
-    return torch.stack(out).numpy() if out else np.zeros((0, NUM_LEVELS), dtype=np.float32)
+    lengths = [len(c) + len(r) for c, r in zip(split["ctx"], split["resp"])]
+    rows = data.in_input_order(lambda idx: logits_of(model, data.make_batch(split, idx, device)).float().cpu(),
+                               lengths, batch_size)
+    return torch.stack(rows).numpy() if rows else np.zeros((0, NUM_LEVELS), dtype=np.float32)
 
 
 def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weights, device, seed, patience=3,
                      log=print):
-    """Train one identifier with cross-entropy and AdamW on (ctx_ids, resp_ids, level) examples.
+    """Train one identifier with cross-entropy and AdamW on splits {ctx, resp, level}.
 
     Keeps the state with the best validation macro-F1 (the mean over levels: rare levels count as much as
     "no"), stops after `patience` epochs without improvement, and loads the best state into the model.
@@ -234,7 +225,7 @@ def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weigh
     untrained model), "seconds", "class_weights"}."""
     torch.manual_seed(seed)
     model.to(device)
-    levels = np.array([ex[2] for ex in train])
+    levels = np.array(train["level"])
     counts = np.bincount(levels, minlength=NUM_LEVELS)
     # Class imbalance (EX: 84 % "no", IP: 4 % "weak"): plain cross-entropy learns mostly the majority level.
     # class_weights=True weights each level by N / (C n_c) ("balanced"), so every level contributes equally
@@ -244,9 +235,9 @@ def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weigh
     weight = torch.tensor(len(levels) / (NUM_LEVELS * np.maximum(counts, 1)), dtype=torch.float32) \
         if class_weights else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    y_valid = np.array([ex[2] for ex in valid])
+    y_valid = np.array(valid["level"])
     # Bucketing by context length (the larger part of the cost) keeps padding small; batches are shuffled.
-    lengths = [len(ex[0]) for ex in train]
+    lengths = [len(c) for c in train["ctx"]]
 
     def evaluate(epoch, train_loss, seconds):
         logits = predict(model, valid, batch_size, device)  # (N, C)
@@ -262,9 +253,9 @@ def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weigh
         model.train()
         total, n = 0.0, 0
         for idx in data.batch_indices(lengths, batch_size, shuffle=True, seed=seed + epoch, bucket=True):
-            y = torch.tensor([train[i][2] for i in idx], device=device)
-            logits = model(*_batch(train, idx, device))  # (B, C)
-            loss = F.cross_entropy(logits, y, weight=None if weight is None else weight.to(device))
+            batch = data.make_batch(train, idx, device)
+            loss = F.cross_entropy(logits_of(model, batch), batch["level"],  # logits (B, C)
+                                   weight=None if weight is None else weight.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,15 +1,13 @@
 """T5 encoder-decoder in plain PyTorch: the model, sampling with a key/value cache, and reading/writing
-HuggingFace checkpoints (config.json + model.safetensors or pytorch_model.bin).
-
-T5 (Raffel et al. 2020) is a pre-norm Transformer with four quirks that matter for loading published weights:
+HuggingFace checkpoints (config.json + model.safetensors or pytorch_model.bin). T5 (Raffel et al. 2020) is a
+pre-norm Transformer with four quirks that matter for loading published weights:
   * RMS norm: y = w * x / sqrt(mean(x^2) + eps), no mean subtraction and no bias;
   * no 1/sqrt(K) in attention (the scale is folded into the initialisation of q);
   * a learned relative position bias, bucketed by key_pos - query_pos, computed once per stack by its
     first block and added to the attention scores of every block (self-attention only);
   * v1.0 (t5-small/base) ties the input and output embeddings and rescales the decoder output by
     D**-0.5 before the LM head; v1.1/FLAN-T5 unties them and uses a gated-GELU feed-forward.
-Parameter names are HuggingFace's (encoder.block.0.layer.0.SelfAttention.q.weight, ...), so checkpoints
-load without any renaming.
+Parameter names are HuggingFace's (encoder.block.0.layer.0.SelfAttention.q.weight, ...): no renaming.
 
 Shapes: B batch, S source (context) tokens, T target (reply) tokens, L either, D d_model, H heads,
 K d_kv, F d_ff, V vocab. Masks are 1 for real tokens and 0 for padding.
@@ -19,7 +17,6 @@ import json
 import math
 import os
 import struct
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -30,7 +27,7 @@ import torch.nn.functional as F
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be loaded as a T5 model."""
+    """A checkpoint file or directory that cannot be loaded; the message names it."""
 
 
 @dataclass
@@ -64,20 +61,15 @@ class T5Config:
         """Build from a HuggingFace config.json dict; keys that are not fields are ignored."""
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
-        # transformers>=5 always writes tie_word_embeddings=true and records the v1.0 rescale (which is
-        # what tying means for T5) as scale_decoder_outputs.
+        # transformers>=5 always writes tie_word_embeddings=true and records the v1.0 rescale as scale_decoder_outputs
         if "scale_decoder_outputs" in d:
             kwargs["tie_word_embeddings"] = d["scale_decoder_outputs"]
         return cls(**kwargs)
 
-    def to_dict(self):
-        return asdict(self)
-
 
 class Dropout(nn.Dropout):
-    """nn.Dropout (inverted: zero with probability p, scale the rest by 1/(1-p); train mode only) whose CPU
-    mask comes from torch.rand: CPU bernoulli_ is ~3x slower, and T5 has ~60 dropouts per step.
-    Elsewhere F.dropout's fused kernel is the faster one."""
+    """nn.Dropout (zero with probability p, scale the rest by 1/(1-p); train mode only) whose CPU mask comes
+    from torch.rand: CPU bernoulli_ is ~3x slower, and T5 has ~60 dropouts per step (elsewhere: F.dropout)."""
 
     def forward(self, x):
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
@@ -100,11 +92,9 @@ class RMSNorm(nn.Module):
 def relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance):
     """Map relative positions n = key_pos - query_pos (any integer tensor) to buckets in [0, num_buckets).
 
-    Bidirectional (encoder): buckets [0, nb/2) for keys at or left of the query, [nb/2, nb) for keys to
-    its right. Causal (decoder): all nb buckets for n <= 0. In a range of m buckets, distances below m/2
-    get one bucket each; larger ones are binned logarithmically up to max_distance, and everything
-    beyond shares the range's last bucket.
-    """
+    Bidirectional (encoder): buckets [0, nb/2) for keys at or left of the query, [nb/2, nb) for keys to its
+    right. Causal (decoder): all nb buckets for n <= 0. In a range of m buckets, distances below m/2 get one
+    bucket each; larger ones are binned logarithmically up to max_distance, beyond it the last bucket."""
     if bidirectional:
         num_buckets //= 2
         offset = (relative_position > 0).long() * num_buckets  # keys to the right use the upper half
@@ -138,25 +128,18 @@ class Attention(nn.Module):
         return x.view(B, L, self.H, self.K).transpose(1, 2)  # (B, H, L, K)
 
     def forward(self, x, mask, source=None, cache=None):
-        """x (B, L, D) -> (B, L, D). Self-attention when `source` is None, else cross-attention to
-        `source` (B, S, D). `mask` is an additive float mask broadcastable to (B, H, L, L_keys).
-
-        `cache` (a dict, during generation) keeps keys/values between calls: self-attention appends
-        this call's keys/values to it; cross-attention computes them from `source` once, then reuses them.
-        """
+        """x (B, L, D) -> (B, L, D). Self-attention when `source` is None, else cross-attention to `source`
+        (B, S, D). `mask`: additive, broadcastable to (B, H, L, L_keys). `cache` (a dict, while generating) keeps
+        keys/values: self-attention appends this call's, cross-attention computes them once from `source`."""
         q = self.heads(self.q(x))  # (B, H, L, K)
-        if source is None:  # self-attention
-            k, v = self.heads(self.k(x)), self.heads(self.v(x))  # (B, H, L, K)
-            if cache is not None:
-                if "k" in cache:
-                    k = torch.cat([cache["k"], k], dim=2)  # (B, H, past + L, K)
-                    v = torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
-        elif cache is not None and "k" in cache:  # cross-attention, keys/values already computed
+        if source is not None and cache is not None and "k" in cache:  # cross-attention: computed on the first step
             k, v = cache["k"], cache["v"]  # (B, H, S, K)
         else:
-            k, v = self.heads(self.k(source)), self.heads(self.v(source))  # (B, H, S, K)
+            kv_input = x if source is None else source
+            k, v = self.heads(self.k(kv_input)), self.heads(self.v(kv_input))  # (B, H, L or S, K)
             if cache is not None:
+                if source is None and "k" in cache:  # self-attention: append to the past keys/values
+                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, H, past + L, K)
                 cache["k"], cache["v"] = k, v
         if torch.is_grad_enabled():  # written out: on CPU its backward beats SDPA's (unfused) backward
             scores = q @ k.transpose(-1, -2)  # (B, H, L, L_keys); T5 has no 1/sqrt(K) here
@@ -193,24 +176,19 @@ class FeedForward(nn.Module):
 
 class T5Block(nn.Module):
     """Self-attention, cross-attention (decoder only), feed-forward; each sublayer is x + dropout(f(norm(x))).
-
-    The sublayers live in `self.layer`, each a plain container with its own `layer_norm`, so that parameter
-    names match HF checkpoints: layer.0.SelfAttention, layer.1.EncDecAttention, layer.{1|2}.DenseReluDense.
-    """
+    Sublayers are plain containers in `self.layer`, so that parameter names match HF checkpoints:
+    layer.0.SelfAttention, layer.1.EncDecAttention, layer.{1|2}.DenseReluDense, each with its layer_norm."""
 
     def __init__(self, config, is_decoder, has_relative_bias):
         super().__init__()
         self.is_decoder = is_decoder
-        sublayers = [nn.Module()]
-        sublayers[0].SelfAttention = Attention(config, has_relative_bias)
+        self.layer = nn.ModuleList([nn.Module() for _ in range(3 if is_decoder else 2)])
+        self.layer[0].SelfAttention = Attention(config, has_relative_bias)
         if is_decoder:
-            sublayers.append(nn.Module())
-            sublayers[1].EncDecAttention = Attention(config)  # no position bias in cross-attention
-        sublayers.append(nn.Module())
-        sublayers[-1].DenseReluDense = FeedForward(config)
-        for s in sublayers:
-            s.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
-        self.layer = nn.ModuleList(sublayers)
+            self.layer[1].EncDecAttention = Attention(config)  # no position bias in cross-attention
+        self.layer[-1].DenseReluDense = FeedForward(config)
+        for sublayer in self.layer:
+            sublayer.layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, x, mask, encoder_hidden=None, encoder_mask=None, cache=None):
@@ -244,8 +222,7 @@ class T5Stack(nn.Module):
 
     def position_bias(self, query_len, key_len, past=0):
         """Relative position bias (1, H, query_len, key_len) for queries at positions past..past+query_len-1
-        and keys at 0..key_len-1; the decoder's includes the causal mask. During cached decoding
-        query_len is 1, so this computes only the new position's row."""
+        and keys at 0..key_len-1 (the decoder's includes the causal mask; cached decoding asks for one row)."""
         cfg, device = self.config, self.embed_tokens.weight.device
         query_pos = torch.arange(past, past + query_len, device=device)[:, None]
         key_pos = torch.arange(key_len, device=device)[None, :]
@@ -258,10 +235,9 @@ class T5Stack(nn.Module):
         return bias
 
     def forward(self, input_ids, attention_mask=None, encoder_hidden=None, encoder_mask=None, cache=None):
-        """input_ids (B, L) -> hidden states (B, L, D) after final_layer_norm and dropout.
-        attention_mask (B, L) masks padded keys in self-attention; encoder_mask (B, S) masks padded
-        source tokens in cross-attention. `cache` (one dict per block, see T5.generate) enables
-        incremental decoding: input_ids then holds only the new tokens."""
+        """input_ids (B, L) -> hidden states (B, L, D). attention_mask (B, L) masks padded keys in self-attention,
+        encoder_mask (B, S) padded sources in cross-attention. With `cache` (one dict per block, see T5.generate)
+        input_ids holds only the new tokens."""
         B, L = input_ids.shape
         past = cache[0]["self"]["k"].shape[2] if cache and "k" in cache[0]["self"] else 0
         x = self.dropout(self.embed_tokens(input_ids))  # (B, L, D); no sqrt(D) scaling in T5
@@ -274,8 +250,23 @@ class T5Stack(nn.Module):
         return self.dropout(self.final_layer_norm(x))
 
 
-# Checkpoint keys that may hold copies of shared.weight (HF state dicts keep every tied name), and one
-# that T5 never uses. They must equal shared.weight when present; shared.weight itself may be absent.
+@torch.no_grad()
+def init_weights(module, config):
+    """HF's T5 initialisation (factor 1) of a T5 or one of its stacks, by parameter name: every std is
+    1/sqrt(fan_in), except q, which also absorbs the missing 1/sqrt(K) of the attention scores, and the
+    shared embedding and LM head, which are N(0, 1)."""
+    D, K, H, Fd = config.d_model, config.d_kv, config.num_heads, config.d_ff
+    for name, p in module.named_parameters():
+        leaf = name.split(".")[-2]
+        if leaf in ("shared", "lm_head"):
+            nn.init.normal_(p, std=1.0)
+        elif leaf in ("layer_norm", "final_layer_norm"):
+            nn.init.ones_(p)
+        else:
+            nn.init.normal_(p, std={"q": (D * K) ** -0.5, "o": (H * K) ** -0.5, "wo": Fd ** -0.5}.get(leaf, D ** -0.5))
+
+
+# Names under which checkpoints store copies of shared.weight (each must equal it), and a key T5 never uses.
 TIED_KEYS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 UNUSED_KEYS = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)  # cross-attn has no bias
 
@@ -290,38 +281,18 @@ class T5(nn.Module):
         self.encoder = T5Stack(config, is_decoder=False, embed_tokens=self.shared)
         self.decoder = T5Stack(config, is_decoder=True, embed_tokens=self.shared)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.init_weights()
+        init_weights(self, config)
         if config.tie_word_embeddings:  # v1.0: the output projection is the input embedding table
             self.lm_head.weight = self.shared.weight
-
-    @torch.no_grad()
-    def init_weights(self):
-        """HF's T5 initialisation (factor 1): every std is 1/sqrt(fan_in), except q, which also absorbs the
-        missing 1/sqrt(K) of the attention scores, and the embeddings, which are N(0, 1)."""
-        D, K, H, Fd = self.config.d_model, self.config.d_kv, self.config.num_heads, self.config.d_ff
-        for name, p in self.named_parameters():
-            leaf = name.split(".")[-2]
-            if leaf in ("shared", "lm_head"):
-                nn.init.normal_(p, std=1.0)
-            elif leaf == "layer_norm" or leaf == "final_layer_norm":
-                nn.init.ones_(p)
-            else:
-                std = {"q": (D * K) ** -0.5, "o": (H * K) ** -0.5, "wo": Fd ** -0.5}.get(leaf, D ** -0.5)
-                nn.init.normal_(p, std=std)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())  # a tied lm_head is counted once
 
     def shift_right(self, ids):
         """Teacher-forcing decoder inputs: (B, T) -> (B, T) with the start token prepended and the last dropped."""
         start = torch.full_like(ids[:, :1], self.config.decoder_start_token_id)
         return torch.cat([start, ids[:, :-1]], dim=1)  # (B, T)
 
-    def encode(self, input_ids, attention_mask=None):
-        return self.encoder(input_ids, attention_mask)  # (B, S, D)
-
-    def decode(self, decoder_input_ids, encoder_hidden, attention_mask=None):
-        """Final decoder states (B, T, D); attention_mask (B, S) is the *source* padding mask."""
+    def decoder_states(self, input_ids, attention_mask, decoder_input_ids):
+        """Final decoder states (B, T, D) for decoder_input_ids (B, T) given the source (B, S) and its mask."""
+        encoder_hidden = self.encoder(input_ids, attention_mask)  # (B, S, D)
         return self.decoder(decoder_input_ids, encoder_hidden=encoder_hidden, encoder_mask=attention_mask)
 
     def lm_logits(self, decoder_hidden):
@@ -329,36 +300,30 @@ class T5(nn.Module):
             decoder_hidden = decoder_hidden * self.config.d_model ** -0.5
         return self.lm_head(decoder_hidden)  # (B, T, V)
 
-    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
         """Logits (B, T, V) for decoder_input_ids (B, T) (e.g. shift_right(labels)) given the source (B, S)."""
-        if decoder_input_ids is None:
-            raise ValueError("T5.forward needs decoder_input_ids, e.g. model.shift_right(target_ids)")
-        return self.lm_logits(self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask))
+        return self.lm_logits(self.decoder_states(input_ids, attention_mask, decoder_input_ids))
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=30, do_sample=False, temperature=1.0,
-                 top_k=0, top_p=1.0, min_new_tokens=0, generator=None):
+                 top_k=0, min_new_tokens=0, generator=None):
         """New token ids (B, <= max_new_tokens), without the start token, pad after each row's EOS.
 
         Greedy when do_sample=False; otherwise samples from softmax(logits / temperature) restricted to the
-        top_k tokens (0 = all) and to the smallest set with probability >= top_p. EOS is forbidden for
-        the first min_new_tokens steps. Dropout follows the module's mode: call .eval() first.
-        The decoder runs one token per step with a key/value cache; cross-attention keys/values
-        are computed once, on the first step.
-        """
+        top_k tokens (0 = all). EOS is forbidden for the first min_new_tokens steps. Dropout follows the
+        module's mode (call .eval() first). One decoder token per step, with a key/value cache."""
         cfg = self.config
-        encoder_hidden = self.encode(input_ids, attention_mask)  # (B, S, D)
-        B = input_ids.shape[0]
+        encoder_hidden = self.encoder(input_ids, attention_mask)  # (B, S, D)
         cache = [{"self": {}, "cross": {}} for _ in self.decoder.block]
-        token = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        token = torch.full_like(input_ids[:, :1], cfg.decoder_start_token_id)  # (B, 1)
+        finished = torch.zeros_like(token[:, 0], dtype=torch.bool)  # (B,)
         out = [token[:, :0]]  # (B, 0), so that max_new_tokens=0 returns an empty (B, 0) tensor
         for step in range(max_new_tokens):
             hidden = self.decoder(token, encoder_hidden=encoder_hidden, encoder_mask=attention_mask, cache=cache)
             logits = self.lm_logits(hidden[:, -1]).float()  # (B, V)
             if step < min_new_tokens:
                 logits[:, cfg.eos_token_id] = float("-inf")
-            token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+            token = sample_next(logits, do_sample, temperature, top_k, generator)[:, None]  # (B, 1)
             token = token.masked_fill(finished[:, None], cfg.pad_token_id)  # finished rows only emit padding
             out.append(token)
             finished |= token[:, 0] == cfg.eos_token_id
@@ -368,19 +333,17 @@ class T5(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """Load a HF T5 directory (config.json + model.safetensors or pytorch_model.bin), in eval mode."""
+        """Load a HF T5 directory (config.json + model.safetensors or pytorch_model.bin), in eval mode. Fails
+        loudly: every checkpoint key used once (or a tied copy / known unused name), every parameter filled."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: no config.json; expected a HuggingFace T5 directory "
                                   "(config.json + model.safetensors or pytorch_model.bin)")
         try:
             raw = json.loads((path / "config.json").read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
-        try:
             config = T5Config.from_dict(raw)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+        except (UnicodeDecodeError, TypeError, ValueError) as e:  # ValueError includes a JSONDecodeError
+            raise CheckpointError(f"{path / 'config.json'}: not a T5 config ({e})") from None
         if (path / "model.safetensors").is_file():
             state = load_safetensors(path / "model.safetensors")
         elif (path / "pytorch_model.bin").is_file():
@@ -394,37 +357,28 @@ class T5(nn.Module):
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{path}: the weights file does not hold a flat {{name: tensor}} dict")
         model = cls(config)
-        params = dict(model.named_parameters())  # a tied lm_head appears once, as shared.weight
-        tied = TIED_KEYS + (("lm_head.weight",) if config.tie_word_embeddings else ())
-        if "shared.weight" not in state:  # some files keep the table only under a stack's name
-            state["shared.weight"] = next((state[k] for k in TIED_KEYS if k in state), None)
+        # one embedding table, stored under up to four names (some files keep it only under a stack's name)
+        shared = next((state[k] for k in ("shared.weight",) + TIED_KEYS if k in state), None)
         if not config.tie_word_embeddings and "lm_head.weight" not in state and raw.get("tie_word_embeddings"):
-            # transformers>=5 omits lm_head.weight when it equals shared.weight (untied model, tied values)
-            state["lm_head.weight"] = state["shared.weight"]
-        differ = [k for k in tied if k in state and state["shared.weight"] is not None
-                  and not torch.equal(state[k], state["shared.weight"])]
+            state["lm_head.weight"] = shared  # transformers>=5 omits lm_head.weight when it equals shared.weight
+        tied = ("shared.weight",) + TIED_KEYS + (("lm_head.weight",) if config.tie_word_embeddings else ())
+        differ = [k for k in tied if k in state and not torch.equal(state[k], shared)]
         if differ:
             raise CheckpointError(f"{path}: {differ} differ from shared.weight, but this T5 has one embedding table "
                                   "for encoder and decoder (and, with tie_word_embeddings, the LM head)")
-        missing = [k for k in params if state.get(k) is None]
-        unexpected = [k for k in state if k not in params and k not in tied + UNUSED_KEYS]
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: checkpoint does not match config.json: missing keys {missing}, "
-                                  f"unexpected keys {unexpected}")
-        bad = [f"{k}: checkpoint {tuple(state[k].shape)} != model {tuple(p.shape)}"
-               for k, p in params.items() if state[k].shape != p.shape]
-        if bad:
-            raise CheckpointError(f"{path}: shape mismatch: " + "; ".join(bad))
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state[k])  # casts fp16/bf16 checkpoints to the model's fp32
+        state = {k: v for k, v in state.items() if k not in UNUSED_KEYS}
+        if shared is not None:
+            state.update({k: shared for k in tied})  # every name model.state_dict() lists for the shared table
+        try:  # strict: every key used, every parameter filled, shapes equal; fp16/bf16 are cast to fp32
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: checkpoint does not match config.json: {e}") from None
         return model.eval()
 
     def save_pretrained(self, path):
         """Write config.json + model.safetensors that both T5.from_pretrained and transformers can load."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        config = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", **self.config.to_dict(),
+        config = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", **asdict(self.config),
                   "is_gated_act": self.config.feed_forward_proj == "gated-gelu"}
         # named_parameters() skips the tied lm_head.weight, exactly as HF's own files do
         tensors = {k: p.detach() for k, p in self.named_parameters()}
@@ -432,26 +386,15 @@ class T5(nn.Module):
         atomic_write(path / "config.json", [json.dumps(config, indent=2).encode()])
 
 
-def sample_next(logits, do_sample, temperature, top_k, top_p, generator=None):
-    """Next token ids (B,) from logits (B, V): argmax, or a sample after temperature, top-k and top-p.
-
-    Sampling draws one uniform number per row and inverts the cumulative distribution of the kept
-    tokens (torch.multinomial would draw one random number per vocabulary entry: ~30x slower here).
-    """
+def sample_next(logits, do_sample, temperature, top_k, generator=None):
+    """Next token ids (B,) from logits (B, V): argmax, or a sample after temperature and top-k. A sample inverts
+    the CDF of the kept tokens with one uniform per row (multinomial draws one per vocabulary entry: ~30x slower)."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k > 0:  # keep the k largest logits; topk returns them sorted, as top-p needs
+    logits, token_ids = logits / temperature, None  # None: candidates are the whole vocabulary, in id order
+    if top_k > 0:  # keep the k largest logits
         logits, token_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (B, k)
-    elif top_p < 1.0:
-        logits, token_ids = logits.sort(dim=-1, descending=True)  # (B, V)
-    else:
-        token_ids = None  # candidates are the whole vocabulary, in id order
-    probs = logits.softmax(dim=-1)
-    if top_p < 1.0:  # keep the shortest prefix of the sorted tokens whose probability reaches top_p
-        mass_before = probs.cumsum(dim=-1) - probs
-        probs = probs.masked_fill(mass_before >= top_p, 0.0)  # the first token always stays (mass_before = 0)
-    cdf = probs.double().cumsum(dim=-1)  # (B, n), unnormalised
+    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)  # (B, n), unnormalised
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1): first cdf > u
     return (choice if token_ids is None else token_ids.gather(-1, choice))[:, 0]
@@ -465,11 +408,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 def load_safetensors(path):
     """Read a .safetensors file into {name: tensor}; any malformation raises CheckpointError."""
-    if sys.byteorder != "little":
-        raise CheckpointError("safetensors files are little-endian; this reader needs a little-endian machine")
-    with open(path, "rb") as f:
-        data = bytearray(os.fstat(f.fileno()).st_size)  # writable, so torch.frombuffer can share it
-        f.readinto(data)
+    data = bytearray(Path(path).read_bytes())  # writable, so torch.frombuffer can share it
     if len(data) < 8:
         raise CheckpointError(f"{path}: {len(data)} bytes, too short for a safetensors file (truncated?)")
     (n,) = struct.unpack("<Q", data[:8])
@@ -482,7 +421,7 @@ def load_safetensors(path):
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, expected an object")
     buffer = memoryview(data)[8 + n:]  # the byte buffer that data_offsets index into
-    tensors, spans = {}, []
+    tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -498,13 +437,8 @@ def load_safetensors(path):
         if not all(0 <= d < 2**63 for d in shape) or not 0 <= begin <= end <= len(buffer) or end - begin != nbytes:
             raise CheckpointError(f"{path}: tensor {name!r} (shape {shape}, {info['dtype']}) has data_offsets "
                                   f"[{begin}, {end}] outside the {len(buffer)}-byte buffer or of the wrong size")
-        spans.append((begin, end, name))
         raw = torch.frombuffer(buffer[begin:end], dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
         tensors[name] = raw.view(dtype).reshape(shape).clone()  # clone: own memory, independent of `data`
-    spans.sort()
-    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
-        if begin_b < end_a:
-            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the byte buffer")
     return tensors
 
 
@@ -525,14 +459,15 @@ def save_safetensors(tensors, path, metadata=None):
     atomic_write(path, [struct.pack("<Q", len(blob)), blob] + chunks)
 
 
-def atomic_write(path, chunks):
-    """Write byte chunks to a temp file in the same directory, fsync it, then rename it over `path`, so a
-    crash leaves either the old file or the new one, never half of one."""
+def atomic_write(path, data):
+    """Write bytes (or a list of byte chunks) to a temp file in the same folder, fsync it, then rename it over
+    `path`: a crash leaves the old file or the new one, never half of one. Every file of a run goes through here."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
+            for chunk in [data] if isinstance(data, bytes) else data:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
@@ -542,3 +477,4 @@ def atomic_write(path, chunks):
         if isinstance(e, OSError):
             e.filename = e.filename or str(path)  # a full disk names no file: name the one being written
         raise
+
