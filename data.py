@@ -247,8 +247,13 @@ def encode_context(tok, turns, max_len=200) -> list:
 
 
 def encode_target(tok, text, max_len=50) -> list:
-    """Ids of the reply + EOS, cut to max_len with EOS kept as the last token."""
-    return tok.encode(text, add_eos=False)[:max_len - 1] + [tok.eos_id]
+    """Ids of the reply + EOS, cut to max_len (see cut_target)."""
+    return cut_target(tok.encode(text), max_len)
+
+
+def cut_target(ids, max_len) -> list:
+    """Ids that end with EOS, cut to max_len with the EOS kept as the last token."""
+    return ids[:max_len - 1] + ids[-1:] if len(ids) > max_len else ids
 
 
 def make_batch(split, idx, device="cpu"):

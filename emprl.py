@@ -2,7 +2,7 @@
 
 The method (Ma et al., IEEE TAFFC 2025), in the order this file implements it:
 
-    SFT        L_mle = -1/|y| Σ_t log π(y_t | y_<t, c)                          -> sft_loss
+    SFT        L_mle = -1/|y| Σ_t log π(y_t | y_<t, c)                          -> sft_loss, optimizer_step
     rollout    ŷ ~ π(· | c) at temperature τ, 5..30 tokens                     -> rollout          (step 1)
     reward     r(c, ŷ) = Π_k p_k(y*_k | c, ŷ),  k ∈ {ER, IP, EX}               -> reward.Identifiers.score
                s = (r - mean_run) / (std_run + ε)                              -> ppo_iteration    (step 2)
@@ -13,7 +13,7 @@ The method (Ma et al., IEEE TAFFC 2025), in the order this file implements it:
     β          β ← β·(1 + clip(KL/KL_target - 1, ±0.2)·B/horizon)              -> ppo.AdaptiveKLController
     evaluate   Emp-F1, Dist-n, BLEU-n, PPL, reward, length                     -> evaluate
 
-Deviations from the authors' code (TRL 0.9.6), each because the prototype in METHOD.md broke without it:
+Deviations from the authors' code (TRL 0.9.6); each one a fix for a failure seen without it (docs/method.md):
 - Rollouts sample the full softmax at temperature τ (no top-k), and every log-prob (policy, old policy,
   reference) is computed from the same τ-scaled logits with the same forced-minimum-length EOS mask, so the
   sampled distribution is exactly the scored one: the KL estimate is then a true KL estimate (>= 0 on
@@ -31,6 +31,7 @@ import re
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ import ppo
 import reward
 from t5 import T5, CheckpointError
 
+EVAL_DECODING = dict(do_sample=True, top_k=20, temperature=0.9, max_new_tokens=30)  # the authors' test decoding
 # ----------------------------------------------------------------------------------------------------
 # policy
 
@@ -59,10 +61,9 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, ctx_ids, ctx_mask, reply_ids):
-        """Teacher-forced pass over given replies -> logits (B, T, V) and values (B, T)."""
-        enc = self.model.encode(ctx_ids, ctx_mask)  # (B, S, D)
-        hidden = self.model.decode(self.model.shift_right(reply_ids), enc, ctx_mask)  # (B, T, D)
+    def forward(self, ctx, ctx_mask, decoder_input_ids):
+        """Teacher-forced pass, like T5.forward -> logits (B, T, V) and values (B, T)."""
+        hidden = self.model.decoder_states(ctx, ctx_mask, decoder_input_ids)  # (B, T, D)
         values = self.value_head(self.value_dropout(hidden)).squeeze(-1)  # (B, T)
         return self.model.lm_logits(hidden), values
 
@@ -93,11 +94,22 @@ def token_logprobs(logits, labels, mask):
 
 def sft_loss(model: T5, batch):
     """L_mle: mean token cross-entropy of the reference replies (teacher forcing). Returns (loss, n_tokens)."""
-    logits = model(batch["ctx_ids"], batch["ctx_mask"], model.shift_right(batch["tgt_ids"]))  # (B, T, V)
+    logits = model(batch["ctx"], batch["ctx_mask"], model.shift_right(batch["tgt"]))  # (B, T, V)
     mask = batch["tgt_mask"]
-    nll = -token_logprobs(logits, batch["tgt_ids"], mask).sum()
+    nll = -token_logprobs(logits, batch["tgt"], mask).sum()
     n = mask.sum()
     return nll / n, n
+
+
+def optimizer_step(model, optimizer, max_grad_norm):
+    """Clip the gradient norm and step, unless the gradient is not finite (a NaN or ∞ loss makes it so): then
+    the weights stay as they are and False is returned. The one guard between a bad number and the weights."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,53 +121,54 @@ def rollout(policy, ref_model, batch, cfg, autocast):
     """Step 1: sample one reply per context, then score it (no grad, dropout off) under the policy,
     the value head and the frozen reference, all with the same temperature-scaled logits."""
     policy.eval()
-    ctx_ids, ctx_mask = batch["ctx_ids"], batch["ctx_mask"]
+    ctx, ctx_mask = batch["ctx"], batch["ctx_mask"]
     with autocast():
-        replies = policy.model.generate(
-            ctx_ids, ctx_mask, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-            do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)  # (B, T)
+        replies = policy.model.generate(ctx, ctx_mask, max_new_tokens=cfg.ppo_max_new_tokens, do_sample=True,
+                                        min_new_tokens=cfg.ppo_min_new_tokens, temperature=cfg.ppo_temperature)  # (B, T)
         mask = reply_mask(replies)
-        logits, values = policy(ctx_ids, ctx_mask, replies)
-        ref_logits = ref_model(ctx_ids, ctx_mask, ref_model.shift_right(replies))
-    logprobs = token_logprobs(scored_logits(logits, cfg.temperature, cfg.min_new_tokens), replies, mask)
-    ref_logprobs = token_logprobs(scored_logits(ref_logits, cfg.temperature, cfg.min_new_tokens), replies, mask)
+        decoder_input = policy.model.shift_right(replies)
+        logits, values = policy(ctx, ctx_mask, decoder_input)
+        ref_logits = ref_model(ctx, ctx_mask, decoder_input)
+    logprobs = token_logprobs(scored_logits(logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens), replies, mask)
+    ref_logprobs = token_logprobs(scored_logits(ref_logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens), replies, mask)
     return dict(replies=replies, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
                 values=values.float() * mask)
 
 
 def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generator):
-    """Step 4: `ppo_epochs` passes of shuffled minibatches of clipped policy + value updates.
-    Returns per-minibatch statistics and the number of skipped minibatches."""
+    """Step 4: `ppo_epochs` passes over shuffled minibatches of clipped policy + value losses; the gradients of
+    `ppo_grad_accum` minibatches make one optimizer update. Returns per-minibatch statistics (0-dim tensors,
+    read once at the end: no host sync per minibatch) and the counts of skipped minibatches and updates."""
     policy.train(cfg.ppo_dropout)  # dropout off by default: the ratio should only see the update
     n = roll["replies"].shape[0]
-    stats, skipped = [], {"ratio": 0, "nonfinite": 0}
+    stats, skipped, accumulated = [], {"ratio": 0, "nonfinite": 0}, 0
     for _ in range(cfg.ppo_epochs):
-        for idx in torch.randperm(n, generator=generator).split(cfg.mini_batch_size):
+        minibatches = torch.randperm(n, generator=generator).split(cfg.ppo_mini_batch_size)
+        for i, idx in enumerate(minibatches):
             idx = idx.to(roll["replies"].device)
             replies, mask = roll["replies"][idx], roll["mask"][idx]
             with autocast():
-                logits, values = policy(batch["ctx_ids"][idx], batch["ctx_mask"][idx], replies)
-            logits = scored_logits(logits, cfg.temperature, cfg.min_new_tokens)
+                logits, values = policy(batch["ctx"][idx], batch["ctx_mask"][idx], policy.model.shift_right(replies))
+            logits = scored_logits(logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens)
             logprobs = token_logprobs(logits, replies, mask)
             pg_loss, pg_stats = ppo.policy_loss(logprobs, roll["logprobs"][idx], roll["advantages"][idx],
-                                                mask, cfg.clip_range)
+                                                mask, cfg.ppo_clip_range)
             vf_loss, vf_stats = ppo.value_loss(values.float() * mask, roll["values"][idx], roll["returns"][idx],
-                                               mask, cfg.clip_range_value)
-            if pg_stats["ratio"] > cfg.ratio_threshold:  # a wild minibatch (TRL's ratio_threshold): skip it
+                                               mask, cfg.ppo_clip_range_value)
+            if pg_stats["ratio"] > cfg.ppo_ratio_threshold:  # a wild minibatch (TRL's ratio_threshold): skip it
                 skipped["ratio"] += 1
-                continue
-            loss = pg_loss + cfg.vf_coef * vf_loss  # L = L_pg + c_v L_v
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # never step on garbage
-                skipped["nonfinite"] += 1
-                continue
-            optimizer.step()
-            scheduler.step()
-            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits.detach()), mask)
-            stats.append(dict(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), entropy=entropy.item(),
-                              **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}))
+            else:
+                ((pg_loss + cfg.ppo_vf_coef * vf_loss) / cfg.ppo_grad_accum).backward()  # L = L_pg + c_v L_v
+                accumulated += 1
+                entropy = ppo.masked_mean(ppo.entropy_from_logits(logits.detach()), mask)
+                stats.append(dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), entropy=entropy,
+                                  **pg_stats, **vf_stats))
+            if accumulated and ((i + 1) % cfg.ppo_grad_accum == 0 or i + 1 == len(minibatches)):
+                if optimizer_step(policy, optimizer, cfg.ppo_max_grad_norm):
+                    scheduler.step()
+                else:
+                    skipped["nonfinite"] += 1
+                accumulated = 0
     return stats, skipped
 
 
@@ -168,8 +181,8 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     mask = roll["mask"]
     # 2. reward: empathy score r = Π_k p_k(y*_k | c, ŷ) on the last real token, -β·kl_t on every token
     with autocast():
-        scores = identifiers.score(batch["ident_ctx_ids"], batch["ident_ctx_mask"], roll["replies"], mask,
-                                   batch["levels"], mechanisms=cfg.reward_mechanisms).float()  # (B,)
+        scores = identifiers.score(batch["ident_ctx"], batch["ident_ctx_mask"], roll["replies"], mask,
+                                   batch["levels"], mechanisms=cfg.reward_mechanisms.split(",")).float()  # (B,)
     finite = torch.isfinite(scores)
     if not finite.all():  # a non-finite score must not reach the running moments or the update
         return {"nonfinite_scores": int((~finite).sum())}, roll
@@ -180,7 +193,7 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     if cfg.whiten_rewards:
         rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
     # 3. GAE, then whitened advantages
-    advantages, returns = ppo.gae(rewards, roll["values"], mask, cfg.gamma, cfg.lam)
+    advantages, returns = ppo.gae(rewards, roll["values"], mask, cfg.ppo_gamma, cfg.ppo_lam)
     roll["advantages"] = ppo.masked_whiten(advantages, mask) * mask
     roll["returns"] = returns
     # 4. epochs x shuffled minibatches of clipped updates
@@ -188,15 +201,13 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     # 5. statistics (KL is the raw, unclamped estimate summed over the reply, as the controller expects)
     kl = ((roll["logprobs"] - roll["ref_logprobs"]) * mask).sum(1).mean().item()
     beta = kl_ctl.value
-    kl_ctl.update(kl, cfg.batch_size)
-    mean = lambda k: float(np.mean([s[k] for s in mb_stats])) if mb_stats else float("nan")
-    stats = dict(score=scores.mean().item(), kl=kl, beta=beta, pg_loss=mean("pg_loss"), vf_loss=mean("vf_loss"),
-                 approx_kl=mean("approx_kl"), clipfrac=mean("clipfrac"), vf_clipfrac=mean("vf_clipfrac"),
-                 entropy=mean("entropy"), ratio=mean("ratio"),
-                 explained_var=float(ppo.explained_variance(roll["values"], returns, mask)),
-                 length=mask.sum(1).float().mean().item(), lr=scheduler.get_last_lr()[0],
-                 skipped_ratio=skipped["ratio"], skipped_nonfinite=skipped["nonfinite"], seconds=time.time() - t0)
-    return stats, roll
+    kl_ctl.update(kl, len(scores))
+    mean = {k: torch.stack([s[k] for s in mb_stats]).float().mean().item() if mb_stats else float("nan")
+            for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy", "ratio")}
+    return dict(score=scores.mean().item(), kl=kl, beta=beta, **mean,
+                explained_var=float(ppo.explained_variance(roll["values"], returns, mask)),
+                length=mask.sum(1).float().mean().item(), lr=scheduler.get_last_lr()[0],
+                skipped_ratio=skipped["ratio"], skipped_nonfinite=skipped["nonfinite"], seconds=time.time() - t0), roll
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,67 +245,36 @@ def corpus_bleu(hypotheses, references, max_n=4):
     return out
 
 
-def to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def make_batch(split, idx, device, levels=None):
-    """Pad one batch of encoded examples. `split` holds lists of token ids: ctx, tgt, ident_ctx."""
-    ctx_ids, ctx_mask = data.pad_batch([split["ctx"][i] for i in idx])
-    tgt_ids, tgt_mask = data.pad_batch([split["tgt"][i] for i in idx])
-    ident_ids, ident_mask = data.pad_batch([split["ident_ctx"][i] for i in idx])
-    batch = dict(ctx_ids=ctx_ids, ctx_mask=ctx_mask, tgt_ids=tgt_ids, tgt_mask=tgt_mask,
-                 ident_ctx_ids=ident_ids, ident_ctx_mask=ident_mask)
-    if levels is not None:
-        batch["levels"] = torch.as_tensor(np.asarray(levels)[idx], dtype=torch.long)
-    return to_device(batch, device)
-
-
 @torch.no_grad()
-def perplexity(model, split, device, batch_size=64, autocast=torch.autocast):
+def perplexity(model, split, device, batch_size=64, autocast=nullcontext):
     """PPL = exp(mean token cross-entropy of the reference replies), teacher forced."""
     model.eval()
-    nll = n_tok = 0.0
+    split, nll, n_tok = {"ctx": split["ctx"], "tgt": split["tgt"]}, 0.0, 0.0
     for idx in data.batch_indices([len(c) for c in split["ctx"]], batch_size, shuffle=False, seed=0, bucket=True):
-        batch = make_batch(split, idx, device)
         with autocast():
-            loss, n = sft_loss(model, batch)
+            loss, n = sft_loss(model, data.make_batch(split, idx, device))
         nll, n_tok = nll + loss.item() * n.item(), n_tok + n.item()
     return math.exp(nll / n_tok)
 
 
 @torch.no_grad()
-def generate_replies(model, split, device, batch_size, seed, autocast, top_k=20, temperature=0.9, max_new_tokens=30):
-    """Decode like the authors (sampling, top-k 20, τ 0.9, <= 30 tokens) with a seeded generator.
-    Returns padded reply ids in the split's order as a list of (T,) tensors."""
+def generate_replies(model, ctx, device, batch_size, seed, autocast):
+    """Replies decoded like the authors (EVAL_DECODING) with a seeded generator: for each context, its reply
+    ids up to and including </s>."""
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = [None] * len(split["ctx"])
-    for idx in data.batch_indices([len(c) for c in split["ctx"]], batch_size, shuffle=False, seed=0, bucket=True):
-        batch = make_batch(split, idx, device)
+
+    def generate(idx):
+        batch = data.make_batch({"ctx": ctx}, idx, device)
         with autocast():
-            ids = model.generate(batch["ctx_ids"], batch["ctx_mask"], max_new_tokens=max_new_tokens, do_sample=True,
-                                 top_k=top_k, temperature=temperature, generator=gen)
-        for i, row in zip(idx, ids.cpu()):
-            out[i] = row
-    return out
+            return model.generate(batch["ctx"], batch["ctx_mask"], generator=gen, **EVAL_DECODING).cpu()
+    replies = data.in_input_order(generate, [len(c) for c in ctx], batch_size)
+    return [r[: int(reply_mask(r[None]).sum())].tolist() for r in replies]  # padding after </s> dropped
 
 
-@torch.no_grad()
-def identifier_levels(identifiers, split, replies, device, batch_size, autocast):
-    """Levels (N, 3) and logits (N, 3, 3) the identifiers give each (context, reply) pair.
-    Pairs are batched by length (less padding), results returned in the input order."""
-    n = len(replies)
-    replies = [r.tolist() if torch.is_tensor(r) else r for r in replies]
-    logits = torch.empty(n, 3, 3)
-    lengths = [len(split["ident_ctx"][i]) + len(replies[i]) for i in range(n)]
-    for idx in data.batch_indices(lengths, batch_size, shuffle=False, seed=0, bucket=True):
-        ctx_ids, ctx_mask = data.pad_batch([split["ident_ctx"][i] for i in idx])
-        resp_ids, resp_mask = data.pad_batch([replies[i] for i in idx])
-        resp_mask = reply_mask(resp_ids) * resp_mask
-        with autocast():
-            logits[idx] = identifiers(ctx_ids.to(device), ctx_mask.to(device), resp_ids.to(device),
-                                      resp_mask.to(device)).float().cpu()  # (b, M, 3)
+def identifier_levels(identifiers, ctx, replies, device, batch_size, autocast=nullcontext):
+    """Levels (N, 3) and logits (N, 3, 3) that the identifiers give each (context, reply) pair."""
+    logits = torch.from_numpy(reward.predict(identifiers, {"ctx": ctx, "resp": replies}, batch_size, device, autocast))
     return logits.argmax(-1).numpy(), logits
 
 
@@ -303,10 +283,10 @@ def evaluate(model, identifiers, tok, split, target_levels, device, cfg, autocas
     if n is not None:
         split = {k: v[:n] for k, v in split.items()}
         target_levels = target_levels[:n]
-    replies = generate_replies(model, split, device, cfg.eval_batch_size, seed, autocast)
-    replies = [r[: int(reply_mask(r[None]).sum())] for r in replies]  # drop padding after </s>
-    levels, logits = identifier_levels(identifiers, split, replies, device, cfg.eval_batch_size, autocast)
-    texts = [tok.decode(r.tolist()) for r in replies]
+    replies = generate_replies(model, split["ctx"], device, cfg.eval_batch_size, seed, autocast)
+    ident_ctx = [c[-cfg.ident_ctx_tokens:] for c in split["ctx"]]
+    levels, logits = identifier_levels(identifiers, ident_ctx, replies, device, cfg.eval_batch_size, autocast)
+    texts = [tok.decode(r) for r in replies]
     hyp = [words(t) for t in texts]
     ref = [words(tok.decode(t)) for t in split["tgt"]]
     f1 = reward.emp_f1(levels, target_levels)
@@ -333,35 +313,29 @@ def majority_reference(train_levels, test_levels):
 
 
 def load_run(run_dir, device="cpu"):
-    """(policy T5, identifiers, tokenizer, config dict) of a run directory; the EmpRL policy when PPO has
-    finished, else the SFT model."""
+    """(policy T5, identifiers, tokenizer, config dict, "emprl" or "sft") of a run directory: the EmpRL policy
+    once PPO has finished, else the SFT model. A missing or damaged file raises CheckpointError or DataError."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise SystemExit(f"error: {run_dir} is not a run directory (no config.json); train one with `python train.py`")
     try:
         cfg = json.loads((run_dir / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SystemExit(f"error: {run_dir / 'config.json'} is damaged (not JSON); rerun train.py with this --out_dir")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{run_dir / 'config.json'}: not a run's settings ({type(e).__name__}); "
+                              f"give the --out_dir of a `python train.py` run") from None
     tok = data.Tokenizer(run_dir / "spiece.model")
-    policy_dir = run_dir / "emprl" if (run_dir / "emprl" / "config.json").exists() else run_dir / "sft"
-    model = T5.from_pretrained(policy_dir).to(device).eval()
-    identifiers = reward.Identifiers.load(run_dir / "identifiers.pt", device=device)
-    return model, identifiers, tok, cfg, policy_dir.name
+    which = "emprl" if (run_dir / "emprl" / "config.json").exists() else "sft"
+    model = T5.from_pretrained(run_dir / which).to(device).eval()
+    return model, reward.Identifiers.load(run_dir / "identifiers", device), tok, cfg, which
 
 
 def reply(model, identifiers, tok, turns, cfg, device="cpu", seed=None):
     """The model's reply to a dialogue (list of turns, oldest first) and the identifiers' levels for it."""
     ctx = data.encode_context(tok, turns, cfg["max_context_tokens"])
-    ident_ctx = ctx[-cfg["ident_ctx_tokens"]:]
-    ids, mask = data.pad_batch([ctx])
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    out = model.generate(ids.to(device), mask.to(device), max_new_tokens=30, do_sample=True, top_k=20,
-                         temperature=0.9, generator=gen)[0]
-    out = out[: int(reply_mask(out[None]).sum())]
-    c_ids, c_mask = data.pad_batch([ident_ctx])
-    r_ids, r_mask = data.pad_batch([out.tolist()])
-    levels = identifiers(c_ids.to(device), c_mask.to(device), r_ids.to(device), r_mask.to(device))[0].argmax(-1)
-    return tok.decode(out.tolist()), dict(zip(("ER", "IP", "EX"), levels.tolist()))
+    batch = data.make_batch({"ctx": [ctx]}, [0], device)
+    out = model.generate(batch["ctx"], batch["ctx_mask"], generator=gen, **EVAL_DECODING)[0]
+    out = out[: int(reply_mask(out[None]).sum())].tolist()
+    levels, _ = identifier_levels(identifiers, [ctx[-cfg["ident_ctx_tokens"]:]], [out], device, 1)
+    return tok.decode(out), dict(zip(("ER", "IP", "EX"), levels[0].tolist()))
 
 
 def main(argv):
@@ -377,10 +351,13 @@ def main(argv):
     torch.set_grad_enabled(False)
     try:
         model, identifiers, tok, cfg, which = load_run(args.run)
-    except (CheckpointError, data.DataError) as e:  # a damaged run: the message names the file and what to do
-        raise SystemExit(f"error: {e}")
-    names = ["no", "weak", "strong"]
-    show = lambda r, lv: print(f"{which}> {r}\n      [{' '.join(f'{k}={names[v]}' for k, v in lv.items())}]")
+    except (CheckpointError, data.DataError) as e:  # a damaged run: the message names the file
+        print(f"error: {e}; rerun `python train.py` with this --out_dir to rebuild it", file=sys.stderr)
+        sys.exit(1)
+
+    def show(text, levels):
+        print(f"{which}> {text}\n      [{' '.join(f'{k}={data.LEVELS[v]}' for k, v in levels.items())}]")
+
     if not args.interactive:
         show(*reply(model, identifiers, tok, [args.message], cfg, seed=args.seed))
         return

@@ -37,6 +37,7 @@ Masks: 1 = real token.
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -205,13 +206,15 @@ def logits_of(model, batch):
 
 
 @torch.no_grad()
-def predict(model, split, batch_size, device):
+def predict(model, split, batch_size, device, autocast=nullcontext):
     """Logits (N, C) of one identifier, or (N, M, C) of Identifiers, for a split {ctx, resp[, level]}, in its order.
     Eval mode, no gradient, batched by length (little padding)."""
     model.eval()
-    lengths = [len(c) + len(r) for c, r in zip(split["ctx"], split["resp"])]
-    rows = data.in_input_order(lambda idx: logits_of(model, data.make_batch(split, idx, device)).float().cpu(),
-                               lengths, batch_size)
+
+    def logits(idx):
+        with autocast():
+            return logits_of(model, data.make_batch(split, idx, device)).float().cpu()
+    rows = data.in_input_order(logits, [len(c) + len(r) for c, r in zip(split["ctx"], split["resp"])], batch_size)
     return torch.stack(rows).numpy() if rows else np.zeros((0, NUM_LEVELS), dtype=np.float32)
 
 

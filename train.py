@@ -1,26 +1,29 @@
-"""Train EmpRL end to end: data -> SFT -> identifiers -> labels -> PPO -> evaluation.
+"""Train EmpRL end to end: tokenizer -> SFT -> identifiers -> labels -> PPO -> eval.
 
-    python train.py                       # preset `gpu` with CUDA, `cpu` without
+    python train.py                                    # preset `gpu` with CUDA, `cpu` without
     python train.py --preset=tiny --out_dir=runs/tiny
-    python train.py --preset=cpu --ppo_seed=2 --out_dir=runs/cpu_seed2
+    python train.py --preset=cpu --out_dir=runs/seed1 --from_run=runs/cpu --ppo_seed=1
 
-Every stage writes its results into the run directory (`--out_dir`) and is skipped when rerun; SFT and PPO
-resume from their last checkpoint. Ctrl-C saves a checkpoint and exits. Any `--key=value` overrides a
-field of `Config`.
+Every stage writes its results into the run directory (--out_dir) and is skipped when the command is rerun;
+SFT and PPO resume from their last periodic checkpoint. Any `--key=value` overrides a field of Config.
+
+The fields of Config are declared in pipeline order, one section per stage, and a field belongs to the stage of
+its section: changing it changes that stage's results and everything after it. So a rerun in the same
+directory with changed fields is refused, and `--from_run=DIR` starts a new run that copies DIR's results of
+every stage before the first one a changed field belongs to (a new PPO seed reuses tokenizer, SFT model,
+identifiers and labels; a new decoding seed reuses the EmpRL model too).
 """
 import dataclasses
 import errno
 import io
 import json
 import os
-import random
 import shlex
 import shutil
-import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,130 +34,119 @@ import data
 import emprl
 import ppo
 import reward
-from t5 import T5, T5Config, CheckpointError
+from t5 import T5, T5Config, CheckpointError, atomic_write
 
 
 @dataclass
 class Config:
-    # data
-    data_dir: str = ""  # ED + EPITOME directory; "" = $EMPRL_DATA or ~/.cache/emprl/data (downloaded if absent)
-    out_dir: str = "runs/emprl"  # the run directory: checkpoints, logs, results
-    vocab_size: int = 8000  # SentencePiece vocabulary when training our own (ignored with `pretrained`)
+    # --- run: where and how; changes no result, never compared between runs
+    out_dir: str = "runs/emprl"  # the run directory: results, checkpoints, log
+    data_dir: str = ""  # ED + EPITOME; "" = $EMPRL_DATA, else ~/.cache/emprl/data (downloaded if absent)
+    from_run: str = ""  # an earlier run directory whose still-valid stages are copied instead of recomputed
+    device: str = "auto"  # auto | cpu | cuda
+    max_nonfinite: int = 20  # SFT steps or PPO iterations in a row with non-finite numbers before the run stops
+    # --- tokenizer stage: data, vocabulary, the starting checkpoint
+    seed: int = 1337  # tokenizer, model init, SFT data order, EPITOME split, identifiers
+    pretrained: str = ""  # HF T5 dir or hub name (t5-base): its weights and spiece.model; "" = ours from scratch
+    vocab_size: int = 8000  # our SentencePiece vocabulary (ignored with `pretrained`)
     max_context_tokens: int = 200  # context cut from the left (oldest tokens dropped)
     max_target_tokens: int = 50  # reference replies cut from the right
-    limit_train: int = 0  # use only the first N ED train examples (0 = all); for quick runs
-    limit_valid: int = 0  # same for ED valid
-    limit_test: int = 0  # same for ED test (0 = the full test split, as reported)
-    # model
-    pretrained: str = ""  # HF T5 checkpoint dir (config.json, model.safetensors, spiece.model); "" = from scratch
-    d_model: int = 256  # from-scratch sizes below are ignored with `pretrained`
-    d_kv: int = 32
+    limit_train: int = 0  # only the first N ED train examples (0 = all); for quick runs
+    limit_valid: int = 0  # the same for ED valid
+    limit_test: int = 0  # the same for ED test (0 = the full test split, as reported)
+    # --- sft stage: the model (from-scratch sizes, ignored with `pretrained`) and its fine-tuning
+    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16; never float16
+    d_model: int = 256  # heads of d_model / num_heads dimensions
     d_ff: int = 1024
-    num_layers: int = 3  # encoder layers
+    num_layers: int = 3  # encoder blocks
     num_decoder_layers: int = 3
     num_heads: int = 8
     feed_forward_proj: str = "relu"  # relu (T5 v1.0) | gated-gelu (v1.1 / FLAN)
     dropout_rate: float = 0.1
-    # sft
     sft_epochs: float = 3.0  # passes over ED train (fractions allowed)
     sft_batch_size: int = 8
-    sft_lr: float = 1e-4  # AdamW, linear warmup then linear decay to 0
+    sft_lr: float = 1e-4  # AdamW, linear warm-up then linear decay to 0
     sft_warmup_steps: int = 0
     sft_weight_decay: float = 0.0
-    sft_eval_every: int = 1000  # steps between validation-loss checks (best checkpoint kept)
-    sft_valid_n: int = 1000  # validation examples per check (0 = all)
-    # reward (empathy identifiers)
+    sft_eval_every: int = 1000  # steps between validation checks (the best model is kept) and checkpoints
+    sft_limit_valid: int = 1000  # validation examples per check (0 = all)
+    # --- identifiers stage: ER, IP, EX trained on EPITOME
     ident_init: str = "sft"  # encoders start from: sft (our SFT encoder) | pretrained | scratch
     ident_ctx_tokens: int = 128  # identifier context: the last N context tokens
     ident_resp_tokens: int = 64  # identifier response cut
     ident_epochs: int = 6
     ident_batch_size: int = 32
     ident_lr: float = 1e-4
-    ident_class_weights: bool = False  # inverse-frequency class weights in the identifier loss
+    ident_class_weights: bool = False  # inverse-frequency class weights in the loss
     ident_patience: int = 2  # epochs without validation macro-F1 gain before stopping
-    epitome_limit: int = 0  # use only the first N EPITOME pairs per split (0 = all); for tests
-    label_train_limit: int = 0  # label only the first N ED train targets (0 = all); PPO draws contexts from them
-    reward_mechanisms: str = "er,ip,ex"  # mechanisms in the reward; drop one for the ablation
-    # ppo
-    ppo_steps: int = 200  # PPO iterations, each on `batch_size` contexts
-    ppo_seed: int = 0  # seed of the PPO stage (rollouts, minibatch order); vary it to measure the spread
-    batch_size: int = 32  # rollouts per iteration
-    mini_batch_size: int = 8
+    ident_limit_pairs: int = 0  # only the first N EPITOME pairs of each split (0 = all); for tests
+    # --- labels stage: the target levels y* of ED replies
+    label_limit_train: int = 0  # label only the first N ED train targets (0 = all): PPO's context pool
+    # --- ppo stage
+    ppo_steps: int = 200  # PPO iterations, each on `ppo_batch_size` contexts
+    ppo_seed: int = 0  # rollouts and minibatch order; vary it to measure the spread
+    ppo_batch_size: int = 32  # rollouts per iteration
+    ppo_mini_batch_size: int = 8
+    ppo_grad_accum: int = 1  # minibatches whose gradients make one optimizer update
     ppo_epochs: int = 4
     ppo_lr: float = 1e-5  # Adam, linear decay to 0 over the run
-    clip_range: float = 0.2  # ε of the clipped ratio
-    clip_range_value: float = 0.2  # value clipping around the old values
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    max_grad_norm: float = 1.0
-    ratio_threshold: float = 10.0  # skip a minibatch whose mean ratio is above this
+    ppo_clip_range: float = 0.2  # ε of the clipped ratio
+    ppo_clip_range_value: float = 0.2  # value clipping around the old values
+    ppo_vf_coef: float = 0.1
+    ppo_gamma: float = 1.0
+    ppo_lam: float = 0.95
+    ppo_max_grad_norm: float = 1.0
+    ppo_ratio_threshold: float = 10.0  # skip a minibatch whose mean ratio is above this
     init_kl_coef: float = 0.2  # β at the start (0 = no KL penalty)
-    adaptive_kl: bool = True  # Ziegler et al. controller; False = fixed β
+    adaptive_kl: bool = True  # Ziegler et al.'s controller; false = fixed β
     kl_target: float = 6.0  # nats summed over the reply
     kl_horizon: int = 10000
-    kl_estimator: str = "k1"  # per-token KL: k1 = log π - log π_ref (TRL's) | k3 = (ρ-1) - log ρ (see ppo.py)
+    kl_estimator: str = "k1"  # per-token KL: k1 = log π - log π_ref | k3 = (ρ-1) - log ρ (see ppo.py)
     kl_min: float = 0.0  # per-token KL penalty clamped to [kl_min, kl_max] nats (non-negative and bounded)
     kl_max: float = 10.0
     score_norm: bool = True  # normalise scores by their running mean / std
     whiten_rewards: bool = True  # scale-only whitening of the per-token rewards
-    temperature: float = 0.9  # rollout temperature (the same τ scores every log-prob)
-    min_new_tokens: int = 5
-    max_new_tokens: int = 30
+    reward_mechanisms: str = "er,ip,ex"  # mechanisms in the reward; drop one for an ablation
+    ppo_temperature: float = 0.9  # rollout temperature (the same τ scores every log-prob)
+    ppo_min_new_tokens: int = 5
+    ppo_max_new_tokens: int = 30
     ppo_dropout: bool = False  # dropout in the policy during PPO
-    ppo_eval_every: int = 50  # iterations between validation evaluations
-    ppo_eval_n: int = 256  # validation examples per evaluation
-    sample_every: int = 50  # iterations between printed sample dialogues
-    save_every: int = 10  # iterations between checkpoints
-    # eval
-    eval_batch_size: int = 64
+    ppo_eval_every: int = 50  # iterations between validation evaluations (and printed sample dialogues)
+    ppo_limit_valid: int = 256  # validation examples per evaluation
+    ppo_save_every: int = 10  # iterations between checkpoints
+    # --- eval stage
+    eval_batch_size: int = 64  # also the batch of every other inference (validation, labels)
     eval_seed: int = 42  # decoding seed, as the authors
-    # system
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16; never float16
-    max_nonfinite: int = 20  # consecutive skipped non-finite updates before the run stops
-    force: bool = False  # reuse a run directory made with different settings (stages they affect rerun)
 
 
 PRESETS = {
-    # tests: a few hundred examples, a very small model; end to end in about a minute on 2 CPU cores
-    "tiny": dict(vocab_size=600, limit_train=400, limit_valid=64, limit_test=64, epitome_limit=200,
-                 d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-                 sft_epochs=1.0, sft_batch_size=16, sft_lr=1e-3, sft_eval_every=10, sft_valid_n=64,
-                 ident_epochs=1, ident_ctx_tokens=64, ident_resp_tokens=32, ppo_steps=4, batch_size=8,
-                 mini_batch_size=4, ppo_epochs=2, max_new_tokens=12, ppo_eval_every=2, ppo_eval_n=16,
-                 sample_every=2, save_every=1, eval_batch_size=32),
+    # tests: a few hundred examples, a very small model; end to end in about ten seconds on 2 CPU cores
+    "tiny": dict(vocab_size=600, limit_train=400, limit_valid=64, limit_test=64, ident_limit_pairs=200,
+                 d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                 sft_epochs=1.0, sft_batch_size=16, sft_lr=1e-3, sft_eval_every=10, sft_limit_valid=64,
+                 ident_epochs=1, ident_ctx_tokens=64, ident_resp_tokens=32, ppo_steps=4, ppo_batch_size=8,
+                 ppo_mini_batch_size=4, ppo_epochs=2, ppo_max_new_tokens=12, ppo_eval_every=2, ppo_limit_valid=16,
+                 ppo_save_every=1, eval_batch_size=32),
     # the default without a GPU: full data, a small T5 from scratch, our own 8k SentencePiece vocabulary
-    # (identifier settings from benchmarks/bench_identifiers.py; PPO's from the prototype in METHOD.md)
+    # (identifier settings from benchmarks/bench_identifiers.py; PPO's the stable setting in docs/method.md)
     "cpu": dict(sft_epochs=2.0, sft_batch_size=32, sft_lr=1e-3, sft_warmup_steps=200, sft_eval_every=500,
                 ident_init="scratch", ident_lr=3e-4, ident_class_weights=True, ident_epochs=5,
-                label_train_limit=12000, ppo_steps=200, ppo_lr=3e-5, adaptive_kl=False, init_kl_coef=0.5),
+                label_limit_train=12000, ppo_steps=200, ppo_lr=3e-5, adaptive_kl=False, init_kl_coef=0.5),
     # the default with CUDA: the authors' settings on pretrained t5-base
     "gpu": dict(pretrained="t5-base", ident_init="pretrained", sft_epochs=3.0, sft_batch_size=8, sft_lr=1e-4,
                 sft_eval_every=2000, ident_batch_size=16, ident_lr=2e-5, ppo_steps=1000, ppo_lr=1e-5),
 }
 
 STAGES = ("tokenizer", "sft", "identifiers", "labels", "ppo", "eval")
-# The first stage whose result each field changes; fields not listed change no result (paths, logging, force).
-_FIRST_STAGE = {
-    **{f: "tokenizer" for f in ("vocab_size", "max_context_tokens", "max_target_tokens", "limit_train",
-                                "limit_valid", "limit_test", "pretrained", "ident_ctx_tokens")},
-    **{f: "sft" for f in ("d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
-                          "feed_forward_proj", "dropout_rate", "seed", "dtype", "max_nonfinite")},
-    "epitome_limit": "identifiers", "ident_resp_tokens": "identifiers", "label_train_limit": "labels",
-    **{f: "ppo" for f in ("batch_size", "mini_batch_size", "clip_range", "clip_range_value", "vf_coef", "gamma",
-                          "lam", "max_grad_norm", "ratio_threshold", "init_kl_coef", "adaptive_kl", "kl_target",
-                          "kl_horizon", "kl_estimator", "kl_min", "kl_max", "score_norm", "whiten_rewards", "temperature",
-                          "min_new_tokens", "max_new_tokens", "reward_mechanisms")},
-    "eval_batch_size": "eval", "eval_seed": "eval",
-}
-for _f in dataclasses.fields(Config):
-    for _prefix, _stage in (("sft_", "sft"), ("ident_", "identifiers"), ("ppo_", "ppo")):
-        if _f.name.startswith(_prefix) and _f.name not in _FIRST_STAGE:
-            _FIRST_STAGE[_f.name] = _stage
-for _f in ("ppo_eval_every", "ppo_eval_n", "sample_every", "save_every"):  # logging only
-    _FIRST_STAGE.pop(_f, None)
+SECTIONS = {"seed": "tokenizer", "dtype": "sft", "ident_init": "identifiers", "label_limit_train": "labels",
+            "ppo_steps": "ppo", "eval_batch_size": "eval"}  # the first field of each stage's section
+STAGE_OF, _stage = {}, None  # field -> the stage of its section (None: the run section)
+for _field in dataclasses.fields(Config):
+    _stage = STAGE_OF[_field.name] = SECTIONS.get(_field.name, _stage)
+# What each stage leaves for the later ones; a stage counts as done while stages.json lists it and these exist.
+RESULTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft/model.safetensors"],
+           "identifiers": ["identifiers/model.safetensors", "identifiers.json"], "labels": ["labels.pt"],
+           "ppo": ["emprl/model.safetensors"], "eval": ["results.json", "results.md"]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -163,319 +155,253 @@ for _f in ("ppo_eval_every", "ppo_eval_n", "sample_every", "save_every"):  # log
 
 def parse_args(argv):
     """`--preset=NAME` first, then `--key=value` overrides, type-checked against Config's fields."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
     kv = {}
     for arg in argv:
         if not arg.startswith("--"):
             raise RunError(f"unexpected argument {arg!r}: use --key=value (see Config in train.py)")
         key, eq, value = arg[2:].partition("=")
-        if not eq:
-            value = "true"  # --force
-        kv[key] = value
+        kv[key] = value if eq else "true"  # --flag is --flag=true
     preset = kv.pop("preset", "gpu" if torch.cuda.is_available() else "cpu")
     if preset not in PRESETS:
         raise RunError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     cfg = Config(**PRESETS[preset])
     for key, value in kv.items():
-        if key not in fields:
+        if key not in STAGE_OF:
             raise RunError(f"unknown option --{key}: see the fields of Config in train.py")
         typ = type(getattr(cfg, key))
         try:
-            if typ is bool:
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError
-                value = value.lower() in ("1", "true", "yes")
-            else:
-                value = typ(value)
+            if typ is bool and value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            setattr(cfg, key, value.lower() in ("1", "true", "yes") if typ is bool else typ(value))
         except ValueError:
             raise RunError(f"--{key}={value}: expected {typ.__name__}") from None
-        setattr(cfg, key, value)
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise RunError(f"--dtype={cfg.dtype}: use auto, float32 or bfloat16 (float16 overflows in T5)")
     if cfg.ident_init not in ("sft", "pretrained", "scratch"):
         raise RunError(f"--ident_init={cfg.ident_init}: use sft, pretrained or scratch")
-    bad = set(cfg.reward_mechanisms.split(",")) - set(data.MECHANISMS)
-    if bad or not cfg.reward_mechanisms:
+    if not cfg.reward_mechanisms or set(cfg.reward_mechanisms.split(",")) - set(data.MECHANISMS):
         raise RunError(f"--reward_mechanisms={cfg.reward_mechanisms}: a comma list of {','.join(data.MECHANISMS)}")
-    if cfg.batch_size % cfg.mini_batch_size:
-        raise RunError("--batch_size must be a multiple of --mini_batch_size")
+    if cfg.ppo_batch_size % cfg.ppo_mini_batch_size:
+        raise RunError("--ppo_batch_size must be a multiple of --ppo_mini_batch_size")
     return cfg, preset
 
 
+def choose_dtype(cfg, device):
+    """(dtype, why): bfloat16 autocast on a GPU that supports it, else float32; never float16 (T5 overflows)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype, "--dtype"
+    if device.type != "cuda":
+        return "float32", "the CPU computes in float32"
+    name = torch.cuda.get_device_name(device)
+    if torch.cuda.is_bf16_supported():
+        return "bfloat16", f"{name} supports bfloat16"
+    return "float32", f"{name} has no bfloat16, and float16 overflows in T5 (TF32 matmuls where the GPU has them)"
+
+
 # ----------------------------------------------------------------------------------------------------
-# stages
+# the stages, in pipeline order; each reads what the earlier ones left in the run directory `run`
 
 
-def stage_tokenizer(cfg, run, data_dir):
-    """1. data: the tokenizer (pretrained T5's or our own SentencePiece) and every ED split encoded."""
+def stage_tokenizer(cfg, run, env):
+    """The tokenizer (the pretrained T5's or our own SentencePiece) and every ED split encoded."""
     if cfg.pretrained:
         shutil.copyfile(Path(cfg.pretrained) / "spiece.model", run / "spiece.model")
-    elif not (run / "spiece.model").exists():
-        examples = data.load_empathetic_dialogues(data_dir / "empatheticdialogues" / "train.csv")
-        if cfg.limit_train:
-            examples = examples[: cfg.limit_train]
+    else:
+        examples = data.load_empathetic_dialogues(env["data_dir"] / "empatheticdialogues" / "train.csv")
         # one role-tagged text per dialogue prefix (so "speaker:"/"listener:" become pieces), plus EPITOME posts
-        texts = [data.format_context(ex.context + [ex.target]) for ex in examples]
-        for rec in data.load_epitome(data_dir / "epitome" / data.EPITOME_FILES["er"]):
+        texts = [data.format_context(ex.context + [ex.target]) for ex in examples[: cfg.limit_train or None]]
+        for rec in data.load_epitome(env["data_dir"] / "epitome" / data.EPITOME_FILES["er"]):
             texts += [rec.seeker_post, rec.response_post]
         data.Tokenizer.train(texts, run / "spiece.model", vocab_size=cfg.vocab_size, seed=cfg.seed)
     tok = data.Tokenizer(run / "spiece.model")
     encoded = {}
     for split, limit in (("train", cfg.limit_train), ("valid", cfg.limit_valid), ("test", cfg.limit_test)):
-        examples = data.load_empathetic_dialogues(data_dir / "empatheticdialogues" / f"{split}.csv")
-        examples = examples[:limit] if limit else examples
-        ctx = [data.encode_context(tok, ex.context, cfg.max_context_tokens) for ex in examples]
-        encoded[split] = dict(ctx=ctx, tgt=[data.encode_target(tok, ex.target, cfg.max_target_tokens) for ex in examples],
-                              ident_ctx=[c[-cfg.ident_ctx_tokens:] for c in ctx])
+        examples = data.load_empathetic_dialogues(env["data_dir"] / "empatheticdialogues" / f"{split}.csv")
+        examples = examples[: limit or None]
+        encoded[split] = dict(ctx=[data.encode_context(tok, ex.context, cfg.max_context_tokens) for ex in examples],
+                              tgt=[data.encode_target(tok, ex.target, cfg.max_target_tokens) for ex in examples])
     save_torch(run / "encoded.pt", encoded)
+    print(f"data: ED train {len(encoded['train']['ctx'])} / valid {len(encoded['valid']['ctx'])} / test "
+          f"{len(encoded['test']['ctx'])} examples | vocab {tok.vocab_size}")
 
 
 def build_model(cfg, vocab_size):
     if cfg.pretrained:
         return T5.from_pretrained(cfg.pretrained)
-    return T5(T5Config(vocab_size=vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
+    return T5(T5Config(vocab_size=vocab_size, d_model=cfg.d_model, d_kv=cfg.d_model // cfg.num_heads, d_ff=cfg.d_ff,
                        num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads,
-                       feed_forward_proj=cfg.feed_forward_proj, dropout_rate=cfg.dropout_rate,
-                       tie_word_embeddings=True))
+                       feed_forward_proj=cfg.feed_forward_proj, dropout_rate=cfg.dropout_rate))
 
 
-def guarded_step(loss, model, optimizer, max_norm, counter, cfg):
-    """Backward + clipped step, skipped when the loss or gradient is not finite; too many in a row stops the run."""
-    optimizer.zero_grad(set_to_none=True)
-    if torch.isfinite(loss):
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-            counter["consecutive"] = 0
-            return True
-    counter["total"] += 1
-    counter["consecutive"] += 1
-    if counter["consecutive"] >= cfg.max_nonfinite:
-        raise RunError(f"{counter['consecutive']} non-finite losses/gradients in a row: the run is diverging "
-                       f"(lower the learning rate, or use --dtype=float32)")
-    return False
-
-
-def stage_sft(cfg, run, env, log):
-    """4. SFT: MLE on ED train; the checkpoint with the best validation loss is kept in run/sft."""
-    encoded, device, autocast = env["encoded"], env["device"], env["autocast"]
-    train, valid = encoded["train"], encoded["valid"]
-    if cfg.sft_valid_n:
-        valid = {k: v[: cfg.sft_valid_n] for k, v in valid.items()}
+def stage_sft(cfg, run, env):
+    """MLE on ED train; the model with the best validation perplexity is kept in run/sft."""
+    device, autocast, encoded = env["device"], env["autocast"], read(run / "encoded.pt")
+    train, valid = encoded["train"], {k: v[: cfg.sft_limit_valid or None] for k, v in encoded["valid"].items()}
     lengths = [len(c) + len(t) for c, t in zip(train["ctx"], train["tgt"])]
-    steps_per_epoch = len(data.batch_indices(lengths, cfg.sft_batch_size, shuffle=False, seed=0))
+    steps_per_epoch = -(-len(lengths) // cfg.sft_batch_size)
     total = max(1, int(cfg.sft_epochs * steps_per_epoch))
-    seed_everything(cfg.seed)  # before the random init: torch seeds itself randomly at start-up
-    model = build_model(cfg, env["tok"].vocab_size).to(device)
+    torch.manual_seed(cfg.seed)  # before the random init
+    model = build_model(cfg, read(run / "spiece.model", data.Tokenizer).vocab_size).to(device)
+    print(f"sft: T5 of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     # fused: one kernel updates every parameter (the for-each default launches several per step)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.sft_weight_decay, fused=True)
     sched = linear_schedule(opt, total, cfg.sft_warmup_steps)
-    state = dict(step=0, best=float("inf"), nonfinite=dict(total=0, consecutive=0))
-    ckpt_path = run / "sft_ckpt.pt"
-    if ckpt_path.exists():  # resume: weights, optimizer, schedule, RNG, position in the data
-        ck = load_torch(ckpt_path)  # on the CPU: RNG states must be CPU tensors; load_state_dict moves the rest
-        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), sched.load_state_dict(ck["scheduler"])
-        state = ck["state"]
+    state = dict(step=0, best=float("inf"), nonfinite=0)
+    if (run / "sft_ckpt.pt").exists():  # resume: weights, optimizer, schedule, RNG, position in the data
+        ck = read(run / "sft_ckpt.pt")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
+        state = ck["state"]
         print(f"sft: resuming at step {state['step']}/{total}")
-
-    def checkpoint():
-        save_torch(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                   state=state, rng=rng_state()))
-
-    def validate():
-        return emprl.perplexity(model, valid, device, cfg.eval_batch_size, autocast)
-
     bar = tqdm(total=total, initial=state["step"], desc="sft", dynamic_ncols=True)
-    t_tokens = time.time()
-    n_tokens = 0
+    t0, n_tokens = time.time(), 0
     while state["step"] < total:
         epoch, pos = divmod(state["step"], steps_per_epoch)
         # the batch order of an epoch is a function of (seed, epoch): a resumed run sees the same batches
-        batches = data.batch_indices(lengths, cfg.sft_batch_size, shuffle=True, seed=cfg.seed + epoch, bucket=True)
-        for idx in batches[pos:]:
+        for idx in data.batch_indices(lengths, cfg.sft_batch_size, shuffle=True, seed=cfg.seed + epoch, bucket=True)[pos:]:
             model.train()
-            batch = emprl.make_batch(train, idx, device)
             with autocast():
-                loss, n = emprl.sft_loss(model, batch)
-            ok = guarded_step(loss, model, opt, 1.0, state["nonfinite"], cfg)
+                loss, n = emprl.sft_loss(model, data.make_batch(train, idx, device))
+            loss.backward()
+            finite = emprl.optimizer_step(model, opt, 1.0)
             sched.step()
             state["step"] += 1
+            count_nonfinite(state, finite, cfg, "SFT steps")
             n_tokens += int(n)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-            last = state["step"] == total
-            if state["step"] % cfg.sft_eval_every == 0 or last:
-                ppl = validate()
-                tok_s = n_tokens / (time.time() - t_tokens)
+            if state["step"] % cfg.sft_eval_every == 0 or state["step"] == total:
+                ppl = emprl.perplexity(model, valid, device, cfg.eval_batch_size, autocast)
                 rec = dict(stage="sft", step=state["step"], epoch=state["step"] / steps_per_epoch, loss=loss.item(),
-                           valid_ppl=ppl, lr=sched.get_last_lr()[0], tokens_per_s=tok_s, skipped=state["nonfinite"]["total"])
-                log(rec)
+                           valid_ppl=ppl, lr=sched.get_last_lr()[0], tokens_per_s=n_tokens / (time.time() - t0))
+                log(run, rec)
                 tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-                if ppl < state["best"]:  # keep the best checkpoint by validation loss
+                if ppl < state["best"]:  # keep the best model by validation perplexity
                     state["best"] = ppl
                     model.save_pretrained(run / "sft")
-                checkpoint()
-            elif _STOP["requested"]:
-                checkpoint()
-            if _STOP["requested"]:
-                raise Interrupted(f"sft step {state['step']}")
-            if last:
+                save_torch(run / "sft_ckpt.pt", dict(model=model.state_dict(), optimizer=opt.state_dict(),
+                                                     scheduler=sched.state_dict(), rng=rng_state(), state=state))
+            if state["step"] == total:
                 break
     bar.close()
     print(f"sft: best validation perplexity {state['best']:.2f}")
 
 
-def load_identifiers(path, device):
-    """The frozen identifiers of a run; a damaged file gets the run's one-line advice."""
-    try:
-        return reward.Identifiers.load(path, device).eval()
-    except CheckpointError as e:
-        raise damaged(path.parent, path.name, str(e).split(": ", 1)[-1]) from None
-
-
-def stage_identifiers(cfg, run, env, log):
-    """2. identifiers: ER, IP, EX trained on EPITOME; their test table beside the majority baseline."""
-    device, tok = env["device"], env["tok"]
+def stage_identifiers(cfg, run, env):
+    """ER, IP, EX trained on EPITOME; their test table beside the majority baseline."""
+    device, tok = env["device"], read(run / "spiece.model", data.Tokenizer)
     splits = data.load_epitome_splits(env["data_dir"], seed=cfg.seed)
     models, table = [], {}
     for mech in data.MECHANISMS:
-        ex = {s: reward.epitome_examples(splits[mech][s][: cfg.epitome_limit or None], tok, cfg.ident_ctx_tokens,
-                                            cfg.ident_resp_tokens) for s in splits[mech]}
-        seed_everything(cfg.seed)  # the heads' init is random: seeded, a rerun trains the same identifiers
+        ex = {s: reward.epitome_examples(splits[mech][s][: cfg.ident_limit_pairs or None], tok, cfg.ident_ctx_tokens,
+                                         cfg.ident_resp_tokens) for s in splits[mech]}
+        torch.manual_seed(cfg.seed)  # the heads' init is random: seeded, a rerun trains the same identifiers
         if cfg.ident_init == "scratch":
-            base = build_model(cfg, tok.vocab_size)
-            model = reward.EmpathyIdentifier(base.config)
-        else:  # start both encoders from a T5 that has read text: our SFT model, or the pretrained checkpoint
-            base = load_t5(run, "sft") if cfg.ident_init == "sft" else T5.from_pretrained(cfg.pretrained)
-            model = reward.EmpathyIdentifier.from_t5(base)
+            model = reward.EmpathyIdentifier(build_model(cfg, tok.vocab_size).config)
+        else:  # both encoders from a T5 that has read text: our SFT model, or the pretrained checkpoint
+            model = reward.EmpathyIdentifier.from_t5(read(run / "sft") if cfg.ident_init == "sft" else
+                                                     T5.from_pretrained(cfg.pretrained))
         model.to(device)
         t0 = time.time()
-        print(f"identifier {mech}: {len(ex['train'])} train / {len(ex['valid'])} valid / {len(ex['test'])} test pairs | "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        print(f"identifier {mech}: {len(ex['train']['level'])} train / {len(ex['valid']['level'])} valid / "
+              f"{len(ex['test']['level'])} test pairs | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
         hist = reward.train_identifier(model, ex["train"], ex["valid"], epochs=cfg.ident_epochs,
                                        batch_size=cfg.ident_batch_size, lr=cfg.ident_lr,
                                        class_weights=cfg.ident_class_weights, device=device, seed=cfg.seed,
                                        patience=cfg.ident_patience, log=tqdm.write)
-        y = np.array([e[2] for e in ex["test"]])
-        pred = reward.predict(model, ex["test"], cfg.eval_batch_size, device).argmax(-1)
-        majority = np.full_like(y, np.bincount([e[2] for e in ex["train"]], minlength=3).argmax())
-        table[mech] = dict(**reward.classification_metrics(y, pred),
-                           majority=reward.classification_metrics(y, majority), seconds=time.time() - t0,
-                           epochs_run=len(hist.get("history", [])) if isinstance(hist, dict) else None)
-        log(dict(stage="identifiers", mechanism=mech, **table[mech]))
+        y = np.array(ex["test"]["level"])
+        pred = reward.predict(model, ex["test"], cfg.eval_batch_size, device, env["autocast"]).argmax(-1)
+        majority = np.full_like(y, np.bincount(ex["train"]["level"], minlength=3).argmax())
+        table[mech] = dict(**reward.classification_metrics(y, pred), seconds=time.time() - t0,
+                           majority=reward.classification_metrics(y, majority), epochs_run=len(hist["history"]) - 1)
+        log(run, dict(stage="identifiers", mechanism=mech, **table[mech]))
         models.append(model.cpu())
-    identifiers = reward.Identifiers(models)
-    identifiers.save(run / "identifiers.pt")
+    reward.Identifiers(models).save(run / "identifiers")
     write_json(run / "identifiers.json", table)
 
 
-def print_identifier_table(table):
-    print("| mechanism | accuracy | macro-F1 | weighted-F1 | majority acc | majority macro-F1 |")
-    print("|---|---|---|---|---|---|")
-    for mech, m in table.items():
-        print(f"| {mech.upper()} | {m['acc']:.3f} | {m['macro_f1']:.3f} | {m['weighted_f1']:.3f} | "
-              f"{m['majority']['acc']:.3f} | {m['majority']['macro_f1']:.3f} |")
-
-
-def stage_labels(cfg, run, env, log):
-    """3. label every ED target reply with the identifiers' levels (the y* of the reward)."""
-    identifiers = load_identifiers(run / "identifiers.pt", env["device"])
-    labels = {}
-    for split, enc in env["encoded"].items():
-        if split == "train" and cfg.label_train_limit:  # the PPO context pool; 200 x 32 contexts need ~6k
-            enc = {k: v[: cfg.label_train_limit] for k, v in enc.items()}
-        tgt = [t[: cfg.ident_resp_tokens - 1] + [t[-1]] if len(t) > cfg.ident_resp_tokens else t for t in enc["tgt"]]
-        levels, _ = emprl.identifier_levels(identifiers, enc, tgt, env["device"], cfg.eval_batch_size, env["autocast"])
+def stage_labels(cfg, run, env):
+    """The identifiers label every ED target reply (cut as EPITOME responses are): the y* of the reward."""
+    identifiers, labels = read(run / "identifiers", reward.Identifiers.load).to(env["device"]), {}
+    for split, enc in read(run / "encoded.pt").items():
+        n = cfg.label_limit_train if split == "train" and cfg.label_limit_train else len(enc["ctx"])
+        ctx = [c[-cfg.ident_ctx_tokens:] for c in enc["ctx"][:n]]
+        tgt = [data.cut_target(t, cfg.ident_resp_tokens) for t in enc["tgt"][:n]]
+        levels, _ = emprl.identifier_levels(identifiers, ctx, tgt, env["device"], cfg.eval_batch_size, env["autocast"])
         labels[split] = torch.as_tensor(levels)
-        dist = {m: np.bincount(levels[:, i], minlength=3).tolist() for i, m in enumerate(data.MECHANISMS)}
-        print(f"labels {split}: level counts (no/weak/strong) {dist}")
-        log(dict(stage="labels", split=split, counts=dist))
+        counts = {m: np.bincount(levels[:, i], minlength=3).tolist() for i, m in enumerate(data.MECHANISMS)}
+        print(f"labels {split}: level counts (no/weak/strong) {counts}")
+        log(run, dict(stage="labels", split=split, counts=counts))
     save_torch(run / "labels.pt", labels)
 
 
-def stage_ppo(cfg, run, env, log):
-    """5. PPO: policy + value head from the SFT model, frozen reference, the empathy reward."""
-    device, autocast, encoded = env["device"], env["autocast"], env["encoded"]
-    levels = env["labels"]["train"].numpy()
-    train = {k: v[: len(levels)] for k, v in encoded["train"].items()}  # the labelled train examples
-    ref_model = load_t5(run, "sft").to(device).eval().requires_grad_(False)
-    policy = emprl.PolicyWithValue(load_t5(run, "sft"), cfg.dropout_rate).to(device)
-    identifiers = load_identifiers(run / "identifiers.pt", device).requires_grad_(False)
-    n_updates = cfg.ppo_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+def stage_ppo(cfg, run, env):
+    """Policy + value head from the SFT model, a frozen reference copy, the empathy reward; PPO iterations."""
+    device, autocast, tok = env["device"], env["autocast"], read(run / "spiece.model", data.Tokenizer)
+    encoded, labels = read(run / "encoded.pt"), read(run / "labels.pt")
+    levels = labels["train"].numpy()
+    ctx = encoded["train"]["ctx"][: len(levels)]  # the labelled train examples are the context pool
+    pool = dict(ctx=ctx, ident_ctx=[c[-cfg.ident_ctx_tokens:] for c in ctx], levels=levels)
+    valid, valid_levels = encoded["valid"], labels["valid"].numpy()
+    ref_model = read(run / "sft").to(device).eval().requires_grad_(False)
+    policy = emprl.PolicyWithValue(read(run / "sft"), cfg.dropout_rate).to(device)
+    identifiers = read(run / "identifiers", reward.Identifiers.load).to(device)
+    n_updates = cfg.ppo_steps * cfg.ppo_epochs * -(-cfg.ppo_batch_size // (cfg.ppo_mini_batch_size * cfg.ppo_grad_accum))
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo_lr, fused=True)
     sched = linear_schedule(opt, n_updates)
     kl_ctl = (ppo.AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else ppo.FixedKLController(cfg.init_kl_coef))
-    moments = ppo.RunningMoments()
-    gen = torch.Generator().manual_seed(cfg.ppo_seed)
+    moments, gen = ppo.RunningMoments(), torch.Generator().manual_seed(cfg.ppo_seed)
     state = dict(step=0, nonfinite=0, sft_valid=None)
-    ckpt_path = run / "ppo_ckpt.pt"
-    if ckpt_path.exists():
-        ck = load_torch(ckpt_path)  # on the CPU: RNG states must be CPU tensors; load_state_dict moves the rest
-        policy.load_state_dict(ck["policy"]), opt.load_state_dict(ck["optimizer"]), sched.load_state_dict(ck["scheduler"])
-        kl_ctl.load_state_dict(ck["kl_ctl"]), moments.load_state_dict(ck["moments"])
+    torch.manual_seed(cfg.ppo_seed)
+    if (run / "ppo_ckpt.pt").exists():  # resume: everything that decides the iterations still to come
+        ck = read(run / "ppo_ckpt.pt")
+        for obj, key in ((policy, "policy"), (opt, "optimizer"), (sched, "scheduler"), (kl_ctl, "kl_ctl"),
+                         (moments, "moments")):
+            obj.load_state_dict(ck[key])
         gen.set_state(ck["generator"])
         set_rng_state(ck["rng"])
         state = ck["state"]
         print(f"ppo: resuming at iteration {state['step']}/{cfg.ppo_steps}")
-    else:
-        seed_everything(cfg.ppo_seed)
 
-    def checkpoint():
-        save_torch(ckpt_path, dict(policy=policy.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                   kl_ctl=kl_ctl.state_dict(), moments=moments.state_dict(), generator=gen.get_state(),
-                                   rng=rng_state(), state=state))
-
-    valid, valid_levels = encoded["valid"], env["labels"]["valid"].numpy()
+    def evaluate(model):
+        return emprl.evaluate(model, identifiers, tok, valid, valid_levels, device, cfg, autocast,
+                              n=cfg.ppo_limit_valid, seed=cfg.eval_seed)[0]
     if state["sft_valid"] is None:  # the SFT model on the same validation subset, once, as the reference line
-        state["sft_valid"], _ = emprl.evaluate(ref_model, identifiers, env["tok"], valid, valid_levels, device, cfg,
-                                               autocast, n=cfg.ppo_eval_n, seed=cfg.eval_seed)
+        state["sft_valid"] = evaluate(ref_model)
         print(eval_line("valid sft", state["sft_valid"]))
-    n_train = len(train["ctx"])
-    cfg_run = dataclasses.replace(cfg)
-    cfg_run.reward_mechanisms = tuple(cfg.reward_mechanisms.split(","))
     bar = tqdm(total=cfg.ppo_steps, initial=state["step"], desc="ppo", dynamic_ncols=True)
     while state["step"] < cfg.ppo_steps:
-        # contexts of iteration i: a seeded permutation of the train split per pass, consumed in order
-        start = state["step"] * cfg.batch_size
-        epoch, offset = divmod(start, n_train)
-        order = np.random.default_rng(cfg.ppo_seed + epoch).permutation(n_train)
-        idx = np.concatenate([order, np.random.default_rng(cfg.ppo_seed + epoch + 1).permutation(n_train)])
-        idx = idx[offset: offset + cfg.batch_size].tolist()
-        batch = emprl.make_batch(train, idx, device, levels)
-        stats, roll = emprl.ppo_iteration(policy, ref_model, identifiers, opt, sched, kl_ctl, moments, batch,
-                                          cfg_run, autocast, gen)
+        # the contexts of iteration i: a seeded permutation of the pool per pass, consumed in order
+        epoch, offset = divmod(state["step"] * cfg.ppo_batch_size, len(ctx))
+        order = np.concatenate([np.random.default_rng(cfg.ppo_seed + epoch + k).permutation(len(ctx)) for k in (0, 1)])
+        idx = order[offset: offset + cfg.ppo_batch_size].tolist()
+        stats, roll = emprl.ppo_iteration(policy, ref_model, identifiers, opt, sched, kl_ctl, moments,
+                                          data.make_batch(pool, idx, device), cfg, autocast, gen)
         state["step"] += 1
         bar.update(1)
-        bad = "nonfinite_scores" in stats or stats.get("skipped_nonfinite", 0) > 0
-        state["nonfinite"] = state["nonfinite"] + 1 if bad else 0
-        log(dict(stage="ppo", step=state["step"], **stats))
+        log(run, dict(stage="ppo", step=state["step"], **stats))
         if "score" in stats:
             tqdm.write(ppo_line(state["step"], cfg.ppo_steps, stats))
-        if bad:
+        finite = "nonfinite_scores" not in stats and stats["skipped_nonfinite"] == 0
+        if not finite:
             tqdm.write(f"ppo {state['step']:>4}/{cfg.ppo_steps} | non-finite: {stats.get('nonfinite_scores', 0)} "
-                       f"scores (whole update skipped), {stats.get('skipped_nonfinite', 0)} minibatch updates skipped")
-        if state["nonfinite"] >= cfg.max_nonfinite:
-            raise RunError(f"{state['nonfinite']} PPO iterations in a row with non-finite rewards or gradients: "
-                           f"stopping instead of training on garbage (lower --ppo_lr, or use --dtype=float32)")
-        if state["step"] % cfg.sample_every == 0:
-            for i in range(2):
-                ctx = env["tok"].decode(train["ctx"][idx[i]])
-                tqdm.write(f"  context: {ctx[-200:]}\n  reply:   {env['tok'].decode(roll['replies'][i].tolist())}")
+                       f"scores (whole update skipped), {stats.get('skipped_nonfinite', 0)} updates skipped")
+        count_nonfinite(state, finite, cfg, "PPO iterations")
         if state["step"] % cfg.ppo_eval_every == 0 or state["step"] == cfg.ppo_steps:
-            m, _ = emprl.evaluate(policy.model, identifiers, env["tok"], valid, valid_levels, device, cfg, autocast,
-                                  n=cfg.ppo_eval_n, seed=cfg.eval_seed)
-            log(dict(stage="ppo_eval", step=state["step"], **m))
+            for i in range(2):
+                tqdm.write(f"  context: {tok.decode(ctx[idx[i]])[-200:]}\n  reply:   {tok.decode(roll['replies'][i])}")
+            m = evaluate(policy.model)
+            log(run, dict(stage="ppo_eval", step=state["step"], **m))
             tqdm.write(eval_line(f"valid emprl@{state['step']}", m) + f"   (sft {state['sft_valid']['emp_f1']:.2f})")
-        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.ppo_steps or _STOP["requested"]:
-            checkpoint()
-        if _STOP["requested"]:
-            raise Interrupted(f"ppo iteration {state['step']}")
+        if state["step"] % cfg.ppo_save_every == 0 or state["step"] == cfg.ppo_steps:
+            save_torch(run / "ppo_ckpt.pt", dict(policy=policy.state_dict(), optimizer=opt.state_dict(),
+                                                 scheduler=sched.state_dict(), kl_ctl=kl_ctl.state_dict(),
+                                                 moments=moments.state_dict(), generator=gen.get_state(),
+                                                 rng=rng_state(), state=state))
     bar.close()
     policy.model.save_pretrained(run / "emprl")
-    plot_curves(run)
 
 
 def ppo_line(step, total, s):
@@ -490,70 +416,40 @@ def eval_line(name, m):
             f" | unique {m['unique_frac']:.2f}")
 
 
-def plot_curves(run):
-    """ppo_curves.png: score, KL, β and validation Emp-F1 over PPO iterations (only if matplotlib is installed)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    recs = []
-    for line in open(run / "log.jsonl"):
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill (the log is appended to, not written atomically)
-            pass
-    # a resumed run redoes the iterations after its last checkpoint: keep the last record of each step
-    ppo_recs = list({r["step"]: r for r in recs if r.get("stage") == "ppo" and "score" in r}.values())
-    evals = list({r["step"]: r for r in recs if r.get("stage") == "ppo_eval"}.values())
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
-    for ax, key in zip(axes[:3], ("score", "kl", "beta")):
-        ax.plot([r["step"] for r in ppo_recs], [r[key] for r in ppo_recs])
-        ax.set_title(key), ax.set_xlabel("PPO iteration")
-    axes[3].plot([r["step"] for r in evals], [r["emp_f1"] for r in evals], marker="o")
-    axes[3].set_title("validation Emp-F1"), axes[3].set_xlabel("PPO iteration")
-    fig.tight_layout()
-    tmp = run / "ppo_curves.png.tmp"
-    fig.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, run / "ppo_curves.png")
-
-
-def stage_eval(cfg, run, env, log):
-    """6. SFT and EmpRL on the ED test split, decoded like the authors; results.json and results.md."""
-    t0 = time.time()
-    device, autocast, tok = env["device"], env["autocast"], env["tok"]
-    test, test_levels = env["encoded"]["test"], env["labels"]["test"].numpy()
-    identifiers = load_identifiers(run / "identifiers.pt", device)
+def stage_eval(cfg, run, env):
+    """SFT and EmpRL on the ED test split, decoded like the authors; results.json and results.md."""
+    t0, tok, labels = time.time(), read(run / "spiece.model", data.Tokenizer), read(run / "labels.pt")
+    test, test_levels = read(run / "encoded.pt")["test"], labels["test"].numpy()
+    identifiers = read(run / "identifiers", reward.Identifiers.load).to(env["device"])
     results, texts = {}, {}
     for name in ("sft", "emprl"):
-        model = load_t5(run, name).to(device)
-        results[name], texts[name] = emprl.evaluate(model, identifiers, tok, test, test_levels, device, cfg, autocast,
-                                                    seed=cfg.eval_seed)
+        results[name], texts[name] = emprl.evaluate(read(run / name).to(env["device"]), identifiers, tok, test,
+                                                    test_levels, env["device"], cfg, env["autocast"], seed=cfg.eval_seed)
         print(eval_line(f"test {name}", results[name]))
-    results["majority"] = emprl.majority_reference(env["labels"]["train"].numpy(), test_levels)
-    results["identifiers"] = read_json(run / "identifiers.json")
-    results["config"] = dataclasses.asdict(cfg)
-    results["time_s"] = {**read_json(run / "stages.json", {}), "eval": time.time() - t0}
-    results["n_test"] = len(test["ctx"])
-    samples = [dict(context=tok.decode(test["ctx"][i]), reference=tok.decode(test["tgt"][i]), sft=texts["sft"][i],
-                    emprl=texts["emprl"][i]) for i in range(0, len(test["ctx"]), max(1, len(test["ctx"]) // 6))][:6]
-    results["samples"] = samples
+    results["majority"] = emprl.majority_reference(labels["train"].numpy(), test_levels)
+    results.update(identifiers=read_json(run / "identifiers.json"), config=dataclasses.asdict(cfg),
+                   time_s={**read_json(run / "stages.json"), "eval": time.time() - t0}, n_test=len(test["ctx"]))
+    every = max(1, len(test["ctx"]) // 6)
+    results["samples"] = [dict(context=tok.decode(test["ctx"][i]), reference=tok.decode(test["tgt"][i]),
+                               sft=texts["sft"][i], emprl=texts["emprl"][i]) for i in range(0, len(test["ctx"]), every)][:6]
     write_json(run / "results.json", results)
-    data.write_atomic(run / "results.md", results_markdown(results).encode())
+    atomic_write(run / "results.md", results_markdown(results).encode())
 
 
 def results_markdown(results):
-    rows = [("SFT", results["sft"]), ("EmpRL", results["emprl"]), ("majority level", results["majority"])]
     cols = ["emp_f1", "emp_f1_er", "emp_f1_ip", "emp_f1_ex", "reward", "dist_1", "dist_2", "bleu_1", "bleu_2",
             "bleu_3", "bleu_4", "ppl", "length", "unique_frac"]
     out = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, m in rows:
+    for name, m in (("SFT", results["sft"]), ("EmpRL", results["emprl"]), ("majority level", results["majority"])):
         out.append(f"| {name} | " + " | ".join(f"{m[c]:.2f}" if c in m else "" for c in cols) + " |")
+    out += ["", "| identifier | accuracy | macro-F1 | weighted-F1 | majority acc | majority macro-F1 |", "|---" * 6 + "|"]
+    for mech, m in results["identifiers"].items():
+        out.append(f"| {mech.upper()} | {m['acc']:.3f} | {m['macro_f1']:.3f} | {m['weighted_f1']:.3f} | "
+                   f"{m['majority']['acc']:.3f} | {m['majority']['macro_f1']:.3f} |")
     out += ["", "| context | reference | SFT | EmpRL |", "|---|---|---|---|"]
-    esc = lambda s: s.replace("|", "\\|").replace("\n", " ")
     for s in results["samples"]:
-        out.append(f"| {esc(s['context'][-160:])} | {esc(s['reference'])} | {esc(s['sft'])} | {esc(s['emprl'])} |")
+        cells = [s["context"][-160:], s["reference"], s["sft"], s["emprl"]]
+        out.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -561,275 +457,189 @@ def results_markdown(results):
 # main
 
 
-HF_FILES = ("config.json", "model.safetensors", "spiece.model")
-
-
-def download_pretrained(name):
-    """A HuggingFace hub T5 (e.g. t5-base) as a local directory under ~/.cache/emprl/, downloaded once."""
-    dest = Path(os.environ.get("EMPRL_CACHE", Path.home() / ".cache" / "emprl")) / name.replace("/", "--")
-    for f in HF_FILES:
-        if not (dest / f).exists():
-            url = f"https://huggingface.co/{name}/resolve/main/{f}"
-            print(f"downloading {url}")
-            try:
-                data.download(url, dest / f)
-            except (OSError, data.DataError) as e:
-                raise RunError(f"--pretrained={name}: not a directory, and downloading {url} failed ({e}); "
-                               f"download {', '.join(HF_FILES)} into a directory and pass its path") from None
-    return dest
-
-
 def run_pipeline(cfg, preset):
     run = Path(cfg.out_dir)
-    check_run_dir(cfg, run)
+    if run.exists() and not run.is_dir():
+        raise RunError(f"--out_dir={run} is a file; give a directory")
+    check_settings(cfg, run)
     run.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dtype == "bfloat16" and device.type == "cuda"
-                else nullcontext)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
+    dtype, why = choose_dtype(cfg, device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 on GPUs with TF32
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
     if cfg.pretrained and not Path(cfg.pretrained).is_dir():
         cfg.pretrained = str(download_pretrained(cfg.pretrained))
-    data_dir = data.ensure_data(Path(cfg.data_dir) if cfg.data_dir else data.default_data_dir())
+    env = dict(device=device, autocast=autocast, data_dir=data.ensure_data(cfg.data_dir or None))
+    if cfg.from_run and not (run / "stages.json").exists():
+        reuse_stages(cfg, run, Path(cfg.from_run))
     write_json(run / "config.json", dataclasses.asdict(cfg))
-    log = Logger(run)
-    log(dict(stage="config", preset=preset, **dataclasses.asdict(cfg)))
-    print(f"preset {preset} | device {device} | dtype {dtype} | torch threads {torch.get_num_threads()} | run {run}")
+    log(run, dict(stage="config", preset=preset, **dataclasses.asdict(cfg)))
+    print(f"preset {preset} | device {device} | {dtype} ({why}) | torch threads {torch.get_num_threads()} | run {run}")
     print("config: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    done = read_json(run / "stages.json", {})
-    for i, name in enumerate(STAGES):  # a deleted result: redo the stage that made it, and what was built on it
-        missing = [f for f in STAGE_RESULTS[name] if not (run / f).exists()]
-        if name in done and missing:
-            print(f"[{name}] {', '.join(missing)} missing: redoing '{name}' and the stages after it")
-            drop_stages(run, done, i)
-            break
-    env = dict(device=device, autocast=autocast, data_dir=data_dir)
-
-    def stage(name, fn):
-        if name in done:
-            print(f"[{name}] done earlier ({done[name]:.0f} s), skipped")
-            return None
-        if _STOP["requested"]:  # Ctrl-C between two stages
-            raise Interrupted(f"the start of stage '{name}'")
-        print(f"[{name}]")
-        _STOP["stage"] = name
+    done = read_json(run / "stages.json") if (run / "stages.json").exists() else {}
+    for i, stage in enumerate(STAGES):
+        if stage in done and not all((run / f).exists() for f in RESULTS[stage]):  # a result was deleted
+            print(f"[{stage}] a result is missing: redoing '{stage}' and the stages after it")
+            forget_stages(run, done, i)
+        if stage in done:
+            print(f"[{stage}] done earlier ({done[stage]:.0f} s), skipped")
+            continue
+        print(f"[{stage}]")
         t0 = time.time()
-        out = fn(cfg, run, env, log)
-        done[name] = time.time() - t0
+        globals()[f"stage_{stage}"](cfg, run, env)
+        done[stage] = time.time() - t0
         write_json(run / "stages.json", done)
+        (run / f"{stage}_ckpt.pt").unlink(missing_ok=True)  # finished: its results supersede the checkpoint
         if device.type == "cuda":  # what the stage needed on the GPU
             peak = torch.cuda.max_memory_allocated() / 2**30
-            print(f"[{name}] {done[name]:.0f} s, peak GPU memory {peak:.2f} GiB")
-            log(dict(stage=name, seconds=done[name], peak_gpu_gib=peak))
+            print(f"[{stage}] {done[stage]:.0f} s, peak GPU memory {peak:.2f} GiB")
+            log(run, dict(stage=stage, seconds=done[stage], peak_gpu_gib=peak))
             torch.cuda.reset_peak_memory_stats()
-        if _STOP["requested"]:  # Ctrl-C after the stage's last checkpoint
-            raise Interrupted(f"the end of stage '{name}'")
-        return out
-
-    stage("tokenizer", lambda c, r, e, l: stage_tokenizer(c, r, data_dir))
-    try:
-        env["tok"] = data.Tokenizer(run / "spiece.model")
-    except data.DataError as e:
-        raise damaged(run, "spiece.model", str(e).split(": ", 1)[-1].split(";")[0]) from None
-    env["encoded"] = load_torch(run / "encoded.pt")
-    n = {s: len(v["ctx"]) for s, v in env["encoded"].items()}
-    print(f"data: ED train {n['train']} / valid {n['valid']} / test {n['test']} examples | vocab {env['tok'].vocab_size}")
-    stage("sft", stage_sft)
-    sft_params = sum(p.numel() for p in load_t5(run, "sft").parameters())
-    print(f"models: policy T5 {sft_params / 1e6:.2f}M parameters + a linear value head; reference: a frozen "
-          f"copy of the SFT model")
-    stage("identifiers", stage_identifiers)
-    print_identifier_table(read_json(run / "identifiers.json"))  # the test table, whether just made or not
-    stage("labels", stage_labels)
-    env["labels"] = load_torch(run / "labels.pt")
-    stage("ppo", stage_ppo)
-    stage("eval", stage_eval)
     print((run / "results.md").read_text())
-    print("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in read_json(run / "stages.json").items()))
+    print("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in done.items()))
 
 
 def main(argv):
-    signal.signal(signal.SIGINT, _on_sigint)
     resume = f"Resume with the same command: python train.py {shlex.join(argv)}"
     try:
         try:
-            cfg, preset = parse_args(argv)
-            run_pipeline(cfg, preset)
+            run_pipeline(*parse_args(argv))
         finally:  # end the progress bars an exception left open, so the message below gets its own line
             for bar in list(getattr(tqdm, "_instances", ())):
                 bar.close()
-    except Interrupted as e:
-        print(f"interrupted at {e}; checkpoint saved. {resume}")
-        sys.exit(130)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one in a stage without checkpoints: nothing is half-written
-        print(f"\ninterrupted in stage '{_STOP['stage'] or 'start-up'}'; finished stages and checkpoints are kept. "
-              f"{resume}")
+    except KeyboardInterrupt:  # Ctrl-C: every file is whole (atomic writes); SFT and PPO go on from their checkpoint
+        print(f"\ninterrupted; finished stages and the last checkpoint are kept. {resume}")
         sys.exit(130)
     except (RunError, data.DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # the file system said no: which file and why, without a traceback
-        where = e.filename or "the run directory"
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"error: no space left on the device while writing {where}; free some space and "
-                  f"rerun the same command (finished stages and checkpoints are kept)", file=sys.stderr)
+            print(f"error: no space left on the device while writing {e.filename}; free some space and rerun "
+                  f"the same command (finished stages and checkpoints are kept)", file=sys.stderr)
         else:
-            print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+            print(f"error: {e.filename or 'the run directory'}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
 
 
 # ----------------------------------------------------------------------------------------------------
-# the run directory: errors, settings, stage outputs, damaged files
+# the run directory: settings, reuse, damaged files, small helpers
 
 
 class RunError(Exception):
     """A user-facing failure: printed as one line, no traceback."""
 
 
-class Interrupted(Exception):
-    pass
+def changed_fields(old, new):
+    """The fields (outside the run section) whose values differ between two configs, as "name: old -> new"."""
+    return {k: f"{k}: {old.get(k)} -> {new[k]}" for k in new if STAGE_OF.get(k) and old.get(k) != new[k]}
 
 
-def check_run_dir(cfg, run):
-    """Refuse to reuse a run directory made with settings that change results, unless --force; with
-    --force, drop the outputs of every stage from the first affected one on."""
-    if run.exists() and not run.is_dir():
-        raise RunError(f"--out_dir={run} is a file; give a directory")
-    saved = run / "config.json"
-    if not saved.exists():
+def check_settings(cfg, run):
+    """Refuse to continue a run directory made with settings that change results."""
+    if not (run / "config.json").exists():
         return
-    old = read_json(saved)
-    new = dataclasses.asdict(cfg)
-    diff = sorted(k for k in _FIRST_STAGE if k in old and old[k] != new[k])
-    if not diff:
-        return
-    if not cfg.force:
-        raise RunError(f"{run} was made with different settings ({', '.join(f'{k}: {old[k]} -> {new[k]}' for k in diff)}); "
-                       f"use a new --out_dir, or --force to rerun the stages they affect")
-    first = min(STAGES.index(_FIRST_STAGE[k]) for k in diff)
-    drop_stages(run, read_json(run / "stages.json", {}), first)
-    print(f"--force: rerunning from stage '{STAGES[first]}' ({', '.join(diff)} changed)")
+    changed = changed_fields(read_json(run / "config.json"), dataclasses.asdict(cfg))
+    if changed:
+        first = STAGES[min(STAGES.index(STAGE_OF[k]) for k in changed)]
+        raise RunError(f"{run} was made with other settings ({'; '.join(changed.values())}); use a new --out_dir, "
+                       f"with --from_run={run} to reuse its stages before '{first}'")
 
 
-STAGE_OUTPUTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft", "sft_ckpt.pt"],
-                 "identifiers": ["identifiers.pt", "identifiers.json"], "labels": ["labels.pt"],
-                 "ppo": ["emprl", "ppo_ckpt.pt", "ppo_curves.png"], "eval": ["results.json", "results.md"]}
-# what later stages read: a stage counts as done only while these exist
-STAGE_RESULTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft/config.json", "sft/model.safetensors"],
-                 "identifiers": ["identifiers.pt", "identifiers.json"], "labels": ["labels.pt"],
-                 "ppo": ["emprl/config.json", "emprl/model.safetensors"], "eval": ["results.json", "results.md"]}
+def reuse_stages(cfg, run, source):
+    """Copy from an earlier run the results of its finished stages that come before the first stage a changed
+    field belongs to; they are recorded done here with their original times."""
+    if not (source / "config.json").exists():
+        raise RunError(f"--from_run={source}: not a run directory (no config.json)")
+    changed = changed_fields(read_json(source / "config.json"), dataclasses.asdict(cfg))
+    first = min([STAGES.index(STAGE_OF[k]) for k in changed] + [len(STAGES)])
+    source_done = read_json(source / "stages.json") if (source / "stages.json").exists() else {}
+    done = {}
+    for stage in STAGES[:first]:
+        if stage not in source_done or not all((source / f).exists() for f in RESULTS[stage]):
+            break
+        for name in {Path(f).parts[0] for f in RESULTS[stage]}:  # a file, or a model directory
+            copy = shutil.copytree if (source / name).is_dir() else shutil.copyfile
+            copy(source / name, run / name)
+        done[stage] = source_done[stage]
+    write_json(run / "stages.json", done)
+    print(f"--from_run={source}: reusing {', '.join(done) or 'nothing'} "
+          f"({'; '.join(changed.values()) or 'no field'} changed)")
 
 
-def drop_stages(run, done, first):
-    """Forget stage number `first` and every later one, deleting their outputs (checkpoints included), so
-    they rerun from their beginning: they were computed from what is being redone."""
+def forget_stages(run, done, first):
+    """Forget stage number `first` and every later one, deleting their results and checkpoints."""
     for stage in STAGES[first:]:
         done.pop(stage, None)
-        for name in STAGE_OUTPUTS[stage]:
-            p = run / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        for name in {Path(f).parts[0] for f in RESULTS[stage]} | {f"{stage}_ckpt.pt"}:
+            shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
     write_json(run / "stages.json", done)
 
 
-def damaged(run, name, why):
-    """The error for a damaged file `name` of the run directory: which file, why, and how to go on."""
-    stage = next((s for s, outs in STAGE_OUTPUTS.items() if Path(name).parts[0] in outs), None)
-    if name == "config.json":
-        then = "this run's settings are then not compared with the earlier ones"
-    elif name == "stages.json":
-        then = "every stage is then redone, SFT and PPO from their last checkpoints"
-    elif name.endswith("_ckpt.pt"):
-        then = f"stage '{stage}' then restarts from its beginning"
-    else:
-        then = f"stage '{stage}' and the stages after it are then redone"
-    return RunError(f"{run / name} is damaged ({why}): delete it and rerun the same command; {then}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# small utilities: atomic files, logging, interruption
-
-
-def write_json(path, obj):
-    data.write_atomic(Path(path), json.dumps(obj, indent=1).encode())
-
-
-def read_json(path, default=None):
+def read(path, load=None):
+    """A file or model directory of the run, read by `load` (default: load_torch, or T5.from_pretrained for a
+    directory); a damaged one stops the run with one line saying which and what to do."""
     path = Path(path)
-    if not path.exists():
-        return default
+    load = load or (T5.from_pretrained if path.suffix == "" else load_torch)
     try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise damaged(path.parent, path.name, "not JSON") from None
-    if not isinstance(obj, dict):  # every JSON file of a run directory holds one object
-        raise damaged(path.parent, path.name, f"a JSON {type(obj).__name__}, not an object")
-    return obj
+        return load(path)
+    except ValueError as e:  # a CheckpointError, DataError or JSONDecodeError
+        raise RunError(f"{path} is damaged ({str(e).removeprefix(f'{path}: ')}): delete it and rerun the same "
+                       f"command; the stage that wrote it is redone") from None
+
+
+def load_torch(path):
+    """torch.load with weights_only (tensors and plain containers only: a tampered file cannot run code), on the
+    CPU (RNG states must be CPU tensors; load_state_dict moves the rest)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, corrupt or tampered with
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__})") from None
 
 
 def save_torch(path, obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
-    data.write_atomic(Path(path), buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
-def load_torch(path, device="cpu"):
-    """A .pt file of the run directory. weights_only: tensors and plain containers only, so a tampered
-    file cannot run code while it is unpickled."""
-    path = Path(path)
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, corrupt or tampered with: say which file and what to do
-        raise damaged(path.parent, path.name, type(e).__name__) from None
+def read_json(path):
+    """A JSON object of the run directory (config.json, stages.json, identifiers.json)."""
+    def load(path):
+        obj = json.loads(path.read_text())
+        if not isinstance(obj, dict):
+            raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+        return obj
+    return read(path, load)
 
 
-def load_t5(run, name):
-    """The T5 saved in run/name (sft or emprl)."""
-    try:
-        return T5.from_pretrained(run / name)
-    except CheckpointError as e:
-        raise damaged(run, name, str(e)) from None
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
-class Logger:
-    def __init__(self, run):
-        self.path = run / "log.jsonl"
-
-    def __call__(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+def log(run, record):
+    """Append one record to log.jsonl (append-only: a line cut short by a kill is skipped when read)."""
+    with open(run / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
-_STOP = {"requested": False, "stage": None}
-CHECKPOINTED = ("sft", "ppo")  # the stages that save checkpoints as they go
-
-
-def _on_sigint(signum, frame):
-    # the other stages have nothing to save (every file is written whole, at its end): they stop at once
-    if _STOP["requested"] or _STOP["stage"] not in CHECKPOINTED:  # a second Ctrl-C: leave now
-        raise KeyboardInterrupt
-    _STOP["requested"] = True
-    print("\nCtrl-C: saving a checkpoint at the next safe point (Ctrl-C again to quit at once)", flush=True)
+def count_nonfinite(state, finite, cfg, what):
+    """The one counter of non-finite updates: `max_nonfinite` in a row stop the run instead of training on garbage."""
+    state["nonfinite"] = 0 if finite else state["nonfinite"] + 1
+    if state["nonfinite"] >= cfg.max_nonfinite:
+        raise RunError(f"{state['nonfinite']} {what} in a row with non-finite losses, rewards or gradients: the run "
+                       f"is diverging (lower the learning rate, or use --dtype=float32)")
 
 
 def rng_state():
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), numpy=dict(keys=keys.tolist(), pos=pos, has_gauss=has_gauss, gauss=gauss),
-                python=random.getstate()[1], cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    """The RNG streams the stages draw from: torch's (dropout, sampling, init) and CUDA's."""
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    n = s["numpy"]
-    np.random.set_state(("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate((3, tuple(s["python"]), None))
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def linear_schedule(optimizer, total_steps, warmup_steps=0):
@@ -838,6 +648,21 @@ def linear_schedule(optimizer, total_steps, warmup_steps=0):
             return (step + 1) / warmup_steps
         return max(0.0, 1.0 - (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def download_pretrained(name):
+    """A HuggingFace hub T5 (e.g. t5-base) as a local directory under ~/.cache/emprl/, downloaded once."""
+    dest = Path(os.environ.get("EMPRL_CACHE", Path.home() / ".cache" / "emprl")) / name.replace("/", "--")
+    for f in ("config.json", "model.safetensors", "spiece.model"):
+        if not (dest / f).exists():
+            url = f"https://huggingface.co/{name}/resolve/main/{f}"
+            print(f"downloading {url}")
+            try:
+                atomic_write(dest / f, data.fetch(url))
+            except data.DataError as e:
+                raise RunError(f"--pretrained={name}: not a directory, and {e}; download config.json, "
+                               f"model.safetensors and spiece.model into a directory and pass its path") from None
+    return dest
 
 
 if __name__ == "__main__":
