@@ -9,6 +9,7 @@ The method (Ma et al., IEEE TAFFC 2025), in the order this file implements it:
                r_t = -β·kl_t (+ s at the last reply token),
                kl_t = clip(log π(ŷ_t) - log π_ref(ŷ_t), 0, kl_max)             -> ppo.kl_penalized_rewards
     GAE        A_t = Σ_l (γλ)^l δ_{t+l},  δ_t = r_t + γV_{t+1} - V_t            -> ppo.gae          (step 3)
+      or RLOO  A_i = R_i - mean_{j≠i} R_j,  R_i = s_i - β Σ_t kl_t, k replies a context -> ppo.rloo_advantages
     update     L = L_pg + c_v·L_v, clipped (PPO), epochs × minibatches         -> ppo_update       (step 4)
     β          β ← β·(1 + clip(KL/KL_target - 1, ±0.2)·B/horizon)              -> ppo.AdaptiveKLController
     evaluate   Emp-F1, Dist-n, BLEU-n, PPL, reward, length                     -> evaluate
@@ -158,7 +159,8 @@ def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generat
             if pg_stats["ratio"] > cfg.ppo_ratio_threshold:  # a wild minibatch (TRL's ratio_threshold): skip it
                 skipped["ratio"] += 1
             else:
-                ((pg_loss + cfg.ppo_vf_coef * vf_loss) / cfg.ppo_grad_accum).backward()  # L = L_pg + c_v L_v
+                vf_coef = cfg.ppo_vf_coef if cfg.algo == "ppo" else 0.0  # RLOO has no value head to train
+                ((pg_loss + vf_coef * vf_loss) / cfg.ppo_grad_accum).backward()  # L = L_pg + c_v L_v
                 accumulated += 1
                 entropy = ppo.masked_mean(ppo.entropy_from_logits(logits.detach()), mask)
                 stats.append(dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), entropy=entropy,
@@ -174,7 +176,11 @@ def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generat
 
 def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, score_moments, batch, cfg,
                   autocast, generator):
-    """One PPO iteration on a batch of contexts with target levels (steps 1-5). Returns (stats, rollout)."""
+    """One PPO iteration on a batch of contexts with target levels (steps 1-5). Returns (stats, rollout).
+
+    algo="rloo": the batch holds rloo_k copies of each context in a row; step 3 is RLOO instead of GAE. The
+    update stays the clipped surrogate with a per-token ratio, every token of a reply sharing its sequence
+    advantage: the same update as PPO's, so PPO and RLOO differ only in their advantage estimate."""
     t0 = time.time()
     # 1. rollout
     roll = rollout(policy, ref_model, batch, cfg, autocast)
@@ -190,10 +196,13 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     norm_scores = ppo.normalize_scores(scores, score_moments) if cfg.score_norm else scores
     rewards = ppo.kl_penalized_rewards(norm_scores, roll["logprobs"], roll["ref_logprobs"], mask,
                                        kl_ctl.value, cfg.kl_min, cfg.kl_max, cfg.kl_estimator)  # (B, T)
-    if cfg.whiten_rewards:
-        rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
-    # 3. GAE, then whitened advantages
-    advantages, returns = ppo.gae(rewards, roll["values"], mask, cfg.ppo_gamma, cfg.ppo_lam)
+    # 3. GAE on the (scale-whitened) per-token rewards, or RLOO on their sum R = s - β Σ_t kl_t; whitened advantages
+    if cfg.algo == "rloo":
+        advantages, returns = ppo.rloo_advantages(rewards.sum(1), cfg.rloo_k)[:, None] * mask, roll["values"]
+    else:
+        if cfg.whiten_rewards:
+            rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = ppo.gae(rewards, roll["values"], mask, cfg.ppo_gamma, cfg.ppo_lam)
     roll["advantages"] = ppo.masked_whiten(advantages, mask) * mask
     roll["returns"] = returns
     # 4. epochs x shuffled minibatches of clipped updates
@@ -306,6 +315,23 @@ def majority_reference(train_levels, test_levels):
     f1 = reward.emp_f1(np.tile(majority, (len(test_levels), 1)), np.asarray(test_levels))
     return dict(emp_f1=f1["emp_f1"], emp_f1_er=f1["er"], emp_f1_ip=f1["ip"], emp_f1_ex=f1["ex"],
                 levels=majority.tolist())
+
+
+def ppo_line(step, total, s):
+    """The log line of a PPO iteration, keys in a fixed order (or what went non-finite)."""
+    if "nonfinite_scores" in s:
+        return f"ppo {step:>4}/{total} | {s['nonfinite_scores']} non-finite scores: update skipped"
+    keys = [("score", ".3f"), ("kl", ".3f"), ("beta", ".3f"), ("pg_loss", ".4f"), ("vf_loss", ".4f"),
+            ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("explained_var", ".3f"), ("length", ".1f"), ("seconds", ".1f")]
+    skipped = f" | {s['skipped_nonfinite']} non-finite updates skipped" if s["skipped_nonfinite"] else ""
+    return f"ppo {step:>4}/{total} | " + " | ".join(f"{k} {s[k]:{fmt}}" for k, fmt in keys) + skipped
+
+
+def eval_line(name, m):
+    """The log line of an evaluation."""
+    return (f"{name}: emp_f1 {m['emp_f1']:.2f} (er {m['emp_f1_er']:.1f} ip {m['emp_f1_ip']:.1f} ex {m['emp_f1_ex']:.1f})"
+            f" | reward {m['reward']:.3f} | dist_2 {m['dist_2']:.1f} | ppl {m['ppl']:.1f} | length {m['length']:.1f}"
+            f" | unique {m['unique_frac']:.2f}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -171,6 +171,18 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, returns
 
 
+def rloo_advantages(rewards, k):
+    """RLOO (Ahmadian et al. 2024) in place of GAE: each reply's sequence reward minus the mean reward of the
+    other k - 1 replies to the same context, A_i = r_i - 1/(k-1) Σ_{j≠i} r_j. A baseline from the same
+    context's samples, no value head. rewards (N,) hold k consecutive replies per context -> (N,)."""
+    if k < 2:
+        raise ValueError(f"rloo_advantages needs k >= 2 replies per context (got {k}): with one there is no baseline")
+    if rewards.numel() % k:
+        raise ValueError(f"rloo_advantages: {rewards.numel()} rewards are not groups of k = {k}")
+    r = rewards.view(-1, k)                                                  # (N/k, k)
+    return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)             # r_i - mean of the others
+
+
 # ----------------------------------------------------------------------------- 4. losses
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2):

@@ -1,23 +1,18 @@
 """Train EmpRL end to end: tokenizer -> SFT -> identifiers -> labels -> PPO -> eval.
 
     python train.py                                    # preset `gpu` with CUDA, `cpu` without
-    python train.py --preset=tiny --out_dir=runs/tiny
+    python train.py --preset=tiny --out_dir=runs/tiny  # any --key=value overrides a field of Config
     python train.py --preset=cpu --out_dir=runs/seed1 --from_run=runs/cpu --ppo_seed=1
 
-Every stage writes its results into the run directory (--out_dir) and is skipped when the command is rerun;
-SFT and PPO resume from their last periodic checkpoint. Any `--key=value` overrides a field of Config.
-
-The fields of Config are declared in pipeline order, one section per stage, and a field belongs to the stage of
-its section: changing it changes that stage's results and everything after it. So a rerun in the same
-directory with changed fields is refused, and `--from_run=DIR` starts a new run that copies DIR's results of
-every stage before the first one a changed field belongs to (a new PPO seed reuses tokenizer, SFT model,
-identifiers and labels; a new decoding seed reuses the EmpRL model too).
+Every stage writes its results into the run directory and is skipped when the command is rerun; SFT and PPO
+resume from their last periodic checkpoint. Config lists its fields in pipeline order, one section per stage,
+and a field belongs to the stage of its section: changing it changes that stage and every later one. So a rerun
+with changed fields is refused, and --from_run=DIR copies DIR's results of the stages before the first changed one.
 """
 import dataclasses
 import errno
 import io
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -47,7 +42,7 @@ class Config:
     max_nonfinite: int = 20  # SFT steps or PPO iterations in a row with non-finite numbers before the run stops
     # --- tokenizer stage: data, vocabulary, the starting checkpoint
     seed: int = 1337  # tokenizer, model init, SFT data order, EPITOME split, identifiers
-    pretrained: str = ""  # HF T5 dir or hub name (t5-base): its weights and spiece.model; "" = ours from scratch
+    pretrained: str = ""  # a HF T5 directory (config.json, model.safetensors, spiece.model); "" = ours from scratch
     vocab_size: int = 8000  # our SentencePiece vocabulary (ignored with `pretrained`)
     max_context_tokens: int = 200  # context cut from the left (oldest tokens dropped)
     max_target_tokens: int = 50  # reference replies cut from the right
@@ -58,10 +53,8 @@ class Config:
     dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16; never float16
     d_model: int = 256  # heads of d_model / num_heads dimensions
     d_ff: int = 1024
-    num_layers: int = 3  # encoder blocks
-    num_decoder_layers: int = 3
+    num_layers: int = 3  # blocks in the encoder and in the decoder
     num_heads: int = 8
-    feed_forward_proj: str = "relu"  # relu (T5 v1.0) | gated-gelu (v1.1 / FLAN)
     dropout_rate: float = 0.1
     sft_epochs: float = 3.0  # passes over ED train (fractions allowed)
     sft_batch_size: int = 8
@@ -83,13 +76,16 @@ class Config:
     # --- labels stage: the target levels y* of ED replies
     label_limit_train: int = 0  # label only the first N ED train targets (0 = all): PPO's context pool
     # --- ppo stage
-    ppo_steps: int = 200  # PPO iterations, each on `ppo_batch_size` contexts
+    ppo_steps: int = 200  # iterations, each of `ppo_batch_size` rollouts
+    algo: str = "ppo"  # ppo (value head + GAE) | rloo (leave-one-out baseline over rloo_k replies to a context)
+    rloo_k: int = 4  # RLOO: replies sampled per context (ppo_batch_size / rloo_k contexts an iteration)
     ppo_seed: int = 0  # rollouts and minibatch order; vary it to measure the spread
     ppo_batch_size: int = 32  # rollouts per iteration
     ppo_mini_batch_size: int = 8
     ppo_grad_accum: int = 1  # minibatches whose gradients make one optimizer update
     ppo_epochs: int = 4
-    ppo_lr: float = 1e-5  # Adam, linear decay to 0 over the run
+    ppo_lr: float = 1e-5  # Adam, linear decay to 0 over ppo_lr_decay_steps iterations
+    ppo_lr_decay_steps: int = 0  # 0 = ppo_steps (the authors decay over 3 passes of the data, evaluate earlier)
     ppo_clip_range: float = 0.2  # ε of the clipped ratio
     ppo_clip_range_value: float = 0.2  # value clipping around the old values
     ppo_vf_coef: float = 0.1
@@ -122,7 +118,7 @@ class Config:
 PRESETS = {
     # tests: a few hundred examples, a very small model; end to end in about ten seconds on 2 CPU cores
     "tiny": dict(vocab_size=600, limit_train=400, limit_valid=64, limit_test=64, ident_limit_pairs=200,
-                 d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                 d_model=64, d_ff=128, num_layers=2, num_heads=4,
                  sft_epochs=1.0, sft_batch_size=16, sft_lr=1e-3, sft_eval_every=10, sft_limit_valid=64,
                  ident_epochs=1, ident_ctx_tokens=64, ident_resp_tokens=32, ppo_steps=4, ppo_batch_size=8,
                  ppo_mini_batch_size=4, ppo_epochs=2, ppo_max_new_tokens=12, ppo_eval_every=2, ppo_limit_valid=16,
@@ -132,11 +128,19 @@ PRESETS = {
     "cpu": dict(sft_epochs=2.0, sft_batch_size=32, sft_lr=1e-3, sft_warmup_steps=200, sft_eval_every=500,
                 ident_init="scratch", ident_lr=3e-4, ident_class_weights=True, ident_epochs=5,
                 label_limit_train=12000, ppo_steps=200, ppo_lr=3e-5, adaptive_kl=False, init_kl_coef=0.5),
-    # the default with CUDA: the authors' settings on pretrained t5-base
-    "gpu": dict(pretrained="t5-base", ident_init="pretrained", sft_epochs=3.0, sft_batch_size=8, sft_lr=1e-4,
-                sft_eval_every=2000, ident_batch_size=16, ident_lr=2e-5, ppo_steps=1000, ppo_lr=1e-5),
+    # the default with CUDA: the authors' settings on pretrained t5-base (PPO: 4 updates of 32 rollouts per
+    # iteration, lr decaying over 3 passes of ED train = 3,774 iterations, the checkpoint of iteration 1,600)
+    "gpu": dict(pretrained="models/t5-base", ident_init="pretrained", sft_batch_size=8, sft_lr=1e-4,
+                sft_eval_every=2000, ident_batch_size=16, ident_lr=2e-5, ppo_steps=1600, ppo_lr_decay_steps=3774,
+                ppo_grad_accum=4, ppo_lr=1e-5),
+    # a first real run on a 16 GB GPU or in a lab session: pretrained t5-small, one SFT epoch, fewer iterations
+    "small": dict(pretrained="models/t5-small", ident_init="pretrained", sft_epochs=1.0, sft_batch_size=32,
+                  sft_lr=3e-4, sft_eval_every=500, ident_lr=1e-4, ident_epochs=4, label_limit_train=12000,
+                  ppo_steps=400, ppo_grad_accum=4, ppo_lr=1e-5),
 }
 
+CHOICES = dict(dtype=("auto", "float32", "bfloat16"), ident_init=("sft", "pretrained", "scratch"),
+               kl_estimator=("k1", "k3"), algo=("ppo", "rloo"))  # never float16: T5 overflows
 STAGES = ("tokenizer", "sft", "identifiers", "labels", "ppo", "eval")
 SECTIONS = {"seed": "tokenizer", "dtype": "sft", "ident_init": "identifiers", "label_limit_train": "labels",
             "ppo_steps": "ppo", "eval_batch_size": "eval"}  # the first field of each stage's section
@@ -175,14 +179,15 @@ def parse_args(argv):
             setattr(cfg, key, value.lower() in ("1", "true", "yes") if typ is bool else typ(value))
         except ValueError:
             raise RunError(f"--{key}={value}: expected {typ.__name__}") from None
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise RunError(f"--dtype={cfg.dtype}: use auto, float32 or bfloat16 (float16 overflows in T5)")
-    if cfg.ident_init not in ("sft", "pretrained", "scratch"):
-        raise RunError(f"--ident_init={cfg.ident_init}: use sft, pretrained or scratch")
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise RunError(f"--{key}={getattr(cfg, key)}: use {' or '.join(choices)}")
     if not cfg.reward_mechanisms or set(cfg.reward_mechanisms.split(",")) - set(data.MECHANISMS):
         raise RunError(f"--reward_mechanisms={cfg.reward_mechanisms}: a comma list of {','.join(data.MECHANISMS)}")
-    if cfg.ppo_batch_size % cfg.ppo_mini_batch_size:
-        raise RunError("--ppo_batch_size must be a multiple of --ppo_mini_batch_size")
+    if cfg.ppo_batch_size % cfg.ppo_mini_batch_size or (cfg.algo == "rloo" and cfg.ppo_batch_size % cfg.rloo_k):
+        raise RunError("--ppo_batch_size must be a multiple of --ppo_mini_batch_size (and of --rloo_k with RLOO)")
+    if cfg.algo == "rloo" and cfg.rloo_k < 2:
+        raise RunError(f"--rloo_k={cfg.rloo_k}: RLOO needs at least 2 replies per context for its baseline")
     return cfg, preset
 
 
@@ -204,33 +209,29 @@ def choose_dtype(cfg, device):
 
 def stage_tokenizer(cfg, run, env):
     """The tokenizer (the pretrained T5's or our own SentencePiece) and every ED split encoded."""
+    ed = {s: data.load_empathetic_dialogues(env["data_dir"] / "empatheticdialogues" / f"{s}.csv")[: limit or None]
+          for s, limit in (("train", cfg.limit_train), ("valid", cfg.limit_valid), ("test", cfg.limit_test))}
     if cfg.pretrained:
         shutil.copyfile(Path(cfg.pretrained) / "spiece.model", run / "spiece.model")
-    else:
-        examples = data.load_empathetic_dialogues(env["data_dir"] / "empatheticdialogues" / "train.csv")
-        # one role-tagged text per dialogue prefix (so "speaker:"/"listener:" become pieces), plus EPITOME posts
-        texts = [data.format_context(ex.context + [ex.target]) for ex in examples[: cfg.limit_train or None]]
+    else:  # one role-tagged text per dialogue (so "speaker:"/"listener:" become pieces), plus EPITOME posts
+        texts = [data.format_context(ex.context + [ex.target]) for ex in ed["train"]]
         for rec in data.load_epitome(env["data_dir"] / "epitome" / data.EPITOME_FILES["er"]):
             texts += [rec.seeker_post, rec.response_post]
         data.Tokenizer.train(texts, run / "spiece.model", vocab_size=cfg.vocab_size, seed=cfg.seed)
     tok = data.Tokenizer(run / "spiece.model")
-    encoded = {}
-    for split, limit in (("train", cfg.limit_train), ("valid", cfg.limit_valid), ("test", cfg.limit_test)):
-        examples = data.load_empathetic_dialogues(env["data_dir"] / "empatheticdialogues" / f"{split}.csv")
-        examples = examples[: limit or None]
-        encoded[split] = dict(ctx=[data.encode_context(tok, ex.context, cfg.max_context_tokens) for ex in examples],
-                              tgt=[data.encode_target(tok, ex.target, cfg.max_target_tokens) for ex in examples])
-    save_torch(run / "encoded.pt", encoded)
-    print(f"data: ED train {len(encoded['train']['ctx'])} / valid {len(encoded['valid']['ctx'])} / test "
-          f"{len(encoded['test']['ctx'])} examples | vocab {tok.vocab_size}")
+    encoded = {s: dict(ctx=[data.encode_context(tok, ex.context, cfg.max_context_tokens) for ex in examples],
+                       tgt=[data.encode_target(tok, ex.target, cfg.max_target_tokens) for ex in examples])
+               for s, examples in ed.items()}
+    write(run / "encoded.pt", encoded)
+    print(f"data: ED train / valid / test {' / '.join(str(len(e['ctx'])) for e in encoded.values())} examples | "
+          f"vocab {tok.vocab_size}")
 
 
 def build_model(cfg, vocab_size):
     if cfg.pretrained:
         return T5.from_pretrained(cfg.pretrained)
     return T5(T5Config(vocab_size=vocab_size, d_model=cfg.d_model, d_kv=cfg.d_model // cfg.num_heads, d_ff=cfg.d_ff,
-                       num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads,
-                       feed_forward_proj=cfg.feed_forward_proj, dropout_rate=cfg.dropout_rate))
+                       num_layers=cfg.num_layers, num_heads=cfg.num_heads, dropout_rate=cfg.dropout_rate))
 
 
 def stage_sft(cfg, run, env):
@@ -242,49 +243,37 @@ def stage_sft(cfg, run, env):
     total = max(1, int(cfg.sft_epochs * steps_per_epoch))
     torch.manual_seed(cfg.seed)  # before the random init
     model = build_model(cfg, read(run / "spiece.model", data.Tokenizer).vocab_size).to(device)
-    print(f"sft: T5 of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    print(f"sft: T5 of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {total} steps")
     # fused: one kernel updates every parameter (the for-each default launches several per step)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.sft_weight_decay, fused=True)
     sched = linear_schedule(opt, total, cfg.sft_warmup_steps)
-    state = dict(step=0, best=float("inf"), nonfinite=0)
-    if (run / "sft_ckpt.pt").exists():  # resume: weights, optimizer, schedule, RNG, position in the data
-        ck = read(run / "sft_ckpt.pt")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
-        state = ck["state"]
-        print(f"sft: resuming at step {state['step']}/{total}")
+    parts = dict(model=model, optimizer=opt, scheduler=sched)  # with the RNG, all that decides the steps to come
+    state = load_checkpoint(run / "sft_ckpt.pt", parts) or dict(step=0, best=float("inf"), nonfinite=0)
     bar = tqdm(total=total, initial=state["step"], desc="sft", dynamic_ncols=True)
-    t0, n_tokens = time.time(), 0
     while state["step"] < total:
         epoch, pos = divmod(state["step"], steps_per_epoch)
         # the batch order of an epoch is a function of (seed, epoch): a resumed run sees the same batches
         for idx in data.batch_indices(lengths, cfg.sft_batch_size, shuffle=True, seed=cfg.seed + epoch, bucket=True)[pos:]:
             model.train()
             with autocast():
-                loss, n = emprl.sft_loss(model, data.make_batch(train, idx, device))
+                loss, _ = emprl.sft_loss(model, data.make_batch(train, idx, device))
             loss.backward()
             finite = emprl.optimizer_step(model, opt, 1.0)
             sched.step()
             state["step"] += 1
             count_nonfinite(state, finite, cfg, "SFT steps")
-            n_tokens += int(n)
             bar.update(1)
             if state["step"] % cfg.sft_eval_every == 0 or state["step"] == total:
                 ppl = emprl.perplexity(model, valid, device, cfg.eval_batch_size, autocast)
-                rec = dict(stage="sft", step=state["step"], epoch=state["step"] / steps_per_epoch, loss=loss.item(),
-                           valid_ppl=ppl, lr=sched.get_last_lr()[0], tokens_per_s=n_tokens / (time.time() - t0))
-                log(run, rec)
-                tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+                log(run, dict(stage="sft", step=state["step"], epoch=state["step"] / steps_per_epoch, loss=loss.item(),
+                              valid_ppl=ppl, lr=sched.get_last_lr()[0], steps_per_s=bar.format_dict["rate"]))
+                tqdm.write(f"sft {state['step']}/{total} | loss {loss.item():.3f} | valid ppl {ppl:.2f}")
                 if ppl < state["best"]:  # keep the best model by validation perplexity
                     state["best"] = ppl
                     model.save_pretrained(run / "sft")
-                save_torch(run / "sft_ckpt.pt", dict(model=model.state_dict(), optimizer=opt.state_dict(),
-                                                     scheduler=sched.state_dict(), rng=rng_state(), state=state))
+                save_checkpoint(run / "sft_ckpt.pt", parts, state)
             if state["step"] == total:
                 break
-    bar.close()
     print(f"sft: best validation perplexity {state['best']:.2f}")
 
 
@@ -302,11 +291,10 @@ def stage_identifiers(cfg, run, env):
         else:  # both encoders from a T5 that has read text: our SFT model, or the pretrained checkpoint
             model = reward.EmpathyIdentifier.from_t5(read(run / "sft") if cfg.ident_init == "sft" else
                                                      T5.from_pretrained(cfg.pretrained))
-        model.to(device)
         t0 = time.time()
-        print(f"identifier {mech}: {len(ex['train']['level'])} train / {len(ex['valid']['level'])} valid / "
-              f"{len(ex['test']['level'])} test pairs | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-        hist = reward.train_identifier(model, ex["train"], ex["valid"], epochs=cfg.ident_epochs,
+        print(f"identifier {mech}: {' / '.join(str(len(e['level'])) for e in ex.values())} train / valid / test "
+              f"pairs | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        hist = reward.train_identifier(model.to(device), ex["train"], ex["valid"], epochs=cfg.ident_epochs,
                                        batch_size=cfg.ident_batch_size, lr=cfg.ident_lr,
                                        class_weights=cfg.ident_class_weights, device=device, seed=cfg.seed,
                                        patience=cfg.ident_patience, log=tqdm.write)
@@ -318,7 +306,7 @@ def stage_identifiers(cfg, run, env):
         log(run, dict(stage="identifiers", mechanism=mech, **table[mech]))
         models.append(model.cpu())
     reward.Identifiers(models).save(run / "identifiers")
-    write_json(run / "identifiers.json", table)
+    write(run / "identifiers.json", table)
 
 
 def stage_labels(cfg, run, env):
@@ -333,106 +321,76 @@ def stage_labels(cfg, run, env):
         counts = {m: np.bincount(levels[:, i], minlength=3).tolist() for i, m in enumerate(data.MECHANISMS)}
         print(f"labels {split}: level counts (no/weak/strong) {counts}")
         log(run, dict(stage="labels", split=split, counts=counts))
-    save_torch(run / "labels.pt", labels)
+    write(run / "labels.pt", labels)
 
 
 def stage_ppo(cfg, run, env):
     """Policy + value head from the SFT model, a frozen reference copy, the empathy reward; PPO iterations."""
     device, autocast, tok = env["device"], env["autocast"], read(run / "spiece.model", data.Tokenizer)
     encoded, labels = read(run / "encoded.pt"), read(run / "labels.pt")
-    levels = labels["train"].numpy()
-    ctx = encoded["train"]["ctx"][: len(levels)]  # the labelled train examples are the context pool
-    pool = dict(ctx=ctx, ident_ctx=[c[-cfg.ident_ctx_tokens:] for c in ctx], levels=levels)
-    valid, valid_levels = encoded["valid"], labels["valid"].numpy()
+    ctx = encoded["train"]["ctx"][: len(labels["train"])]  # the labelled train examples are the context pool
+    pool = dict(ctx=ctx, ident_ctx=[c[-cfg.ident_ctx_tokens:] for c in ctx], levels=labels["train"].numpy())
     ref_model = read(run / "sft").to(device).eval().requires_grad_(False)
     policy = emprl.PolicyWithValue(read(run / "sft"), cfg.dropout_rate).to(device)
     identifiers = read(run / "identifiers", reward.Identifiers.load).to(device)
-    n_updates = cfg.ppo_steps * cfg.ppo_epochs * -(-cfg.ppo_batch_size // (cfg.ppo_mini_batch_size * cfg.ppo_grad_accum))
+    updates = -(-cfg.ppo_batch_size // (cfg.ppo_mini_batch_size * cfg.ppo_grad_accum)) * cfg.ppo_epochs  # per iteration
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo_lr, fused=True)
-    sched = linear_schedule(opt, n_updates)
+    sched = linear_schedule(opt, (cfg.ppo_lr_decay_steps or cfg.ppo_steps) * updates)
     kl_ctl = (ppo.AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else ppo.FixedKLController(cfg.init_kl_coef))
-    moments, gen = ppo.RunningMoments(), torch.Generator().manual_seed(cfg.ppo_seed)
-    state = dict(step=0, nonfinite=0, sft_valid=None)
-    torch.manual_seed(cfg.ppo_seed)
-    if (run / "ppo_ckpt.pt").exists():  # resume: everything that decides the iterations still to come
-        ck = read(run / "ppo_ckpt.pt")
-        for obj, key in ((policy, "policy"), (opt, "optimizer"), (sched, "scheduler"), (kl_ctl, "kl_ctl"),
-                         (moments, "moments")):
-            obj.load_state_dict(ck[key])
-        gen.set_state(ck["generator"])
-        set_rng_state(ck["rng"])
-        state = ck["state"]
-        print(f"ppo: resuming at iteration {state['step']}/{cfg.ppo_steps}")
+    moments, gen = ppo.RunningMoments(), torch.Generator().manual_seed(cfg.ppo_seed)  # gen: minibatch order
+    torch.manual_seed(cfg.ppo_seed)  # rollout sampling
+    parts = dict(policy=policy, optimizer=opt, scheduler=sched, kl_ctl=kl_ctl, moments=moments, generator=gen)
+    state = load_checkpoint(run / "ppo_ckpt.pt", parts) or dict(step=0, nonfinite=0, sft_valid=None)
 
-    def evaluate(model):
-        return emprl.evaluate(model, identifiers, tok, valid, valid_levels, device, cfg, autocast,
-                              n=cfg.ppo_limit_valid, seed=cfg.eval_seed)[0]
+    def validate(model):
+        return emprl.evaluate(model, identifiers, tok, encoded["valid"], labels["valid"].numpy(), device, cfg,
+                              autocast, n=cfg.ppo_limit_valid, seed=cfg.eval_seed)[0]
     if state["sft_valid"] is None:  # the SFT model on the same validation subset, once, as the reference line
-        state["sft_valid"] = evaluate(ref_model)
-        print(eval_line("valid sft", state["sft_valid"]))
+        state["sft_valid"] = validate(ref_model)
+        print(emprl.eval_line("valid sft", state["sft_valid"]))
     bar = tqdm(total=cfg.ppo_steps, initial=state["step"], desc="ppo", dynamic_ncols=True)
+    k = cfg.rloo_k if cfg.algo == "rloo" else 1  # rollouts per context
     while state["step"] < cfg.ppo_steps:
         # the contexts of iteration i: a seeded permutation of the pool per pass, consumed in order
-        epoch, offset = divmod(state["step"] * cfg.ppo_batch_size, len(ctx))
-        order = np.concatenate([np.random.default_rng(cfg.ppo_seed + epoch + k).permutation(len(ctx)) for k in (0, 1)])
-        idx = order[offset: offset + cfg.ppo_batch_size].tolist()
+        epoch, offset = divmod(state["step"] * cfg.ppo_batch_size // k, len(ctx))
+        order = np.concatenate([np.random.default_rng(cfg.ppo_seed + epoch + e).permutation(len(ctx)) for e in (0, 1)])
+        idx = np.repeat(order[offset: offset + cfg.ppo_batch_size // k], k).tolist()  # each context k times in a row
         stats, roll = emprl.ppo_iteration(policy, ref_model, identifiers, opt, sched, kl_ctl, moments,
                                           data.make_batch(pool, idx, device), cfg, autocast, gen)
         state["step"] += 1
         bar.update(1)
         log(run, dict(stage="ppo", step=state["step"], **stats))
-        if "score" in stats:
-            tqdm.write(ppo_line(state["step"], cfg.ppo_steps, stats))
-        finite = "nonfinite_scores" not in stats and stats["skipped_nonfinite"] == 0
-        if not finite:
-            tqdm.write(f"ppo {state['step']:>4}/{cfg.ppo_steps} | non-finite: {stats.get('nonfinite_scores', 0)} "
-                       f"scores (whole update skipped), {stats.get('skipped_nonfinite', 0)} updates skipped")
-        count_nonfinite(state, finite, cfg, "PPO iterations")
+        tqdm.write(emprl.ppo_line(state["step"], cfg.ppo_steps, stats))
+        count_nonfinite(state, "nonfinite_scores" not in stats and stats["skipped_nonfinite"] == 0, cfg, "PPO iterations")
         if state["step"] % cfg.ppo_eval_every == 0 or state["step"] == cfg.ppo_steps:
             for i in range(2):
                 tqdm.write(f"  context: {tok.decode(ctx[idx[i]])[-200:]}\n  reply:   {tok.decode(roll['replies'][i])}")
-            m = evaluate(policy.model)
+            m = validate(policy.model)
             log(run, dict(stage="ppo_eval", step=state["step"], **m))
-            tqdm.write(eval_line(f"valid emprl@{state['step']}", m) + f"   (sft {state['sft_valid']['emp_f1']:.2f})")
+            tqdm.write(emprl.eval_line(f"valid emprl@{state['step']}", m) + f"   (sft {state['sft_valid']['emp_f1']:.2f})")
         if state["step"] % cfg.ppo_save_every == 0 or state["step"] == cfg.ppo_steps:
-            save_torch(run / "ppo_ckpt.pt", dict(policy=policy.state_dict(), optimizer=opt.state_dict(),
-                                                 scheduler=sched.state_dict(), kl_ctl=kl_ctl.state_dict(),
-                                                 moments=moments.state_dict(), generator=gen.get_state(),
-                                                 rng=rng_state(), state=state))
-    bar.close()
+            save_checkpoint(run / "ppo_ckpt.pt", parts, state)
     policy.model.save_pretrained(run / "emprl")
-
-
-def ppo_line(step, total, s):
-    keys = [("score", ".3f"), ("kl", ".3f"), ("beta", ".3f"), ("pg_loss", ".4f"), ("vf_loss", ".4f"),
-            ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("explained_var", ".3f"), ("length", ".1f"), ("seconds", ".1f")]
-    return f"ppo {step:>4}/{total} | " + " | ".join(f"{k} {s[k]:{fmt}}" for k, fmt in keys)
-
-
-def eval_line(name, m):
-    return (f"{name}: emp_f1 {m['emp_f1']:.2f} (er {m['emp_f1_er']:.1f} ip {m['emp_f1_ip']:.1f} ex {m['emp_f1_ex']:.1f})"
-            f" | reward {m['reward']:.3f} | dist_2 {m['dist_2']:.1f} | ppl {m['ppl']:.1f} | length {m['length']:.1f}"
-            f" | unique {m['unique_frac']:.2f}")
 
 
 def stage_eval(cfg, run, env):
     """SFT and EmpRL on the ED test split, decoded like the authors; results.json and results.md."""
     t0, tok, labels = time.time(), read(run / "spiece.model", data.Tokenizer), read(run / "labels.pt")
-    test, test_levels = read(run / "encoded.pt")["test"], labels["test"].numpy()
-    identifiers = read(run / "identifiers", reward.Identifiers.load).to(env["device"])
+    test, identifiers = read(run / "encoded.pt")["test"], read(run / "identifiers", reward.Identifiers.load)
     results, texts = {}, {}
     for name in ("sft", "emprl"):
-        results[name], texts[name] = emprl.evaluate(read(run / name).to(env["device"]), identifiers, tok, test,
-                                                    test_levels, env["device"], cfg, env["autocast"], seed=cfg.eval_seed)
-        print(eval_line(f"test {name}", results[name]))
-    results["majority"] = emprl.majority_reference(labels["train"].numpy(), test_levels)
-    results.update(identifiers=read_json(run / "identifiers.json"), config=dataclasses.asdict(cfg),
-                   time_s={**read_json(run / "stages.json"), "eval": time.time() - t0}, n_test=len(test["ctx"]))
-    every = max(1, len(test["ctx"]) // 6)
+        results[name], texts[name] = emprl.evaluate(read(run / name).to(env["device"]), identifiers.to(env["device"]),
+                                                    tok, test, labels["test"].numpy(), env["device"], cfg,
+                                                    env["autocast"], seed=cfg.eval_seed)
+        print(emprl.eval_line(f"test {name}", results[name]))
+    results["majority"] = emprl.majority_reference(labels["train"].numpy(), labels["test"].numpy())
+    results.update(identifiers=read(run / "identifiers.json"), config=dataclasses.asdict(cfg),
+                   time_s={**read(run / "stages.json"), "eval": time.time() - t0}, n_test=len(test["ctx"]))
     results["samples"] = [dict(context=tok.decode(test["ctx"][i]), reference=tok.decode(test["tgt"][i]),
-                               sft=texts["sft"][i], emprl=texts["emprl"][i]) for i in range(0, len(test["ctx"]), every)][:6]
-    write_json(run / "results.json", results)
+                               sft=texts["sft"][i], emprl=texts["emprl"][i])
+                          for i in range(0, len(test["ctx"]), max(1, len(test["ctx"]) // 6))][:6]
+    write(run / "results.json", results)
     atomic_write(run / "results.md", results_markdown(results).encode())
 
 
@@ -443,9 +401,8 @@ def results_markdown(results):
     for name, m in (("SFT", results["sft"]), ("EmpRL", results["emprl"]), ("majority level", results["majority"])):
         out.append(f"| {name} | " + " | ".join(f"{m[c]:.2f}" if c in m else "" for c in cols) + " |")
     out += ["", "| identifier | accuracy | macro-F1 | weighted-F1 | majority acc | majority macro-F1 |", "|---" * 6 + "|"]
-    for mech, m in results["identifiers"].items():
-        out.append(f"| {mech.upper()} | {m['acc']:.3f} | {m['macro_f1']:.3f} | {m['weighted_f1']:.3f} | "
-                   f"{m['majority']['acc']:.3f} | {m['majority']['macro_f1']:.3f} |")
+    out += [f"| {mech.upper()} | {m['acc']:.3f} | {m['macro_f1']:.3f} | {m['weighted_f1']:.3f} | "
+            f"{m['majority']['acc']:.3f} | {m['majority']['macro_f1']:.3f} |" for mech, m in results["identifiers"].items()]
     out += ["", "| context | reference | SFT | EmpRL |", "|---|---|---|---|"]
     for s in results["samples"]:
         cells = [s["context"][-160:], s["reference"], s["sft"], s["emprl"]]
@@ -461,26 +418,32 @@ def run_pipeline(cfg, preset):
     run = Path(cfg.out_dir)
     if run.exists() and not run.is_dir():
         raise RunError(f"--out_dir={run} is a file; give a directory")
-    check_settings(cfg, run)
+    if (run / "config.json").exists() and (changed := changed_fields(read(run / "config.json"), cfg)):
+        raise RunError(f"{run} was made with other settings ({'; '.join(changed.values())}); use a new --out_dir, "
+                       f"with --from_run={run} to reuse its stages before '{first_stage(changed)}'")
     run.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     dtype, why = choose_dtype(cfg, device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 on GPUs with TF32
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
-    if cfg.pretrained and not Path(cfg.pretrained).is_dir():
-        cfg.pretrained = str(download_pretrained(cfg.pretrained))
+    if cfg.pretrained and not (Path(cfg.pretrained) / "config.json").exists():
+        raise RunError(f"--pretrained={cfg.pretrained} is not a T5 checkpoint directory: download config.json, "
+                       f"model.safetensors and spiece.model (see the README) and pass their directory")
     env = dict(device=device, autocast=autocast, data_dir=data.ensure_data(cfg.data_dir or None))
     if cfg.from_run and not (run / "stages.json").exists():
         reuse_stages(cfg, run, Path(cfg.from_run))
-    write_json(run / "config.json", dataclasses.asdict(cfg))
+    write(run / "config.json", dataclasses.asdict(cfg))
     log(run, dict(stage="config", preset=preset, **dataclasses.asdict(cfg)))
     print(f"preset {preset} | device {device} | {dtype} ({why}) | torch threads {torch.get_num_threads()} | run {run}")
     print("config: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    done = read_json(run / "stages.json") if (run / "stages.json").exists() else {}
+    done = read(run / "stages.json") if (run / "stages.json").exists() else {}
     for i, stage in enumerate(STAGES):
         if stage in done and not all((run / f).exists() for f in RESULTS[stage]):  # a result was deleted
             print(f"[{stage}] a result is missing: redoing '{stage}' and the stages after it")
-            forget_stages(run, done, i)
+            for later in STAGES[i:]:  # they were built on it: results and checkpoints go
+                done.pop(later, None)
+                for name in {Path(f).parts[0] for f in RESULTS[later]} | {f"{later}_ckpt.pt"}:
+                    shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
         if stage in done:
             print(f"[{stage}] done earlier ({done[stage]:.0f} s), skipped")
             continue
@@ -488,12 +451,10 @@ def run_pipeline(cfg, preset):
         t0 = time.time()
         globals()[f"stage_{stage}"](cfg, run, env)
         done[stage] = time.time() - t0
-        write_json(run / "stages.json", done)
+        write(run / "stages.json", done)
         (run / f"{stage}_ckpt.pt").unlink(missing_ok=True)  # finished: its results supersede the checkpoint
         if device.type == "cuda":  # what the stage needed on the GPU
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            print(f"[{stage}] {done[stage]:.0f} s, peak GPU memory {peak:.2f} GiB")
-            log(run, dict(stage=stage, seconds=done[stage], peak_gpu_gib=peak))
+            print(f"[{stage}] {done[stage]:.0f} s, peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
             torch.cuda.reset_peak_memory_stats()
     print((run / "results.md").read_text())
     print("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in done.items()))
@@ -513,114 +474,96 @@ def main(argv):
     except (RunError, data.DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except OSError as e:  # the file system said no: which file and why, without a traceback
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"error: no space left on the device while writing {e.filename}; free some space and rerun "
-                  f"the same command (finished stages and checkpoints are kept)", file=sys.stderr)
-        else:
-            print(f"error: {e.filename or 'the run directory'}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # the file system said no (a full disk, a permission): which file, without a traceback
+        advice = "; free some space and rerun the same command" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"error: {e.filename or 'the run directory'}: {e.strerror or e}{advice}", file=sys.stderr)
         sys.exit(1)
 
 
 # ----------------------------------------------------------------------------------------------------
-# the run directory: settings, reuse, damaged files, small helpers
+# the run directory: settings, reuse, files
 
 
 class RunError(Exception):
     """A user-facing failure: printed as one line, no traceback."""
 
 
-def changed_fields(old, new):
-    """The fields (outside the run section) whose values differ between two configs, as "name: old -> new"."""
-    return {k: f"{k}: {old.get(k)} -> {new[k]}" for k in new if STAGE_OF.get(k) and old.get(k) != new[k]}
+def changed_fields(old, cfg):
+    """{field: "field: old -> new"} for the fields outside the run section that differ from an earlier config."""
+    new = dataclasses.asdict(cfg)
+    return {k: f"{k}: {old.get(k)} -> {v}" for k, v in new.items() if STAGE_OF[k] and old.get(k) != v}
 
 
-def check_settings(cfg, run):
-    """Refuse to continue a run directory made with settings that change results."""
-    if not (run / "config.json").exists():
-        return
-    changed = changed_fields(read_json(run / "config.json"), dataclasses.asdict(cfg))
-    if changed:
-        first = STAGES[min(STAGES.index(STAGE_OF[k]) for k in changed)]
-        raise RunError(f"{run} was made with other settings ({'; '.join(changed.values())}); use a new --out_dir, "
-                       f"with --from_run={run} to reuse its stages before '{first}'")
+def first_stage(changed):
+    return min((STAGE_OF[k] for k in changed), key=STAGES.index, default=None)
 
 
 def reuse_stages(cfg, run, source):
-    """Copy from an earlier run the results of its finished stages that come before the first stage a changed
-    field belongs to; they are recorded done here with their original times."""
-    if not (source / "config.json").exists():
-        raise RunError(f"--from_run={source}: not a run directory (no config.json)")
-    changed = changed_fields(read_json(source / "config.json"), dataclasses.asdict(cfg))
-    first = min([STAGES.index(STAGE_OF[k]) for k in changed] + [len(STAGES)])
-    source_done = read_json(source / "stages.json") if (source / "stages.json").exists() else {}
-    done = {}
-    for stage in STAGES[:first]:
+    """Copy from an earlier run the results of its finished stages before the first one a changed field belongs
+    to; they count as done here, with their original times."""
+    if not (source / "stages.json").exists():
+        raise RunError(f"--from_run={source}: not a run directory (no stages.json)")
+    source_done, changed, done = read(source / "stages.json"), changed_fields(read(source / "config.json"), cfg), {}
+    for stage in STAGES[: STAGES.index(first_stage(changed)) if changed else None]:
         if stage not in source_done or not all((source / f).exists() for f in RESULTS[stage]):
             break
         for name in {Path(f).parts[0] for f in RESULTS[stage]}:  # a file, or a model directory
-            copy = shutil.copytree if (source / name).is_dir() else shutil.copyfile
-            copy(source / name, run / name)
+            (shutil.copytree if (source / name).is_dir() else shutil.copyfile)(source / name, run / name)
         done[stage] = source_done[stage]
-    write_json(run / "stages.json", done)
-    print(f"--from_run={source}: reusing {', '.join(done) or 'nothing'} "
-          f"({'; '.join(changed.values()) or 'no field'} changed)")
-
-
-def forget_stages(run, done, first):
-    """Forget stage number `first` and every later one, deleting their results and checkpoints."""
-    for stage in STAGES[first:]:
-        done.pop(stage, None)
-        for name in {Path(f).parts[0] for f in RESULTS[stage]} | {f"{stage}_ckpt.pt"}:
-            shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
-    write_json(run / "stages.json", done)
+    write(run / "stages.json", done)
+    print(f"--from_run={source}: reusing {', '.join(done) or 'nothing'} ({'; '.join(changed.values()) or 'same settings'})")
 
 
 def read(path, load=None):
-    """A file or model directory of the run, read by `load` (default: load_torch, or T5.from_pretrained for a
-    directory); a damaged one stops the run with one line saying which and what to do."""
+    """A file or model directory of the run, read by `load`; by default JSON for .json, T5.from_pretrained for a
+    directory, else torch.load with weights_only (tensors and containers: a tampered file cannot run code).
+    A damaged one (truncated, corrupt, tampered with) stops the run with one line saying which and what to do."""
     path = Path(path)
-    load = load or (T5.from_pretrained if path.suffix == "" else load_torch)
     try:
-        return load(path)
-    except ValueError as e:  # a CheckpointError, DataError or JSONDecodeError
-        raise RunError(f"{path} is damaged ({str(e).removeprefix(f'{path}: ')}): delete it and rerun the same "
-                       f"command; the stage that wrote it is redone") from None
+        if load is None and path.suffix in (".pt", ".json"):
+            return (json.loads(path.read_text()) if path.suffix == ".json" else
+                    torch.load(path, map_location="cpu", weights_only=True))
+        return (load or T5.from_pretrained)(path)
+    except Exception as e:
+        why = str(e).removeprefix(f"{path}: ") if isinstance(e, ValueError) else type(e).__name__
+        raise RunError(f"{path} is damaged ({why}): delete it and rerun the same command; the stage that wrote it "
+                       f"is redone") from None
 
 
-def load_torch(path):
-    """torch.load with weights_only (tensors and plain containers only: a tampered file cannot run code), on the
-    CPU (RNG states must be CPU tensors; load_state_dict moves the rest)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, truncated, corrupt or tampered with
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__})") from None
-
-
-def save_torch(path, obj):
+def write(path, obj):
+    """Write a file of the run whole or not at all (t5.atomic_write): JSON for .json, else torch.save."""
+    if path.suffix == ".json":
+        return atomic_write(path, json.dumps(obj, indent=1).encode())
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write(path, buf.getvalue())
-
-
-def read_json(path):
-    """A JSON object of the run directory (config.json, stages.json, identifiers.json)."""
-    def load(path):
-        obj = json.loads(path.read_text())
-        if not isinstance(obj, dict):
-            raise ValueError(f"a JSON {type(obj).__name__}, not an object")
-        return obj
-    return read(path, load)
-
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
 def log(run, record):
     """Append one record to log.jsonl (append-only: a line cut short by a kill is skipped when read)."""
     with open(run / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(path, parts, state):
+    """The loop state, every part's state (a torch.Generator's too) and torch's RNG streams (dropout, sampling)."""
+    write(path, dict(state=state, rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all(),
+                          parts={k: p.get_state() if isinstance(p, torch.Generator) else p.state_dict()
+                                 for k, p in parts.items()}))
+
+
+def load_checkpoint(path, parts):
+    """Restore what save_checkpoint saved into `parts` and return the loop state; None without a checkpoint."""
+    if not path.exists():
+        return None
+    ck = read(path)
+    for k, p in parts.items():
+        p.set_state(ck["parts"][k]) if isinstance(p, torch.Generator) else p.load_state_dict(ck["parts"][k])
+    torch.set_rng_state(ck["rng"])
+    if ck["cuda_rng"]:
+        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    print(f"{path.name}: resuming after step {ck['state']['step']}")
+    return ck["state"]
 
 
 def count_nonfinite(state, finite, cfg, what):
@@ -631,38 +574,12 @@ def count_nonfinite(state, finite, cfg, what):
                        f"is diverging (lower the learning rate, or use --dtype=float32)")
 
 
-def rng_state():
-    """The RNG streams the stages draw from: torch's (dropout, sampling, init) and CUDA's."""
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def linear_schedule(optimizer, total_steps, warmup_steps=0):
     def f(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         return max(0.0, 1.0 - (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
-
-
-def download_pretrained(name):
-    """A HuggingFace hub T5 (e.g. t5-base) as a local directory under ~/.cache/emprl/, downloaded once."""
-    dest = Path(os.environ.get("EMPRL_CACHE", Path.home() / ".cache" / "emprl")) / name.replace("/", "--")
-    for f in ("config.json", "model.safetensors", "spiece.model"):
-        if not (dest / f).exists():
-            url = f"https://huggingface.co/{name}/resolve/main/{f}"
-            print(f"downloading {url}")
-            try:
-                atomic_write(dest / f, data.fetch(url))
-            except data.DataError as e:
-                raise RunError(f"--pretrained={name}: not a directory, and {e}; download config.json, "
-                               f"model.safetensors and spiece.model into a directory and pass its path") from None
-    return dest
 
 
 if __name__ == "__main__":
