@@ -11,6 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,7 +192,7 @@ def test_tokenizer_round_trip_and_t5_special_ids(tok):
     assert tok.decode(ids) == text
     assert tok.decode(ids[:-1] + [1, 5, 6] + [0, 0]) == text  # stops at EOS
     assert tok.decode([0] + ids) == text  # pad skipped
-    padded, _ = data.pad_batch([tok.encode("What happened?"), ids])
+    padded = data.make_batch({"ids": [tok.encode("What happened?"), ids]}, [0, 1])["ids"]
     assert [tok.decode(row) for row in padded] == ["What happened?", text]
 
 
@@ -243,12 +244,27 @@ def test_encode_target_cuts_at_max_len_with_eos_last(tok):
     ids = data.encode_target(tok, long, max_len=50)
     assert len(ids) == 50 and ids[-1] == tok.eos_id and ids[:-1] == tok.encode(long, add_eos=False)[:49]
     assert data.encode_target(tok, "He is twelve.") == tok.encode("He is twelve.")
+    assert data.cut_target([5, 6, 7, 1], 3) == [5, 6, 1] and data.cut_target([5, 1], 3) == [5, 1]
 
 
-def test_pad_batch_pads_right_with_mask_one_on_real_tokens():
-    ids, mask = data.pad_batch([[5, 6, 1], [7, 1]])
-    assert ids.dtype == mask.dtype == torch.long
-    assert ids.tolist() == [[5, 6, 1], [7, 1, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+def test_make_batch_pads_token_lists_right_with_a_mask_and_stacks_numbers():
+    """Token-id lists become right-padded ids and a mask (1 = real token); numbers and arrays are stacked."""
+    split = {"ctx": [[5, 6, 1], [7, 1], [9, 9, 9, 1]], "level": [2, 0, 1], "levels": np.array([[0, 1, 2]] * 3)}
+    b = data.make_batch(split, [2, 1])
+    assert b["ctx"].dtype == b["ctx_mask"].dtype == torch.long
+    assert b["ctx"].tolist() == [[9, 9, 9, 1], [7, 1, 0, 0]] and b["ctx_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert b["level"].tolist() == [1, 0] and b["levels"].shape == (2, 3)
+
+
+def test_in_input_order_batches_by_length_and_returns_rows_in_input_order():
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    seen = []
+
+    def fn(idx):
+        seen.append([lengths[i] for i in idx])
+        return [10 * i for i in idx]
+    assert data.in_input_order(fn, lengths, batch_size=3) == [10 * i for i in range(7)]
+    assert seen == [[1, 2, 3], [5, 7, 8], [9]]  # similar lengths share a batch
 
 
 def test_batch_indices_cover_each_index_once_seeded_and_bucketing_cuts_padding():

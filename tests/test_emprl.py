@@ -19,16 +19,17 @@ GOOD = torch.arange(8, 16)  # the reward: fraction of reply tokens drawn from th
 class SubsetReward:
     """Stands in for the empathy identifiers: the score of a reply is the fraction of its real tokens in GOOD."""
 
-    def score(self, ctx_ids, ctx_mask, replies, mask, levels, mechanisms=None):
+    def score(self, ctx, ctx_mask, replies, mask, levels, mechanisms=None):
         hit = torch.isin(replies, GOOD).float() * mask
         return hit.sum(1) / mask.sum(1).clamp(min=1)
 
 
 def ppo_cfg(**kw):
-    cfg = dict(batch_size=16, mini_batch_size=8, ppo_epochs=4, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1,
-               gamma=1.0, lam=0.95, max_grad_norm=1.0, ratio_threshold=10.0, kl_min=0.0, kl_max=10.0, kl_estimator='k1',
-               score_norm=True, whiten_rewards=True, temperature=1.0, min_new_tokens=3, max_new_tokens=8,
-               ppo_dropout=False, reward_mechanisms=('er', 'ip', 'ex'))
+    cfg = dict(algo="ppo", rloo_k=4, ppo_mini_batch_size=8, ppo_grad_accum=1, ppo_epochs=4, ppo_clip_range=0.2,
+               ppo_clip_range_value=0.2, ppo_vf_coef=0.1, ppo_gamma=1.0, ppo_lam=0.95, ppo_max_grad_norm=1.0,
+               ppo_ratio_threshold=10.0, kl_min=0.0, kl_max=10.0, kl_estimator="k1", score_norm=True,
+               whiten_rewards=True, ppo_temperature=1.0, ppo_min_new_tokens=3, ppo_max_new_tokens=8,
+               ppo_dropout=False, reward_mechanisms="er,ip,ex")
     cfg.update(kw)
     return types.SimpleNamespace(**cfg)
 
@@ -45,22 +46,23 @@ def setup(seed=0, lr=3e-3, beta=0.05):
     return policy, ref, opt, sched, ppo.FixedKLController(beta), ppo.RunningMoments()
 
 
-def batch(n=16, seed=0):
+def batch(n=16, seed=0, k=1):
+    """n rollouts: n / k random contexts, each k times in a row."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (n, 6), generator=g)
+    ids = torch.randint(3, VOCAB, (n // k, 6), generator=g).repeat_interleave(k, dim=0)
     ids[:, -1] = 1
     mask = torch.ones_like(ids)
-    return dict(ctx_ids=ids, ctx_mask=mask, ident_ctx_ids=ids, ident_ctx_mask=mask,
-                levels=torch.zeros(n, 3, dtype=torch.long))
+    return dict(ctx=ids, ctx_mask=mask, ident_ctx=ids, ident_ctx_mask=mask, levels=torch.zeros(n, 3, dtype=torch.long))
 
 
 def train(steps, beta, seed=0, lr=3e-3, **kw):
     policy, ref, opt, sched, kl_ctl, moments = setup(seed, lr=lr, beta=beta)
     gen = torch.Generator().manual_seed(seed)
     cfg, history = ppo_cfg(**kw), []
+    k = cfg.rloo_k if cfg.algo == "rloo" else 1
     for step in range(steps):
-        stats, _ = emprl.ppo_iteration(policy, ref, SubsetReward(), opt, sched, kl_ctl, moments, batch(seed=step),
-                                       cfg, _nullctx, gen)
+        stats, _ = emprl.ppo_iteration(policy, ref, SubsetReward(), opt, sched, kl_ctl, moments,
+                                       batch(seed=step, k=k), cfg, _nullctx, gen)
         history.append(stats)
     return history
 
@@ -80,11 +82,29 @@ def test_ppo_learns_to_raise_the_reward_and_measured_kl_stays_nonnegative():
     assert sum(h["kl"] for h in hist) / len(hist) > -0.05
 
 
+def test_rloo_learns_to_raise_the_reward_without_a_value_head():
+    """The same toy task with RLOO (4 replies per context, leave-one-out baseline): the score rises as with PPO,
+    and the value head is never trained (it stays at its zero init)."""
+    hist = train(40, beta=0.05, algo="rloo")
+    first, last = hist[0]["score"], sum(h["score"] for h in hist[-5:]) / 5
+    assert first < 0.4 and last > 0.85, (first, last)
+    assert all(h["vf_loss"] == 0.0 for h in hist)
+
+
+def test_gradient_accumulation_makes_one_update_per_group_of_minibatches():
+    """ppo_grad_accum=2 with 2 minibatches per epoch: one optimizer update per epoch (the authors' schedule: the
+    rollouts of an iteration make one update per PPO epoch)."""
+    policy, ref, opt, sched, kl_ctl, moments = setup()
+    emprl.ppo_iteration(policy, ref, SubsetReward(), opt, sched, kl_ctl, moments, batch(), ppo_cfg(ppo_grad_accum=2),
+                        _nullctx, torch.Generator().manual_seed(0))
+    assert sched.last_epoch == 4 and opt.state_dict()["state"][0]["step"] == 4  # 4 epochs x 1 update
+
+
 def test_huge_beta_keeps_the_policy_at_the_reference():
     """With β = 50 the KL penalty dominates: the score barely moves and the KL stays small.
     Raw rewards and no value loss here, so that score vs. KL is the only signal: whitening would rescale the
     huge penalty back to unit size, and a value head fitting returns of size β·KL shakes the shared trunk."""
-    hist = train(40, beta=50.0, lr=1e-3, whiten_rewards=False, vf_coef=0.0)
+    hist = train(40, beta=50.0, lr=1e-3, whiten_rewards=False, ppo_vf_coef=0.0)
     first = sum(h["score"] for h in hist[:5]) / 5
     last = sum(h["score"] for h in hist[-5:]) / 5
     assert abs(last - first) < 0.15, (first, last)
@@ -95,18 +115,19 @@ def test_first_minibatch_ratio_is_one_and_nothing_is_clipped():
     """Before any update the recomputed log-probs equal the rollout's (no shift, padding, dropout or temperature
     mismatch): ratio 1 and clipfrac 0 on the first minibatch — even with dropout configured in the model."""
     policy, ref, opt, sched, kl_ctl, moments = setup()
-    cfg = ppo_cfg(temperature=0.7)
+    cfg = ppo_cfg(ppo_temperature=0.7)
     b = batch()
     roll = emprl.rollout(policy, ref, b, cfg, _nullctx)
-    logits, values = policy(b["ctx_ids"], b["ctx_mask"], roll["replies"])
-    lp = emprl.token_logprobs(emprl.scored_logits(logits, cfg.temperature, cfg.min_new_tokens), roll["replies"], roll["mask"])
+    logits, values = policy(b["ctx"], b["ctx_mask"], policy.model.shift_right(roll["replies"]))
+    lp = emprl.token_logprobs(emprl.scored_logits(logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens), roll["replies"],
+                              roll["mask"])
     adv = torch.randn_like(lp) * roll["mask"]
     _, stats = ppo.policy_loss(lp, roll["logprobs"], adv, roll["mask"], 0.2)
     assert abs(float(stats["ratio"]) - 1.0) < 1e-5
     assert float(stats["clipfrac"]) == 0.0
     # the same through the update loop: its first minibatch sees ratio 1
     roll.update(advantages=adv, returns=torch.zeros_like(adv))
-    mb_stats, _ = emprl.ppo_update(policy, opt, sched, roll, b, ppo_cfg(temperature=0.7, ppo_epochs=1), _nullctx,
+    mb_stats, _ = emprl.ppo_update(policy, opt, sched, roll, b, ppo_cfg(ppo_temperature=0.7, ppo_epochs=1), _nullctx,
                                    torch.Generator().manual_seed(0))
     assert abs(mb_stats[0]["ratio"] - 1.0) < 1e-5 and mb_stats[0]["clipfrac"] == 0.0
 
@@ -114,7 +135,7 @@ def test_first_minibatch_ratio_is_one_and_nothing_is_clipped():
 def test_rollout_masks_everything_after_eos_and_respects_min_length():
     """Reply masks end at the first </s>; log-probs and values are 0 after it; no </s> before min_new_tokens."""
     policy, ref, *_ = setup()
-    cfg = ppo_cfg(min_new_tokens=3)
+    cfg = ppo_cfg(ppo_min_new_tokens=3)
     roll = emprl.rollout(policy, ref, batch(), cfg, _nullctx)
     m = roll["mask"]
     assert (roll["logprobs"][m == 0] == 0).all() and (roll["values"][m == 0] == 0).all()
@@ -145,10 +166,10 @@ def test_sft_loss_is_the_mean_token_cross_entropy():
     torch.manual_seed(0)
     model = T5(T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).eval()
     tgt = torch.tensor([[5, 6, 1, 0], [7, 8, 9, 1]])
-    b = dict(ctx_ids=torch.tensor([[3, 4, 1], [5, 1, 0]]), ctx_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
-             tgt_ids=tgt, tgt_mask=(tgt != 0).long())
+    b = dict(ctx=torch.tensor([[3, 4, 1], [5, 1, 0]]), ctx_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+             tgt=tgt, tgt_mask=(tgt != 0).long())
     loss, n = emprl.sft_loss(model, b)
-    logits = model(b["ctx_ids"], b["ctx_mask"], model.shift_right(tgt))
+    logits = model(b["ctx"], b["ctx_mask"], model.shift_right(tgt))
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tgt.reshape(-1).masked_fill(tgt.reshape(-1) == 0, -100))
     assert n == 7 and torch.allclose(loss, ref, atol=1e-6)
 

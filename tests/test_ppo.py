@@ -171,6 +171,31 @@ def test_nothing_lands_after_eos_in_advantages_and_returns():
     torch.testing.assert_close(returns2, returns)
 
 
+def test_rloo_advantages_are_reward_minus_the_mean_of_the_other_replies_to_the_same_context():
+    """k = 3 replies per context, two contexts, against the definition written out by hand."""
+    r = t([1.0, 2.0, 6.0, -1.0, 0.0, 4.0])
+    expected = [1 - (2 + 6) / 2, 2 - (1 + 6) / 2, 6 - (1 + 2) / 2, -1 - (0 + 4) / 2, 0 - (-1 + 4) / 2, 4 - (-1 + 0) / 2]
+    assert ppo.rloo_advantages(r, 3).tolist() == pytest.approx(expected)
+    assert ppo.rloo_advantages(r, 3).view(2, 3).sum(1).tolist() == pytest.approx([0.0, 0.0])  # zero-mean per context
+    assert ppo.rloo_advantages(t([5.0, 5.0]), 2).tolist() == [0.0, 0.0]  # equal rewards: nothing to learn
+
+
+def test_rloo_refuses_k_1_and_groups_that_do_not_divide_the_batch():
+    with pytest.raises(ValueError, match="k >= 2"):
+        ppo.rloo_advantages(t([1.0, 2.0]), 1)
+    with pytest.raises(ValueError, match="not groups of k = 4"):
+        ppo.rloo_advantages(t([1.0, 2.0, 3.0]), 4)
+
+
+def test_rloo_rows_with_no_real_token_get_no_advantage():
+    """Laid out over the reply tokens (as emprl.ppo_iteration does), a row without a real token gets 0 everywhere,
+    like every position after </s>."""
+    mask = t([[1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1]])
+    per_token = ppo.rloo_advantages(t([1.0, 3.0, 2.0, 2.0]), 2)[:, None] * mask
+    assert per_token[1].tolist() == [0.0, 0.0, 0.0] and (per_token[mask == 0] == 0).all()
+    assert per_token[0].tolist() == [-2.0, -2.0, 0.0]
+
+
 # ----------------------------------------------------------------------------- 4. losses
 
 def test_policy_clipping_triggers_exactly_outside_the_trust_region():

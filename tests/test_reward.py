@@ -1,4 +1,4 @@
-"""Tests for reward.py: the reward [R1], Emp-F1 [E1-E3], the identifier and its training (METHOD.md 2, 3, 5)."""
+"""Tests for reward.py: the reward [R1], Emp-F1 [E1-E3], the identifier and its training."""
 import math
 
 import numpy as np
@@ -164,14 +164,16 @@ def test_from_t5_copies_the_encoder_into_two_independent_stacks():
 def cue_word_examples(n, seed, vocab=40):
     """Synthetic task: level 1 if the reply contains word 3, level 2 if it contains word 4, else 0."""
     rng = np.random.default_rng(seed)
-    out = []
+    out = dict(ctx=[], resp=[], level=[])
     for _ in range(n):
         level = int(rng.integers(3))
         resp = list(rng.integers(5, vocab, size=int(rng.integers(3, 10))))
         if level:
             resp[int(rng.integers(len(resp)))] = 2 + level
         ctx = list(rng.integers(5, vocab, size=int(rng.integers(3, 12))))
-        out.append(([int(x) for x in ctx] + [1], [int(x) for x in resp] + [1], level))
+        out["ctx"].append([int(x) for x in ctx] + [1])
+        out["resp"].append([int(x) for x in resp] + [1])
+        out["level"].append(level)
     return out
 
 
@@ -184,7 +186,7 @@ def test_identifier_learns_cue_word_task():
                                      device="cpu", seed=0, patience=5, log=lambda s: None)
     logits = reward.predict(model, valid, batch_size=64, device="cpu")
     assert logits.shape == (200, 3)
-    acc = reward.classification_metrics([ex[2] for ex in valid], logits.argmax(-1))["acc"]
+    acc = reward.classification_metrics(valid["level"], logits.argmax(-1))["acc"]
     assert acc > 0.95, result["history"]
     assert result["valid"]["acc"] == pytest.approx(acc)  # the best state was loaded back
 
@@ -195,10 +197,11 @@ def test_tiny_training_on_real_epitome_improves_validation_loss(real_data_dir, t
     tok = data.Tokenizer.train([t for r in records for t in (r.seeker_post, r.response_post)],
                                tmp_path / "tok.model", vocab_size=800)
     examples = reward.epitome_examples(records, tok, ctx_len=64, resp_len=32)
-    assert all(ex[0][-1] == tok.eos_id and ex[1][-1] == tok.eos_id and len(ex[0]) <= 64 for ex in examples)
+    assert all(c[-1] == r[-1] == tok.eos_id and len(c) <= 64 for c, r in zip(examples["ctx"], examples["resp"]))
+    first, rest = ({k: v[s] for k, v in examples.items()} for s in (slice(300), slice(300, None)))
     torch.manual_seed(0)
     model = reward.EmpathyIdentifier(tiny_config(vocab_size=tok.vocab_size))
-    result = reward.train_identifier(model, examples[:300], examples[300:], epochs=3, batch_size=32, lr=1e-3,
+    result = reward.train_identifier(model, first, rest, epochs=3, batch_size=32, lr=1e-3,
                                      class_weights=False, device="cpu", seed=0, patience=3, log=lambda s: None)
     losses = [h["valid_loss"] for h in result["history"]]
     assert all(math.isfinite(x) for x in losses)
@@ -206,14 +209,18 @@ def test_tiny_training_on_real_epitome_improves_validation_loss(real_data_dir, t
 
 
 def test_identifiers_save_load_round_trip_and_damaged_file(tmp_path):
-    """Saved identifiers score exactly as before; a damaged file raises CheckpointError naming it."""
+    """Saved identifiers (safetensors, like a T5 checkpoint) score exactly as before; a damaged file raises
+    CheckpointError naming the directory."""
     ids = make_identifiers(seed=3)
-    ids.save(tmp_path / "identifiers.pt")
-    loaded = reward.Identifiers.load(tmp_path / "identifiers.pt")
+    ids.save(tmp_path / "identifiers")
+    loaded = reward.Identifiers.load(tmp_path / "identifiers")
     batch = random_batch(torch.Generator().manual_seed(4))
     targets = torch.tensor([[0, 1, 2], [2, 2, 0], [1, 0, 0], [0, 0, 1]])
     torch.testing.assert_close(loaded.score(*batch, targets), ids.score(*batch, targets))
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    (tmp_path / "bad.pt").write_bytes((tmp_path / "identifiers.pt").read_bytes()[:1000])
-    with pytest.raises(t5.CheckpointError, match="bad.pt"):
-        reward.Identifiers.load(tmp_path / "bad.pt")
+    weights = tmp_path / "identifiers" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(t5.CheckpointError, match="identifiers"):
+        reward.Identifiers.load(tmp_path / "identifiers")
+    with pytest.raises(t5.CheckpointError, match="missing"):
+        reward.Identifiers.load(tmp_path / "missing")

@@ -1,4 +1,5 @@
-"""`python train.py --preset=tiny` end to end on the real data, in a subprocess, as a user runs it."""
+"""`python train.py --preset=tiny` end to end in a subprocess, as a user runs it: on a small made-up data set
+(runs on a fresh clone, no downloads) and on the real data (EMPRL_DATA)."""
 import json
 import math
 import os
@@ -11,9 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from synthetic import write_synthetic_data
+from t5 import load_safetensors
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_KEYS = ["emp_f1", "emp_f1_er", "emp_f1_ip", "emp_f1_ex", "dist_1", "dist_2", "bleu_1", "bleu_2", "bleu_3",
               "bleu_4", "ppl", "reward", "length", "unique_frac"]
+# one thread: the float sums, hence the weights, are the same in every run (and two processes share 2 cores)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def train_cmd(data_dir, out_dir, *extra):
@@ -22,39 +28,86 @@ def train_cmd(data_dir, out_dir, *extra):
 
 
 def run(cmd, timeout=300):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(real_data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    t0 = time.time()
-    p = run(train_cmd(real_data_dir, out))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return out, p, time.time() - t0
-
-
-def test_tiny_preset_runs_end_to_end_with_finite_metrics(tiny_run):
-    """Every stage runs; results.json holds finite metrics for sft and emprl, the majority row, config and times."""
-    out, p, seconds = tiny_run
+def assert_finished_with_finite_metrics(out):
     res = json.loads((out / "results.json").read_text())
     for model in ("sft", "emprl"):
         for k in MODEL_KEYS:
             assert math.isfinite(res[model][k]), (model, k, res[model][k])
     for k in ("emp_f1", "emp_f1_er", "emp_f1_ip", "emp_f1_ex"):
         assert math.isfinite(res["majority"][k])
-    assert res["config"]["limit_train"] == 400
     assert set(res["time_s"]) == {"tokenizer", "sft", "identifiers", "labels", "ppo", "eval"}
     assert (out / "results.md").read_text().startswith("| model |")
     assert (out / "sft" / "model.safetensors").exists() and (out / "emprl" / "model.safetensors").exists()
-    first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
-    assert first["stage"] == "config"
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[0])["stage"] == "config"
+    return res
+
+
+def same_weights(a, b):
+    ta, tb = load_safetensors(a), load_safetensors(b)
+    return ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta)
+
+
+def kill_during_ppo(cmd, out, after_step=3, timeout=240):
+    """Start cmd, SIGKILL it once PPO iteration `after_step` is logged."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, log = time.time() + timeout, out / "log.jsonl"
+    try:
+        while not (log.exists() and f'"stage": "ppo", "step": {after_step},' in log.read_text()):
+            assert proc.poll() is None, f"the run ended before PPO iteration {after_step}"
+            assert time.time() < deadline, "timed out waiting for PPO"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_tiny_pipeline_on_synthetic_data(tmp_path):
+    """No downloads, no EMPRL_DATA: made-up ED and EPITOME files in the official formats; the tiny preset runs
+    every stage to finite metrics, and a run SIGKILLed in PPO resumes from its last checkpoint and ends with
+    exactly the weights and metrics of the uninterrupted run."""
+    data_dir = write_synthetic_data(tmp_path / "data")
+    p = run(train_cmd(data_dir, tmp_path / "run", "--ppo_steps=8"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    want = assert_finished_with_finite_metrics(tmp_path / "run")
+    assert "ppo    1/8 | score" in p.stdout and "| identifier |" in p.stdout
+
+    killed = tmp_path / "killed"
+    kill_during_ppo(train_cmd(data_dir, killed, "--ppo_steps=8"), killed)
+    assert not (killed / "results.json").exists() and (killed / "ppo_ckpt.pt").exists()
+    p = run(train_cmd(data_dir, killed, "--ppo_steps=8"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "[sft] done earlier" in p.stdout and "ppo_ckpt.pt: resuming after step 3" in p.stdout
+    got = assert_finished_with_finite_metrics(killed)
+    assert same_weights(killed / "emprl" / "model.safetensors", tmp_path / "run" / "emprl" / "model.safetensors")
+    assert all(got[m] == want[m] for m in ("sft", "emprl", "majority"))
+    assert not (killed / "ppo_ckpt.pt").exists()  # a finished stage's checkpoint is gone
+
+
+# ----------------------------------------------------------------------------------------------------
+# the real data
+
+
+@pytest.fixture(scope="module")
+def tiny_run(real_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    p = run(train_cmd(real_data_dir, out))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out, p
+
+
+def test_tiny_preset_on_the_real_data_runs_end_to_end_with_finite_metrics(tiny_run):
+    out, p = tiny_run
+    res = assert_finished_with_finite_metrics(out)
+    assert res["config"]["limit_train"] == 400 and res["n_test"] == 64
     assert "ppo    1/4 | score" in p.stdout
 
 
 def test_rerun_skips_every_finished_stage(tiny_run, real_data_dir):
     """Rerunning the same command redoes nothing and prints the same results table."""
-    out, p, _ = tiny_run
+    out, _ = tiny_run
     again = run(train_cmd(real_data_dir, out))
     assert again.returncode == 0, again.stderr[-2000:]
     for stage in ("tokenizer", "sft", "identifiers", "labels", "ppo", "eval"):
@@ -62,52 +115,47 @@ def test_rerun_skips_every_finished_stage(tiny_run, real_data_dir):
     assert (out / "results.md").read_text() in again.stdout
 
 
-def test_changed_settings_are_refused_without_force(tiny_run, real_data_dir):
-    """A rerun whose config differs in a field that changes results names the field and refuses."""
-    out, _, _ = tiny_run
+def test_changed_settings_are_refused_naming_the_field_and_the_reuse_command(tiny_run, real_data_dir):
+    out, _ = tiny_run
     p = run(train_cmd(real_data_dir, out, "--ppo_lr=0.5"))
-    assert p.returncode != 0
-    assert "ppo_lr" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "ppo_lr: 1e-05 -> 0.5" in p.stderr and f"--from_run={out}" in p.stderr and "before 'ppo'" in p.stderr
 
 
-def test_kill_during_ppo_then_rerun_resumes_and_finishes(real_data_dir, tmp_path):
-    """SIGKILL in the middle of PPO; the same command resumes from the last PPO checkpoint and completes."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(real_data_dir, out, "--ppo_steps=8"), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    log = out / "log.jsonl"
-    while time.time() < deadline:
-        if log.exists() and sum('"stage": "ppo", "step": 3' in l for l in log.read_text().splitlines()):
-            break
-        if proc.poll() is not None:
-            pytest.fail("the run ended before PPO step 3")
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "results.json").exists()
-    p = run(train_cmd(real_data_dir, out, "--ppo_steps=8"))
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "ppo: resuming at iteration" in p.stdout
-    assert (out / "results.json").exists()
+@pytest.mark.parametrize("change, reused", [("--ppo_seed=1", ["tokenizer", "sft", "identifiers", "labels"]),
+                                            ("--eval_seed=7", ["tokenizer", "sft", "identifiers", "labels", "ppo"]),
+                                            ("--algo=rloo", ["tokenizer", "sft", "identifiers", "labels"])])
+def test_from_run_reuses_the_stages_before_the_first_changed_one(tiny_run, real_data_dir, tmp_path, change, reused):
+    """A new run with --from_run copies the earlier run's results of the stages the changed field cannot affect
+    (bit for bit) and computes the rest; `--algo=rloo` runs RLOO end to end on the reused SFT model."""
+    out, _ = tiny_run
+    new = tmp_path / "new"
+    p = run(train_cmd(real_data_dir, new, f"--from_run={out}", change))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for stage in ("tokenizer", "sft", "identifiers", "labels", "ppo", "eval"):
+        assert (f"[{stage}] done earlier" in p.stdout) == (stage in reused), stage
+    assert same_weights(new / "sft" / "model.safetensors", out / "sft" / "model.safetensors")
+    assert (new / "labels.pt").read_bytes() == (out / "labels.pt").read_bytes()
+    assert_finished_with_finite_metrics(new)
 
 
 def test_reply_command_answers_with_the_identifiers_levels(tiny_run):
     """`python emprl.py --run=RUN "message"` prints a reply and its ER / IP / EX levels."""
-    out, _, _ = tiny_run
+    out, _ = tiny_run
     p = run([sys.executable, str(ROOT / "emprl.py"), f"--run={out}", "I failed my driving test again."], timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "emprl> " in p.stdout and "ER=" in p.stdout and "IP=" in p.stdout and "EX=" in p.stdout
 
 
-@pytest.mark.parametrize("name", ["identifiers.pt", "config.json", "emprl/model.safetensors", "spiece.model"])
+@pytest.mark.parametrize("name", ["identifiers/model.safetensors", "config.json", "emprl/model.safetensors",
+                                  "spiece.model"])
 def test_reply_command_on_a_damaged_run_is_one_error_line_naming_the_file(tiny_run, tmp_path, name):
     """A truncated file in the run directory: `emprl.py` exits 1 with one line naming it, no traceback."""
-    out, _, _ = tiny_run
+    out, _ = tiny_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     (copy / name).write_bytes((copy / name).read_bytes()[:40])
     p = run([sys.executable, str(ROOT / "emprl.py"), f"--run={copy}", "hello"], timeout=120)
     assert p.returncode == 1
     assert "Traceback" not in p.stderr and p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
-    assert str(copy / name) in p.stderr  # the damaged file, by its full path
+    assert str(copy / name.split("/")[0]) in p.stderr  # the damaged file, or its model directory, by its full path
