@@ -6,7 +6,6 @@ Data directory layout (what the official archives give; `ensure_data` fetches wh
 
 Every problem with a user's file raises DataError, one message naming the file, the line and what to do.
 Nothing writes into the data directory but a download, and every file is written whole or not at all.
-
 Shapes: B batch, L longest sequence in the batch.
 """
 import csv
@@ -54,8 +53,7 @@ def _read_text(path) -> str:
     """Whole file as UTF-8 text; DataError for a missing, empty or undecodable file (with its line)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found; run `python train.py` on a machine with internet "
-                        f"to download the data, or set --data_dir / EMPRL_DATA to a complete data directory")
+        raise DataError(f"{path}: file not found; set --data_dir / EMPRL_DATA to a complete data directory")
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path}: file is empty; delete it and download it again")
@@ -63,16 +61,14 @@ def _read_text(path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: bytes that are not UTF-8 text ({e.reason}); "
-                        f"the file is damaged, download it again") from None
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason}); the file is damaged, download it again") from None
 
 
 def _int_field(value: str, path, line: int, name: str) -> int:  # an int, or a DataError naming file and line
     try:
         return int(value)
     except ValueError:
-        raise DataError(f"{path}:{line}: field {name}={value[:40]!r} is not an integer; "
-                        f"fix or re-download the file") from None
+        raise DataError(f"{path}:{line}: field {name}={value[:40]!r} is not an integer; re-download the file") from None
 
 
 # ----------------------------------------------------------------------------- EmpatheticDialogues
@@ -192,9 +188,8 @@ class Tokenizer:
             self.sp.Load(str(self.path))
         except (OSError, RuntimeError) as e:  # missing, truncated or not a model
             raise DataError(f"{self.path}: not a SentencePiece model ({str(e).strip()[:120]})") from None
-        if (self.sp.pad_id(), self.sp.eos_id(), self.sp.unk_id()) != (0, 1, 2):
-            raise DataError(f"{self.path}: pad/eos/unk ids are {self.sp.pad_id()}/{self.sp.eos_id()}/"
-                            f"{self.sp.unk_id()}, T5 needs 0/1/2; retrain with Tokenizer.train")
+        if (ids := (self.sp.pad_id(), self.sp.eos_id(), self.sp.unk_id())) != (0, 1, 2):
+            raise DataError(f"{self.path}: pad/eos/unk ids are {ids}, T5 needs 0/1/2; retrain with Tokenizer.train")
         self.vocab_size = self.sp.GetPieceSize()
 
     @classmethod
@@ -272,8 +267,8 @@ def make_batch(split, idx, device="cpu"):
 
 
 def batch_indices(lengths, batch_size, shuffle, seed, bucket=False) -> list:
-    """Index batches covering every example once (the last may be short). shuffle: seeded permutation.
-    bucket: sort by length within chunks of 50 batches (less padding), then shuffle the batches' order."""
+    """Index batches covering every example once (the last may be short); shuffle: seeded. bucket: sort by length
+    in chunks of 50 batches (less padding), then shuffle the batches' order."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
     if bucket:

@@ -11,7 +11,7 @@ The method (Ma et al., IEEE TAFFC 2025), in the order this file implements it:
     GAE        A_t = Σ_l (γλ)^l δ_{t+l},  δ_t = r_t + γV_{t+1} - V_t            -> ppo.gae          (step 3)
       or RLOO  A_i = R_i - mean_{j≠i} R_j,  R_i = s_i - β Σ_t kl_t, k replies a context -> ppo.rloo_advantages
     update     L = L_pg + c_v·L_v, clipped (PPO), epochs × minibatches         -> ppo_update       (step 4)
-    β          β ← β·(1 + clip(KL/KL_target - 1, ±0.2)·B/horizon)              -> ppo.AdaptiveKLController
+    β          β ← β·(1 + clip(KL/KL_target - 1, ±0.2)·B/horizon)              -> ppo.KLController
     evaluate   Emp-F1, Dist-n, BLEU-n, PPL, reward, length                     -> evaluate
 
 Deviations from the authors' code (TRL 0.9.6); each one a fix for a failure seen without it (docs/method.md):
@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 import ppo
@@ -46,6 +45,9 @@ import reward
 from t5 import T5, CheckpointError
 
 EVAL_DECODING = dict(do_sample=True, top_k=20, temperature=0.9, max_new_tokens=30)  # the authors' test decoding
+# TRL's defaults, which the authors kept: value clip range (= the ratio's), the mean ratio above which a minibatch
+# is skipped, the gradient-norm clip (SFT's too), and γ (a reply's reward is not discounted)
+VALUE_CLIP, RATIO_THRESHOLD, MAX_GRAD_NORM, GAMMA = 0.2, 10.0, 1.0, 1.0
 # ----------------------------------------------------------------------------------------------------
 # policy
 
@@ -102,7 +104,7 @@ def sft_loss(model: T5, batch):
     return nll / n, n
 
 
-def optimizer_step(model, optimizer, max_grad_norm):
+def optimizer_step(model, optimizer, max_grad_norm=MAX_GRAD_NORM):
     """Clip the gradient norm and step, unless the gradient is not finite (a NaN or ∞ loss makes it so): then
     the weights stay as they are and False is returned. The one guard between a bad number and the weights."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -125,7 +127,7 @@ def rollout(policy, ref_model, batch, cfg, autocast):
     ctx, ctx_mask = batch["ctx"], batch["ctx_mask"]
     with autocast():
         replies = policy.model.generate(ctx, ctx_mask, max_new_tokens=cfg.ppo_max_new_tokens, do_sample=True,
-                                        min_new_tokens=cfg.ppo_min_new_tokens, temperature=cfg.ppo_temperature)  # (B, T)
+                                        min_new_tokens=cfg.ppo_min_new_tokens, temperature=cfg.ppo_temperature)
         mask = reply_mask(replies)
         decoder_input = policy.model.shift_right(replies)
         logits, values = policy(ctx, ctx_mask, decoder_input)
@@ -155,8 +157,8 @@ def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generat
             pg_loss, pg_stats = ppo.policy_loss(logprobs, roll["logprobs"][idx], roll["advantages"][idx],
                                                 mask, cfg.ppo_clip_range)
             vf_loss, vf_stats = ppo.value_loss(values.float() * mask, roll["values"][idx], roll["returns"][idx],
-                                               mask, cfg.ppo_clip_range_value)
-            if pg_stats["ratio"] > cfg.ppo_ratio_threshold:  # a wild minibatch (TRL's ratio_threshold): skip it
+                                               mask, VALUE_CLIP)
+            if pg_stats["ratio"] > RATIO_THRESHOLD:  # a wild minibatch (TRL's ratio_threshold): skip it
                 skipped["ratio"] += 1
             else:
                 vf_coef = cfg.ppo_vf_coef if cfg.algo == "ppo" else 0.0  # RLOO has no value head to train
@@ -166,7 +168,7 @@ def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generat
                 stats.append(dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), entropy=entropy,
                                   **pg_stats, **vf_stats))
             if accumulated and ((i + 1) % cfg.ppo_grad_accum == 0 or i + 1 == len(minibatches)):
-                if optimizer_step(policy, optimizer, cfg.ppo_max_grad_norm):
+                if optimizer_step(policy, optimizer, MAX_GRAD_NORM):
                     scheduler.step()
                 else:
                     skipped["nonfinite"] += 1
@@ -202,7 +204,7 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     else:
         if cfg.whiten_rewards:
             rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = ppo.gae(rewards, roll["values"], mask, cfg.ppo_gamma, cfg.ppo_lam)
+        advantages, returns = ppo.gae(rewards, roll["values"], mask, GAMMA, cfg.ppo_lam)
     roll["advantages"] = ppo.masked_whiten(advantages, mask) * mask
     roll["returns"] = returns
     # 4. epochs x shuffled minibatches of clipped updates
@@ -329,8 +331,8 @@ def ppo_line(step, total, s):
 
 def eval_line(name, m):
     """The log line of an evaluation."""
-    return (f"{name}: emp_f1 {m['emp_f1']:.2f} (er {m['emp_f1_er']:.1f} ip {m['emp_f1_ip']:.1f} ex {m['emp_f1_ex']:.1f})"
-            f" | reward {m['reward']:.3f} | dist_2 {m['dist_2']:.1f} | ppl {m['ppl']:.1f} | length {m['length']:.1f}"
+    return (f"{name}: emp_f1 {m['emp_f1']:.2f} (er {m['emp_f1_er']:.1f} ip {m['emp_f1_ip']:.1f} "
+            f"ex {m['emp_f1_ex']:.1f}) | reward {m['reward']:.3f} | dist_2 {m['dist_2']:.1f} | ppl {m['ppl']:.1f} | length {m['length']:.1f}"
             f" | unique {m['unique_frac']:.2f}")
 
 

@@ -9,7 +9,7 @@ One PPO iteration (numbered the same way in emprl.py, train.py, README and tests
   1. rollout (no grad): sample replies; record logprobs, ref_logprobs and values of every reply token.
   2. reward: scores -> normalize_scores (RunningMoments); kl_penalized_rewards puts -β·KL_t on every
      real token and the score on the last real token; masked_whiten(rewards, shift_mean=False).
-  3. GAE: gae(rewards, values, mask, γ, λ) -> advantages, returns; masked_whiten(advantages).
+  3. GAE: gae(rewards, values, mask, γ, λ) -> advantages, returns (or RLOO: rloo_advantages); masked_whiten.
   4. epochs × shuffled minibatches: policy_loss + vf_coef · value_loss, clipped updates.
   5. statistics: approx_kl, clipfrac, entropy_from_logits, explained_variance; β <- KL controller.
   6. eval and checkpoint (RunningMoments and the KL controller have state_dict / load_state_dict).
@@ -31,12 +31,10 @@ import torch
 
 # ----------------------------------------------------------------------------- masked statistics
 
-def masked_mean(x, mask, dim=None):
-    """mean_m(x) = Σ x·m / Σ m over `dim` (all elements when dim is None). An all-zero mask gives nan."""
+def masked_mean(x, mask):
+    """mean_m(x) = Σ x·m / Σ m over all elements. An all-zero mask gives nan."""
     mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum()
-    return (x * mask).sum(dim) / mask.sum(dim)
+    return (x * mask).sum() / mask.sum()
 
 
 def masked_var(x, mask, unbiased=True):
@@ -239,35 +237,19 @@ def explained_variance(values, returns, mask):
     return (1 - masked_var(returns - values, mask, unbiased=False) / var_returns).item()
 
 
-class AdaptiveKLController:
-    """Adaptive β (Ziegler et al. 2019): after each step with mean summed KL and n_steps rollouts,
-    β <- β · (1 + clip(KL/target - 1, -0.2, 0.2) · n_steps / horizon).
-    """
+class KLController:
+    """β of the KL penalty: fixed, or adaptive (Ziegler et al. 2019): after a step with mean summed KL and n_steps
+    rollouts, β <- β · (1 + clip(KL/target - 1, -0.2, 0.2) · n_steps / horizon)."""
 
-    def __init__(self, init_kl_coef=0.2, target=6.0, horizon=10000):
-        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
-
-    def update(self, current_kl, n_steps):
-        proportional_error = min(max(float(current_kl) / self.target - 1, -0.2), 0.2)
-        self.value *= 1 + proportional_error * n_steps / self.horizon  # β update
-
-    def state_dict(self):
-        return {"value": self.value, "target": self.target, "horizon": self.horizon}
-
-    def load_state_dict(self, state):
-        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), float(state["horizon"])
-
-
-class FixedKLController:
-    """Constant β; update does nothing (same interface as AdaptiveKLController)."""
-
-    def __init__(self, kl_coef):
-        self.value = float(kl_coef)
+    def __init__(self, init_kl_coef=0.2, target=6.0, horizon=10000, adaptive=True):
+        self.value, self.target, self.horizon, self.adaptive = float(init_kl_coef), target, horizon, adaptive
 
     def update(self, current_kl, n_steps):
-        pass
+        if self.adaptive:
+            proportional_error = min(max(float(current_kl) / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + proportional_error * n_steps / self.horizon  # β update
 
-    def state_dict(self):
+    def state_dict(self):  # β is the only state; target and horizon are settings
         return {"value": self.value}
 
     def load_state_dict(self, state):

@@ -10,9 +10,8 @@ context c and a reply y and predicts its empathy level 0 = no, 1 = weak, 2 = str
     u   = sum_t m_t z_t / sum_t m_t                             (B, D)     mean over real reply tokens    [I5]
     p_k(. | c, y) = softmax(W_2 dropout(tanh(W_1 u)))           (B, C)                                    [I6]
 
-Trained with cross-entropy on EPITOME. The trained identifiers label every human reply y* of EmpatheticDialogues
-once, y*_k = argmax p_k(. | c, y*). The reward for a sampled reply y_hat is the probability that
-it has the same three levels as the human reply:
+Trained with cross-entropy on EPITOME, they label every human reply y* of EmpatheticDialogues once,
+y*_k = argmax p_k(. | c, y*). The reward of a sampled reply y_hat: the probability of the human reply's levels,
 
     r(c, y_hat) = prod_k p_k(y*_k | c, y_hat) = exp(-sum_k CE_k)   in (0, 1]                          [R1]
 
@@ -30,7 +29,6 @@ Deviations from the authors' code:
   frequency; whether to use it is measured on validation (benchmarks/bench_identifiers.py).
 - EPITOME seeker posts become a one-turn dialogue (data.encode_context), so the identifier sees the same
   role-tagged format as the ED contexts it labels later; contexts keep their most recent tokens.
-
 Shapes: B batch, S context tokens, T reply tokens, D d_model, C empathy levels (3), M mechanisms (<= 3).
 Masks: 1 = real token.
 """
@@ -207,8 +205,8 @@ def logits_of(model, batch):
 
 @torch.no_grad()
 def predict(model, split, batch_size, device, autocast=nullcontext):
-    """Logits (N, C) of one identifier, or (N, M, C) of Identifiers, for a split {ctx, resp[, level]}, in its order.
-    Eval mode, no gradient, batched by length (little padding)."""
+    """Logits (N, C) of one identifier, or (N, M, C) of Identifiers, for a split {ctx, resp[, level]}, in its order
+    (eval mode, no gradient, batched by length)."""
     model.eval()
 
     def logits(idx):
@@ -225,7 +223,7 @@ def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weigh
     Keeps the state with the best validation macro-F1 (the mean over levels: rare levels count as much as
     "no"), stops after `patience` epochs without improvement, and loads the best state into the model.
     Returns {"best_epoch", "valid" (metrics at the best epoch), "history" (one dict per epoch; epoch 0 is the
-    untrained model), "seconds", "class_weights"}."""
+    untrained model), "seconds"}."""
     torch.manual_seed(seed)
     model.to(device)
     levels = np.array(train["level"])
@@ -279,5 +277,4 @@ def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weigh
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    return {"best_epoch": best["epoch"], "valid": best, "history": history, "seconds": time.time() - t_start,
-            "class_weights": None if weight is None else weight.tolist()}
+    return {"best_epoch": best["epoch"], "valid": best, "history": history, "seconds": time.time() - t_start}

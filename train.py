@@ -5,10 +5,9 @@
     python train.py --preset=cpu --out_dir=runs/seed1 --from_run=runs/cpu --ppo_seed=1
 
 Every stage writes its results into the run directory and is skipped when the command is rerun; SFT and PPO
-resume from their last periodic checkpoint. Config lists its fields in pipeline order, one section per stage,
-and a field belongs to the stage of its section: changing it changes that stage and every later one. So a rerun
-with changed fields is refused, and --from_run=DIR copies DIR's results of the stages before the first changed one.
-"""
+resume from their last periodic checkpoint. Config lists its fields in pipeline order, a section per stage; a field
+belongs to the stage of its section and changes that stage and every later one. So a rerun with changed fields is
+refused, and --from_run=DIR copies DIR's results of the stages before the first changed one."""
 import dataclasses
 import errno
 import io
@@ -18,7 +17,6 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,7 @@ import reward
 from t5 import T5, T5Config, CheckpointError, atomic_write
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # --- run: where and how; changes no result, never compared between runs
     out_dir: str = "runs/emprl"  # the run directory: results, checkpoints, log
@@ -60,7 +58,6 @@ class Config:
     sft_batch_size: int = 8
     sft_lr: float = 1e-4  # AdamW, linear warm-up then linear decay to 0
     sft_warmup_steps: int = 0
-    sft_weight_decay: float = 0.0
     sft_eval_every: int = 1000  # steps between validation checks (the best model is kept) and checkpoints
     sft_limit_valid: int = 1000  # validation examples per check (0 = all)
     # --- identifiers stage: ER, IP, EX trained on EPITOME
@@ -71,7 +68,6 @@ class Config:
     ident_batch_size: int = 32
     ident_lr: float = 1e-4
     ident_class_weights: bool = False  # inverse-frequency class weights in the loss
-    ident_patience: int = 2  # epochs without validation macro-F1 gain before stopping
     ident_limit_pairs: int = 0  # only the first N EPITOME pairs of each split (0 = all); for tests
     # --- labels stage: the target levels y* of ED replies
     label_limit_train: int = 0  # label only the first N ED train targets (0 = all): PPO's context pool
@@ -87,12 +83,8 @@ class Config:
     ppo_lr: float = 1e-5  # Adam, linear decay to 0 over ppo_lr_decay_steps iterations
     ppo_lr_decay_steps: int = 0  # 0 = ppo_steps (the authors decay over 3 passes of the data, evaluate earlier)
     ppo_clip_range: float = 0.2  # ε of the clipped ratio
-    ppo_clip_range_value: float = 0.2  # value clipping around the old values
     ppo_vf_coef: float = 0.1
-    ppo_gamma: float = 1.0
     ppo_lam: float = 0.95
-    ppo_max_grad_norm: float = 1.0
-    ppo_ratio_threshold: float = 10.0  # skip a minibatch whose mean ratio is above this
     init_kl_coef: float = 0.2  # β at the start (0 = no KL penalty)
     adaptive_kl: bool = True  # Ziegler et al.'s controller; false = fixed β
     kl_target: float = 6.0  # nats summed over the reply
@@ -107,9 +99,8 @@ class Config:
     ppo_min_new_tokens: int = 5
     ppo_max_new_tokens: int = 30
     ppo_dropout: bool = False  # dropout in the policy during PPO
-    ppo_eval_every: int = 50  # iterations between validation evaluations (and printed sample dialogues)
+    ppo_eval_every: int = 50  # iterations between validation evaluations, sample dialogues and checkpoints
     ppo_limit_valid: int = 256  # validation examples per evaluation
-    ppo_save_every: int = 10  # iterations between checkpoints
     # --- eval stage
     eval_batch_size: int = 64  # also the batch of every other inference (validation, labels)
     eval_seed: int = 42  # decoding seed, as the authors
@@ -117,22 +108,20 @@ class Config:
 
 PRESETS = {
     # tests: a few hundred examples, a very small model; end to end in about ten seconds on 2 CPU cores
-    "tiny": dict(vocab_size=600, limit_train=400, limit_valid=64, limit_test=64, ident_limit_pairs=200,
-                 d_model=64, d_ff=128, num_layers=2, num_heads=4,
-                 sft_epochs=1.0, sft_batch_size=16, sft_lr=1e-3, sft_eval_every=10, sft_limit_valid=64,
-                 ident_epochs=1, ident_ctx_tokens=64, ident_resp_tokens=32, ppo_steps=4, ppo_batch_size=8,
-                 ppo_mini_batch_size=4, ppo_epochs=2, ppo_max_new_tokens=12, ppo_eval_every=2, ppo_limit_valid=16,
-                 ppo_save_every=1, eval_batch_size=32),
+    "tiny": dict(vocab_size=600, limit_train=400, limit_valid=64, limit_test=64, d_model=64, d_ff=128, num_layers=2,
+                 num_heads=4, sft_epochs=1.0, sft_batch_size=16, sft_lr=1e-3, sft_eval_every=10, sft_limit_valid=64,
+                 ident_epochs=1, ident_ctx_tokens=64, ident_resp_tokens=32, ident_limit_pairs=200, ppo_steps=4,
+                 ppo_batch_size=8, ppo_mini_batch_size=4, ppo_epochs=2, ppo_max_new_tokens=12, ppo_eval_every=1,
+                 ppo_limit_valid=16, eval_batch_size=32),
     # the default without a GPU: full data, a small T5 from scratch, our own 8k SentencePiece vocabulary
     # (identifier settings from benchmarks/bench_identifiers.py; PPO's the stable setting in docs/method.md)
     "cpu": dict(sft_epochs=2.0, sft_batch_size=32, sft_lr=1e-3, sft_warmup_steps=200, sft_eval_every=500,
                 ident_init="scratch", ident_lr=3e-4, ident_class_weights=True, ident_epochs=5,
                 label_limit_train=12000, ppo_steps=200, ppo_lr=3e-5, adaptive_kl=False, init_kl_coef=0.5),
-    # the default with CUDA: the authors' settings on pretrained t5-base (PPO: 4 updates of 32 rollouts per
-    # iteration, lr decaying over 3 passes of ED train = 3,774 iterations, the checkpoint of iteration 1,600)
-    "gpu": dict(pretrained="models/t5-base", ident_init="pretrained", sft_batch_size=8, sft_lr=1e-4,
-                sft_eval_every=2000, ident_batch_size=16, ident_lr=2e-5, ppo_steps=1600, ppo_lr_decay_steps=3774,
-                ppo_grad_accum=4, ppo_lr=1e-5),
+    # the default with CUDA: the authors' settings (Config's defaults) on pretrained t5-base; PPO makes 4 updates
+    # of 32 rollouts an iteration, lr decays over 3 passes of ED train (3,774 iterations), stopped at 1,600
+    "gpu": dict(pretrained="models/t5-base", ident_init="pretrained", sft_eval_every=2000, ident_batch_size=16,
+                ident_lr=2e-5, ppo_steps=1600, ppo_lr_decay_steps=3774, ppo_grad_accum=4),
     # a first real run on a 16 GB GPU or in a lab session: pretrained t5-small, one SFT epoch, fewer iterations
     "small": dict(pretrained="models/t5-small", ident_init="pretrained", sft_epochs=1.0, sft_batch_size=32,
                   sft_lr=3e-4, sft_eval_every=500, ident_lr=1e-4, ident_epochs=4, label_limit_train=12000,
@@ -141,30 +130,27 @@ PRESETS = {
 
 CHOICES = dict(dtype=("auto", "float32", "bfloat16"), ident_init=("sft", "pretrained", "scratch"),
                kl_estimator=("k1", "k3"), algo=("ppo", "rloo"))  # never float16: T5 overflows
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 STAGES = ("tokenizer", "sft", "identifiers", "labels", "ppo", "eval")
 SECTIONS = {"seed": "tokenizer", "dtype": "sft", "ident_init": "identifiers", "label_limit_train": "labels",
             "ppo_steps": "ppo", "eval_batch_size": "eval"}  # the first field of each stage's section
 STAGE_OF, _stage = {}, None  # field -> the stage of its section (None: the run section)
 for _field in dataclasses.fields(Config):
     _stage = STAGE_OF[_field.name] = SECTIONS.get(_field.name, _stage)
-# What each stage leaves for the later ones; a stage counts as done while stages.json lists it and these exist.
-RESULTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft/model.safetensors"],
-           "identifiers": ["identifiers/model.safetensors", "identifiers.json"], "labels": ["labels.pt"],
-           "ppo": ["emprl/model.safetensors"], "eval": ["results.json", "results.md"]}
+RESULTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft/model.safetensors"], "labels": ["labels.pt"],
+           "identifiers": ["identifiers/model.safetensors", "identifiers.json"], "ppo": ["emprl/model.safetensors"],
+           "eval": ["results.json", "results.md"]}  # a stage is done while stages.json lists it and these exist
 
 
-# ----------------------------------------------------------------------------------------------------
-# command line
+# -------------------------------------------------------------------------------------------------- command line
 
 
 def parse_args(argv):
     """`--preset=NAME` first, then `--key=value` overrides, type-checked against Config's fields."""
-    kv = {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise RunError(f"unexpected argument {arg!r}: use --key=value (see Config in train.py)")
-        key, eq, value = arg[2:].partition("=")
-        kv[key] = value if eq else "true"  # --flag is --flag=true
+    positional = [a for a in argv if not a.startswith("--")]
+    if positional:
+        raise RunError(f"unexpected argument {positional[0]!r}: use --key=value (see Config in train.py)")
+    kv = dict(arg[2:].split("=", 1) if "=" in arg else (arg[2:], "true") for arg in argv)  # --flag = --flag=true
     preset = kv.pop("preset", "gpu" if torch.cuda.is_available() else "cpu")
     if preset not in PRESETS:
         raise RunError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
@@ -174,10 +160,8 @@ def parse_args(argv):
             raise RunError(f"unknown option --{key}: see the fields of Config in train.py")
         typ = type(getattr(cfg, key))
         try:
-            if typ is bool and value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            setattr(cfg, key, value.lower() in ("1", "true", "yes") if typ is bool else typ(value))
-        except ValueError:
+            setattr(cfg, key, BOOLS[value.lower()] if typ is bool else typ(value))
+        except (KeyError, ValueError):
             raise RunError(f"--{key}={value}: expected {typ.__name__}") from None
     for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
@@ -193,18 +177,14 @@ def parse_args(argv):
 
 def choose_dtype(cfg, device):
     """(dtype, why): bfloat16 autocast on a GPU that supports it, else float32; never float16 (T5 overflows)."""
-    if cfg.dtype != "auto":
-        return cfg.dtype, "--dtype"
-    if device.type != "cuda":
-        return "float32", "the CPU computes in float32"
-    name = torch.cuda.get_device_name(device)
+    if cfg.dtype != "auto" or device.type != "cuda":
+        return ("float32" if cfg.dtype == "auto" else cfg.dtype), ("CPU" if cfg.dtype == "auto" else "--dtype")
     if torch.cuda.is_bf16_supported():
-        return "bfloat16", f"{name} supports bfloat16"
-    return "float32", f"{name} has no bfloat16, and float16 overflows in T5 (TF32 matmuls where the GPU has them)"
+        return "bfloat16", f"{torch.cuda.get_device_name(device)} supports bfloat16"
+    return "float32", f"{torch.cuda.get_device_name(device)} has no bfloat16 and T5 overflows in float16; TF32 matmuls"
 
 
-# ----------------------------------------------------------------------------------------------------
-# the stages, in pipeline order; each reads what the earlier ones left in the run directory `run`
+# --------------- the stages, in pipeline order; each reads what the earlier ones left in the run directory `run`
 
 
 def stage_tokenizer(cfg, run, env):
@@ -223,8 +203,8 @@ def stage_tokenizer(cfg, run, env):
                        tgt=[data.encode_target(tok, ex.target, cfg.max_target_tokens) for ex in examples])
                for s, examples in ed.items()}
     write(run / "encoded.pt", encoded)
-    print(f"data: ED train / valid / test {' / '.join(str(len(e['ctx'])) for e in encoded.values())} examples | "
-          f"vocab {tok.vocab_size}")
+    sizes = " / ".join(str(len(e["ctx"])) for e in encoded.values())
+    print(f"data: ED train / valid / test {sizes} examples, vocabulary {tok.vocab_size}")
 
 
 def build_model(cfg, vocab_size):
@@ -245,7 +225,7 @@ def stage_sft(cfg, run, env):
     model = build_model(cfg, read(run / "spiece.model", data.Tokenizer).vocab_size).to(device)
     print(f"sft: T5 of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {total} steps")
     # fused: one kernel updates every parameter (the for-each default launches several per step)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.sft_weight_decay, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0, fused=True)
     sched = linear_schedule(opt, total, cfg.sft_warmup_steps)
     parts = dict(model=model, optimizer=opt, scheduler=sched)  # with the RNG, all that decides the steps to come
     state = load_checkpoint(run / "sft_ckpt.pt", parts) or dict(step=0, best=float("inf"), nonfinite=0)
@@ -253,12 +233,13 @@ def stage_sft(cfg, run, env):
     while state["step"] < total:
         epoch, pos = divmod(state["step"], steps_per_epoch)
         # the batch order of an epoch is a function of (seed, epoch): a resumed run sees the same batches
-        for idx in data.batch_indices(lengths, cfg.sft_batch_size, shuffle=True, seed=cfg.seed + epoch, bucket=True)[pos:]:
+        batches = data.batch_indices(lengths, cfg.sft_batch_size, shuffle=True, seed=cfg.seed + epoch, bucket=True)
+        for idx in batches[pos:]:
             model.train()
             with autocast():
                 loss, _ = emprl.sft_loss(model, data.make_batch(train, idx, device))
             loss.backward()
-            finite = emprl.optimizer_step(model, opt, 1.0)
+            finite = emprl.optimizer_step(model, opt)
             sched.step()
             state["step"] += 1
             count_nonfinite(state, finite, cfg, "SFT steps")
@@ -292,18 +273,19 @@ def stage_identifiers(cfg, run, env):
             model = reward.EmpathyIdentifier.from_t5(read(run / "sft") if cfg.ident_init == "sft" else
                                                      T5.from_pretrained(cfg.pretrained))
         t0 = time.time()
-        print(f"identifier {mech}: {' / '.join(str(len(e['level'])) for e in ex.values())} train / valid / test "
-              f"pairs | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
         hist = reward.train_identifier(model.to(device), ex["train"], ex["valid"], epochs=cfg.ident_epochs,
                                        batch_size=cfg.ident_batch_size, lr=cfg.ident_lr,
                                        class_weights=cfg.ident_class_weights, device=device, seed=cfg.seed,
-                                       patience=cfg.ident_patience, log=tqdm.write)
+                                       patience=2, log=tqdm.write)
         y = np.array(ex["test"]["level"])
         pred = reward.predict(model, ex["test"], cfg.eval_batch_size, device, env["autocast"]).argmax(-1)
         majority = np.full_like(y, np.bincount(ex["train"]["level"], minlength=3).argmax())
         table[mech] = dict(**reward.classification_metrics(y, pred), seconds=time.time() - t0,
                            majority=reward.classification_metrics(y, majority), epochs_run=len(hist["history"]) - 1)
         log(run, dict(stage="identifiers", mechanism=mech, **table[mech]))
+        print(f"identifier {mech} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, train / valid "
+              f"/ test pairs {' / '.join(str(len(e['level'])) for e in ex.values())}): test macro-F1 "
+              f"{table[mech]['macro_f1']:.3f}, majority level {table[mech]['majority']['macro_f1']:.3f}")
         models.append(model.cpu())
     reward.Identifiers(models).save(run / "identifiers")
     write(run / "identifiers.json", table)
@@ -336,19 +318,16 @@ def stage_ppo(cfg, run, env):
     updates = -(-cfg.ppo_batch_size // (cfg.ppo_mini_batch_size * cfg.ppo_grad_accum)) * cfg.ppo_epochs  # per iteration
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo_lr, fused=True)
     sched = linear_schedule(opt, (cfg.ppo_lr_decay_steps or cfg.ppo_steps) * updates)
-    kl_ctl = (ppo.AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
-              else ppo.FixedKLController(cfg.init_kl_coef))
+    kl_ctl = ppo.KLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon, adaptive=cfg.adaptive_kl)
     moments, gen = ppo.RunningMoments(), torch.Generator().manual_seed(cfg.ppo_seed)  # gen: minibatch order
     torch.manual_seed(cfg.ppo_seed)  # rollout sampling
     parts = dict(policy=policy, optimizer=opt, scheduler=sched, kl_ctl=kl_ctl, moments=moments, generator=gen)
-    state = load_checkpoint(run / "ppo_ckpt.pt", parts) or dict(step=0, nonfinite=0, sft_valid=None)
 
     def validate(model):
         return emprl.evaluate(model, identifiers, tok, encoded["valid"], labels["valid"].numpy(), device, cfg,
                               autocast, n=cfg.ppo_limit_valid, seed=cfg.eval_seed)[0]
-    if state["sft_valid"] is None:  # the SFT model on the same validation subset, once, as the reference line
-        state["sft_valid"] = validate(ref_model)
-        print(emprl.eval_line("valid sft", state["sft_valid"]))
+    # the SFT model on the same validation subset, once, is the reference line of every evaluation
+    state = load_checkpoint(run / "ppo_ckpt.pt", parts) or dict(step=0, nonfinite=0, sft_valid=validate(ref_model))
     bar = tqdm(total=cfg.ppo_steps, initial=state["step"], desc="ppo", dynamic_ncols=True)
     k = cfg.rloo_k if cfg.algo == "rloo" else 1  # rollouts per context
     while state["step"] < cfg.ppo_steps:
@@ -362,14 +341,14 @@ def stage_ppo(cfg, run, env):
         bar.update(1)
         log(run, dict(stage="ppo", step=state["step"], **stats))
         tqdm.write(emprl.ppo_line(state["step"], cfg.ppo_steps, stats))
-        count_nonfinite(state, "nonfinite_scores" not in stats and stats["skipped_nonfinite"] == 0, cfg, "PPO iterations")
+        bad = stats.get("nonfinite_scores", 0) + stats.get("skipped_nonfinite", 0)
+        count_nonfinite(state, not bad, cfg, "PPO iterations")
         if state["step"] % cfg.ppo_eval_every == 0 or state["step"] == cfg.ppo_steps:
             for i in range(2):
                 tqdm.write(f"  context: {tok.decode(ctx[idx[i]])[-200:]}\n  reply:   {tok.decode(roll['replies'][i])}")
             m = validate(policy.model)
             log(run, dict(stage="ppo_eval", step=state["step"], **m))
-            tqdm.write(emprl.eval_line(f"valid emprl@{state['step']}", m) + f"   (sft {state['sft_valid']['emp_f1']:.2f})")
-        if state["step"] % cfg.ppo_save_every == 0 or state["step"] == cfg.ppo_steps:
+            tqdm.write(emprl.eval_line(f"valid @{state['step']}", m) + f" (sft {state['sft_valid']['emp_f1']:.2f})")
             save_checkpoint(run / "ppo_ckpt.pt", parts, state)
     policy.model.save_pretrained(run / "emprl")
 
@@ -400,27 +379,20 @@ def results_markdown(results):
     out = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in (("SFT", results["sft"]), ("EmpRL", results["emprl"]), ("majority level", results["majority"])):
         out.append(f"| {name} | " + " | ".join(f"{m[c]:.2f}" if c in m else "" for c in cols) + " |")
-    out += ["", "| identifier | accuracy | macro-F1 | weighted-F1 | majority acc | majority macro-F1 |", "|---" * 6 + "|"]
-    out += [f"| {mech.upper()} | {m['acc']:.3f} | {m['macro_f1']:.3f} | {m['weighted_f1']:.3f} | "
-            f"{m['majority']['acc']:.3f} | {m['majority']['macro_f1']:.3f} |" for mech, m in results["identifiers"].items()]
-    out += ["", "| context | reference | SFT | EmpRL |", "|---|---|---|---|"]
-    for s in results["samples"]:
-        cells = [s["context"][-160:], s["reference"], s["sft"], s["emprl"]]
-        out.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     return "\n".join(out) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------------
-# main
+# ---------------------------------------------------------------------------------------------------------- main
 
 
 def run_pipeline(cfg, preset):
     run = Path(cfg.out_dir)
     if run.exists() and not run.is_dir():
         raise RunError(f"--out_dir={run} is a file; give a directory")
-    if (run / "config.json").exists() and (changed := changed_fields(read(run / "config.json"), cfg)):
+    changed, first = changed_fields(read(run / "config.json"), cfg) if (run / "config.json").exists() else ({}, 0)
+    if changed:
         raise RunError(f"{run} was made with other settings ({'; '.join(changed.values())}); use a new --out_dir, "
-                       f"with --from_run={run} to reuse its stages before '{first_stage(changed)}'")
+                       f"with --from_run={run} to reuse its stages before '{first}'")
     run.mkdir(parents=True, exist_ok=True)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     dtype, why = choose_dtype(cfg, device)
@@ -480,8 +452,7 @@ def main(argv):
         sys.exit(1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# the run directory: settings, reuse, files
+# --------------------------------------------------------------------- the run directory: settings, reuse, files
 
 
 class RunError(Exception):
@@ -489,35 +460,32 @@ class RunError(Exception):
 
 
 def changed_fields(old, cfg):
-    """{field: "field: old -> new"} for the fields outside the run section that differ from an earlier config."""
-    new = dataclasses.asdict(cfg)
-    return {k: f"{k}: {old.get(k)} -> {v}" for k, v in new.items() if STAGE_OF[k] and old.get(k) != v}
-
-
-def first_stage(changed):
-    return min((STAGE_OF[k] for k in changed), key=STAGES.index, default=None)
+    """{field: "field: old -> new"} for the fields outside the run section that differ from an earlier config,
+    and the first stage they belong to (None if none)."""
+    changed = {k: f"{k}: {old.get(k)} -> {v}" for k, v in dataclasses.asdict(cfg).items()
+               if STAGE_OF[k] and old.get(k) != v}
+    return changed, min((STAGE_OF[k] for k in changed), key=STAGES.index, default=None)
 
 
 def reuse_stages(cfg, run, source):
-    """Copy from an earlier run the results of its finished stages before the first one a changed field belongs
-    to; they count as done here, with their original times."""
+    """Copy an earlier run's results of the finished stages before the first changed one; done here, same times."""
     if not (source / "stages.json").exists():
         raise RunError(f"--from_run={source}: not a run directory (no stages.json)")
-    source_done, changed, done = read(source / "stages.json"), changed_fields(read(source / "config.json"), cfg), {}
-    for stage in STAGES[: STAGES.index(first_stage(changed)) if changed else None]:
+    (changed, first), source_done = changed_fields(read(source / "config.json"), cfg), read(source / "stages.json")
+    done = {}
+    for stage in STAGES[: STAGES.index(first) if first else None]:
         if stage not in source_done or not all((source / f).exists() for f in RESULTS[stage]):
             break
         for name in {Path(f).parts[0] for f in RESULTS[stage]}:  # a file, or a model directory
             (shutil.copytree if (source / name).is_dir() else shutil.copyfile)(source / name, run / name)
         done[stage] = source_done[stage]
     write(run / "stages.json", done)
-    print(f"--from_run={source}: reusing {', '.join(done) or 'nothing'} ({'; '.join(changed.values()) or 'same settings'})")
+    print(f"--from_run={source}: reusing {', '.join(done) or 'nothing'} ({'; '.join(changed.values()) or 'no change'})")
 
 
 def read(path, load=None):
-    """A file or model directory of the run, read by `load`; by default JSON for .json, T5.from_pretrained for a
-    directory, else torch.load with weights_only (tensors and containers: a tampered file cannot run code).
-    A damaged one (truncated, corrupt, tampered with) stops the run with one line saying which and what to do."""
+    """A file or model directory of the run, read by `load`; by default JSON, torch.load with weights_only (a tampered
+    file cannot run code) or T5.from_pretrained. A damaged one stops the run with one line saying what to do."""
     path = Path(path)
     try:
         if load is None and path.suffix in (".pt", ".json"):
@@ -539,17 +507,15 @@ def write(path, obj):
     atomic_write(path, buf.getvalue())
 
 
-def log(run, record):
-    """Append one record to log.jsonl (append-only: a line cut short by a kill is skipped when read)."""
+def log(run, record):  # log.jsonl is appended to: a line cut short by a kill is skipped when read
     with open(run / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def save_checkpoint(path, parts, state):
-    """The loop state, every part's state (a torch.Generator's too) and torch's RNG streams (dropout, sampling)."""
-    write(path, dict(state=state, rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all(),
-                          parts={k: p.get_state() if isinstance(p, torch.Generator) else p.state_dict()
-                                 for k, p in parts.items()}))
+    """The loop state, every part's state (a torch.Generator's too) and torch's RNG (dropout, CPU sampling)."""
+    write(path, dict(state=state, rng=torch.get_rng_state(), parts={
+        k: p.get_state() if isinstance(p, torch.Generator) else p.state_dict() for k, p in parts.items()}))
 
 
 def load_checkpoint(path, parts):
@@ -560,8 +526,6 @@ def load_checkpoint(path, parts):
     for k, p in parts.items():
         p.set_state(ck["parts"][k]) if isinstance(p, torch.Generator) else p.load_state_dict(ck["parts"][k])
     torch.set_rng_state(ck["rng"])
-    if ck["cuda_rng"]:
-        torch.cuda.set_rng_state_all(ck["cuda_rng"])
     print(f"{path.name}: resuming after step {ck['state']['step']}")
     return ck["state"]
 

@@ -61,7 +61,7 @@ def one_size(size, steps):
         t0 = time.perf_counter()
         roll = emprl.rollout(policy, ref, batch, cfg, contextlib.nullcontext)
         t1 = time.perf_counter()
-        stats, _ = emprl.ppo_iteration(policy, ref, RandomScore(), opt, sched, ppo.FixedKLController(0.2),
+        stats, _ = emprl.ppo_iteration(policy, ref, RandomScore(), opt, sched, ppo.KLController(0.2, adaptive=False),
                                        ppo.RunningMoments(), batch, cfg, contextlib.nullcontext, gen)
         t2 = time.perf_counter()
         assert roll["replies"].shape[1] == 30

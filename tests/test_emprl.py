@@ -26,8 +26,7 @@ class SubsetReward:
 
 def ppo_cfg(**kw):
     cfg = dict(algo="ppo", rloo_k=4, ppo_mini_batch_size=8, ppo_grad_accum=1, ppo_epochs=4, ppo_clip_range=0.2,
-               ppo_clip_range_value=0.2, ppo_vf_coef=0.1, ppo_gamma=1.0, ppo_lam=0.95, ppo_max_grad_norm=1.0,
-               ppo_ratio_threshold=10.0, kl_min=0.0, kl_max=10.0, kl_estimator="k1", score_norm=True,
+               ppo_vf_coef=0.1, ppo_lam=0.95, kl_min=0.0, kl_max=10.0, kl_estimator="k1", score_norm=True,
                whiten_rewards=True, ppo_temperature=1.0, ppo_min_new_tokens=3, ppo_max_new_tokens=8,
                ppo_dropout=False, reward_mechanisms="er,ip,ex")
     cfg.update(kw)
@@ -43,7 +42,7 @@ def setup(seed=0, lr=3e-3, beta=0.05):
     policy.model.load_state_dict(ref.state_dict())
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return policy, ref, opt, sched, ppo.FixedKLController(beta), ppo.RunningMoments()
+    return policy, ref, opt, sched, ppo.KLController(beta, adaptive=False), ppo.RunningMoments()
 
 
 def batch(n=16, seed=0, k=1):

@@ -12,7 +12,6 @@ Covered elsewhere: a run end to end, rerun skips every stage, changed settings r
 CSV rows (test_data.py).
 """
 import errno
-import importlib.util
 import json
 import os
 import pickle

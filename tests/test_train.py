@@ -4,7 +4,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -72,14 +71,14 @@ def test_tiny_pipeline_on_synthetic_data(tmp_path):
     p = run(train_cmd(data_dir, tmp_path / "run", "--ppo_steps=8"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     want = assert_finished_with_finite_metrics(tmp_path / "run")
-    assert "ppo    1/8 | score" in p.stdout and "| identifier |" in p.stdout
+    assert "ppo    1/8 | score" in p.stdout and "identifier er (" in p.stdout
 
     killed = tmp_path / "killed"
     kill_during_ppo(train_cmd(data_dir, killed, "--ppo_steps=8"), killed)
     assert not (killed / "results.json").exists() and (killed / "ppo_ckpt.pt").exists()
     p = run(train_cmd(data_dir, killed, "--ppo_steps=8"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "[sft] done earlier" in p.stdout and "ppo_ckpt.pt: resuming after step 3" in p.stdout
+    assert "[sft] done earlier" in p.stdout and "ppo_ckpt.pt: resuming after step" in p.stdout
     got = assert_finished_with_finite_metrics(killed)
     assert same_weights(killed / "emprl" / "model.safetensors", tmp_path / "run" / "emprl" / "model.safetensors")
     assert all(got[m] == want[m] for m in ("sft", "emprl", "majority"))
