@@ -147,11 +147,10 @@ RESULTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft/model.safet
 
 def parse_args(argv):
     """`--preset=NAME` first, then `--key=value` overrides, type-checked against Config's fields."""
-    positional = [a for a in argv if not a.startswith("--")]
-    if positional:
+    if positional := [a for a in argv if not a.startswith("--")]:
         raise RunError(f"unexpected argument {positional[0]!r}: use --key=value (see Config in train.py)")
     kv = dict(arg[2:].split("=", 1) if "=" in arg else (arg[2:], "true") for arg in argv)  # --flag = --flag=true
-    preset = kv.pop("preset", "gpu" if torch.cuda.is_available() else "cpu")
+    preset, show_help = kv.pop("preset", "gpu" if torch.cuda.is_available() else "cpu"), kv.pop("help", None)
     if preset not in PRESETS:
         raise RunError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     cfg = Config(**PRESETS[preset])
@@ -172,6 +171,9 @@ def parse_args(argv):
         raise RunError("--ppo_batch_size must be a multiple of --ppo_mini_batch_size (and of --rloo_k with RLOO)")
     if cfg.algo == "rloo" and cfg.rloo_k < 2:
         raise RunError(f"--rloo_k={cfg.rloo_k}: RLOO needs at least 2 replies per context for its baseline")
+    if show_help:  # --help: the settings this command line would run with, then stop
+        print(f"{__doc__}\npreset {preset}: {', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items())}")
+        sys.exit(0)
     return cfg, preset
 
 
@@ -203,8 +205,7 @@ def stage_tokenizer(cfg, run, env):
                        tgt=[data.encode_target(tok, ex.target, cfg.max_target_tokens) for ex in examples])
                for s, examples in ed.items()}
     write(run / "encoded.pt", encoded)
-    sizes = " / ".join(str(len(e["ctx"])) for e in encoded.values())
-    print(f"data: ED train / valid / test {sizes} examples, vocabulary {tok.vocab_size}")
+    print(f"data: ED train / valid / test examples {[len(e['ctx']) for e in encoded.values()]}, vocab {tok.vocab_size}")
 
 
 def build_model(cfg, vocab_size):
@@ -428,8 +429,7 @@ def run_pipeline(cfg, preset):
         if device.type == "cuda":  # what the stage needed on the GPU
             print(f"[{stage}] {done[stage]:.0f} s, peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
             torch.cuda.reset_peak_memory_stats()
-    print((run / "results.md").read_text())
-    print("time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in done.items()))
+    print((run / "results.md").read_text() + "seconds per stage: " + ", ".join(f"{k} {s:.0f}" for k, s in done.items()))
 
 
 def main(argv):

@@ -175,7 +175,7 @@ def run_identifier(args, make_model, lr, class_weights, ex, log_prefix):
     logits = reward.predict(model, ex["test"], args.batch_size, args.device)
     return {"valid_macro_f1": result["valid"]["macro_f1"], "seconds": result["seconds"],
             "setting": f"cw={'yes' if class_weights else 'no'}, best epoch {result['best_epoch']}",
-            **reward.classification_metrics([e[2] for e in ex["test"]], logits.argmax(-1))}
+            **reward.classification_metrics(ex["test"]["level"], logits.argmax(-1))}
 
 
 def main(argv):

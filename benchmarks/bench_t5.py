@@ -68,7 +68,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:  # the very same random weights in transformers
         ours.save_pretrained(d)
         hf = transformers.T5ForConditionalGeneration.from_pretrained(d).to(device)
-    n_params = ours.num_params()
+    n_params = sum(p.numel() for p in ours.parameters())  # a tied lm_head counted once
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"device {device}; model {n_params / 1e6:.1f}M parameters")
     rate = matmul_gflops(device)
@@ -118,7 +118,7 @@ def main():
     sample = {
         "ours": lambda: ours.generate(src, src_mask, max_new_tokens=N, min_new_tokens=N, do_sample=True, top_k=20),
         "hf": lambda: hf.generate(input_ids=src, attention_mask=src_mask, max_new_tokens=N, min_new_tokens=N,
-                                  do_sample=True, top_k=20, top_p=1.0, temperature=1.0),
+                                  do_sample=True, top_k=20, temperature=1.0),
     }
     best = {"ours": float("inf"), "hf": float("inf")}
     with torch.no_grad():

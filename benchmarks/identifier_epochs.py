@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
@@ -30,11 +31,11 @@ def main():
     for mech in data.MECHANISMS:
         ex = {s: reward.epitome_examples(splits[mech][s], tok, cfg.ident_ctx_tokens, cfg.ident_resp_tokens)
               for s in splits[mech]}
-        print(f"{mech}: {len(ex['train'])} train / {len(ex['valid'])} valid / {len(ex['test'])} test pairs, "
-              f"valid level counts {np.bincount([e[2] for e in ex['valid']], minlength=3).tolist()}")
-        train.seed_everything(cfg.seed)  # the same initialisation as the pipeline's identifier stage
+        print(f"{mech}: {' / '.join(str(len(e['level'])) for e in ex.values())} train / valid / test pairs, "
+              f"valid level counts {np.bincount(ex['valid']['level'], minlength=3).tolist()}")
+        torch.manual_seed(cfg.seed)  # the same initialisation as the pipeline's identifier stage
         model = reward.EmpathyIdentifier(train.build_model(cfg, tok.vocab_size).config)
-        y_test = np.array([e[2] for e in ex["test"]])
+        y_test = np.array(ex["test"]["level"])
 
         def log(line):  # called after each epoch's validation: score the same weights on the test split
             m = reward.classification_metrics(y_test, reward.predict(model, ex["test"], 64, "cpu").argmax(-1))

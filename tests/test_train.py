@@ -158,3 +158,50 @@ def test_reply_command_on_a_damaged_run_is_one_error_line_naming_the_file(tiny_r
     assert p.returncode == 1
     assert "Traceback" not in p.stderr and p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
     assert str(copy / name.split("/")[0]) in p.stderr  # the damaged file, or its model directory, by its full path
+
+
+# ----------------------------------------------------------------------------------------------------
+# presets, precision, the GPU benchmark
+
+
+def test_every_preset_parses_and_the_gpu_preset_is_the_authors_ppo_schedule():
+    """The `small` and `gpu` presets exist; `gpu` makes 4 optimizer updates of 32 rollouts per iteration with lr
+    decaying over 3 passes of ED train (3,774 iterations) and stops at iteration 1,600, as the authors' TRL run."""
+    import train
+    for preset in train.PRESETS:
+        cfg, name = train.parse_args([f"--preset={preset}"])
+        assert name == preset
+    gpu, _ = train.parse_args(["--preset=gpu"])
+    assert (gpu.ppo_batch_size, gpu.ppo_mini_batch_size, gpu.ppo_grad_accum, gpu.ppo_epochs) == (32, 8, 4, 4)
+    assert (gpu.ppo_steps, gpu.ppo_lr_decay_steps, gpu.ppo_lr) == (1600, 3774, 1e-5) and gpu.adaptive_kl
+    small, _ = train.parse_args(["--preset=small", "--ppo_steps=10"])
+    assert small.pretrained.endswith("t5-small") and small.ppo_steps == 10
+
+
+def test_help_prints_the_preset_settings():
+    p = run([sys.executable, str(ROOT / "train.py"), "--preset=small", "--help"])
+    assert p.returncode == 0 and "pretrained=models/t5-small" in p.stdout and "ppo_grad_accum=4" in p.stdout
+
+
+@pytest.mark.parametrize("bf16, dtype", [(True, "bfloat16"), (False, "float32")])
+def test_dtype_is_bfloat16_only_on_a_gpu_that_supports_it(monkeypatch, bf16, dtype):
+    """No GPU needed: a CUDA device whose card has no bfloat16 (a T4, a V100) gets float32, never float16; the
+    reason names the card. On the CPU: float32; --dtype overrides."""
+    import torch
+    import train
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    cfg, _ = train.parse_args(["--preset=tiny"])
+    got, why = train.choose_dtype(cfg, torch.device("cuda"))
+    assert got == dtype and "Tesla T4" in why
+    assert train.choose_dtype(cfg, torch.device("cpu"))[0] == "float32"
+    cfg.dtype = "bfloat16"
+    assert train.choose_dtype(cfg, torch.device("cpu")) == ("bfloat16", "--dtype")
+
+
+def test_bench_gpu_runs_on_the_cpu_at_tiny_size_and_extrapolates_the_full_preset():
+    p = run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--size=tiny", "--device=cpu", "--steps=2"])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    for stage in ("sft", "identifiers", "labels", "ppo", "eval"):
+        assert f"| {stage} |" in p.stdout
+    assert "rollout" in p.stdout and "**full `gpu` preset**" in p.stdout

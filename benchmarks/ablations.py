@@ -1,0 +1,95 @@
+"""What each part of EmpRL buys: PPO/RLOO reruns of one finished `cpu` run, one row per change, and their table.
+
+Every row reuses the base run's tokenizer, SFT model, identifiers and labels (`--from_run`), so only the RL stage
+and the evaluation run again (about 12 minutes a row on 2 CPU cores). The base run itself is the EmpRL row.
+
+    python train.py --preset=cpu --data_dir=$EMPRL_DATA --out_dir=runs/cpu        # the base run (~40 min)
+    python benchmarks/ablations.py run --base=runs/cpu --data_dir=$EMPRL_DATA     # every row not yet done
+    python benchmarks/ablations.py run --base=runs/cpu --rows=no_kl,rloo          # some rows
+    python benchmarks/ablations.py report --base=runs/cpu                         # markdown table + figure
+
+A row's run directory is runs/cpu_<row> beside the base; a finished row is skipped, an interrupted one resumes.
+`--seed=1` runs the rows (and the base's PPO stage, as row `emprl`) with PPO seed 1 into runs/cpu_<row>_s1.
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# row -> (what it changes, train.py overrides)
+ROWS = {
+    "emprl": ("the `cpu` preset as is", []),
+    "no_er": ("the reward without ER", ["--reward_mechanisms=ip,ex"]),
+    "no_ip": ("the reward without IP", ["--reward_mechanisms=er,ex"]),
+    "no_ex": ("the reward without EX", ["--reward_mechanisms=er,ip"]),
+    "no_kl": ("β = 0: no KL penalty", ["--init_kl_coef=0"]),
+    "adaptive_kl": ("the paper's adaptive β (0.2, target 6, horizon 10,000)",
+                    ["--adaptive_kl=true", "--init_kl_coef=0.2", "--kl_target=6", "--kl_horizon=10000"]),
+    "k3": ("the k3 KL estimator", ["--kl_estimator=k3"]),
+    "no_norm": ("no score normalisation, no reward whitening", ["--score_norm=false", "--whiten_rewards=false"]),
+    "rloo": ("RLOO, 4 replies per context, no value head", ["--algo=rloo", "--rloo_k=4"]),
+}
+COLUMNS = ["emp_f1", "emp_f1_er", "emp_f1_ip", "emp_f1_ex", "reward", "dist_2", "ppl", "length", "unique_frac"]
+
+
+def row_dir(base, row, seed):
+    if row == "emprl" and seed == 0:
+        return base
+    return base.parent / (f"{base.name}_{row}" + (f"_s{seed}" if seed else ""))
+
+
+def run_rows(args):
+    base = Path(args.base)
+    for row in args.rows.split(","):
+        out = row_dir(base, row, args.seed)
+        if (out / "results.json").exists():
+            print(f"{row}: done ({out})")
+            continue
+        cmd = [sys.executable, str(ROOT / "train.py"), "--preset=cpu", f"--out_dir={out}", f"--from_run={base}",
+               f"--ppo_seed={args.seed}", *ROWS[row][1]] + ([f"--data_dir={args.data_dir}"] if args.data_dir else [])
+        print(f"{row}: {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def ppo_seconds(out):
+    """Median seconds per RL iteration from the run's log (validation evaluations not included)."""
+    recs = [json.loads(line) for line in open(out / "log.jsonl") if line.startswith('{"stage": "ppo", "step"')]
+    secs = sorted(r["seconds"] for r in recs if "seconds" in r)
+    return secs[len(secs) // 2] if secs else float("nan")
+
+
+def report(args):
+    base = Path(args.base)
+    print("| row | what changes | " + " | ".join(COLUMNS) + " | s / iteration |")
+    print("|---" * (len(COLUMNS) + 3) + "|")
+    sft = json.loads((base / "results.json").read_text())["sft"]
+    print("| SFT | no RL | " + " | ".join(f"{sft[c]:.2f}" for c in COLUMNS) + " | |")
+    for row, (what, _) in ROWS.items():
+        out = row_dir(base, row, args.seed)
+        if not (out / "results.json").exists():
+            print(f"| {row} | {what} | " + " | ".join("" for _ in COLUMNS) + " | not run |")
+            continue
+        m = json.loads((out / "results.json").read_text())["emprl"]
+        print(f"| {row} | {what} | " + " | ".join(f"{m[c]:.2f}" for c in COLUMNS) + f" | {ppo_seconds(out):.1f} |")
+    if args.figure:
+        runs = {row: row_dir(base, row, args.seed) for row in ROWS}
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "curves.py"), f"--out={args.figure}",
+                        *[f"{row}={d}" for row, d in runs.items() if (d / "log.jsonl").exists()]], check=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=["run", "report"])
+    p.add_argument("--base", default="runs/cpu", help="the finished `cpu` run every row starts from")
+    p.add_argument("--rows", default=",".join(r for r in ROWS if r != "emprl"))
+    p.add_argument("--seed", type=int, default=0, help="PPO seed of the rows")
+    p.add_argument("--data_dir", default="")
+    p.add_argument("--figure", default="", help="report: also draw every row's curves into this PNG")
+    args = p.parse_args()
+    run_rows(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()
