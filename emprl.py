@@ -14,7 +14,7 @@ The method (Ma et al., IEEE TAFFC 2025), in the order this file implements it:
     β          β ← β·(1 + clip(KL/KL_target - 1, ±0.2)·B/horizon)              -> ppo.KLController
     evaluate   Emp-F1, Dist-n, BLEU-n, PPL, reward, length                     -> evaluate
 
-Deviations from the authors' code (TRL 0.9.6); each one a fix for a failure seen without it (docs/method.md):
+Deviations from the authors' code (TRL 0.9.6); each one a fix for a failure seen without it (docs/emprl.md):
 - Rollouts sample the full softmax at temperature τ (no top-k), and every log-prob (policy, old policy,
   reference) is computed from the same τ-scaled logits with the same forced-minimum-length EOS mask, so the
   sampled distribution is exactly the scored one: the KL estimate is then a true KL estimate (>= 0 on

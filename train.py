@@ -114,7 +114,7 @@ PRESETS = {
                  ppo_batch_size=8, ppo_mini_batch_size=4, ppo_epochs=2, ppo_max_new_tokens=12, ppo_eval_every=1,
                  ppo_limit_valid=16, eval_batch_size=32),
     # the default without a GPU: full data, a small T5 from scratch, our own 8k SentencePiece vocabulary
-    # (identifier settings from benchmarks/bench_identifiers.py; PPO's the stable setting in docs/method.md)
+    # (identifier settings from benchmarks/bench_identifiers.py; PPO's the stable setting in docs/emprl.md)
     "cpu": dict(sft_epochs=2.0, sft_batch_size=32, sft_lr=1e-3, sft_warmup_steps=200, sft_eval_every=500,
                 ident_init="scratch", ident_lr=3e-4, ident_class_weights=True, ident_epochs=5,
                 label_limit_train=12000, ppo_steps=200, ppo_lr=3e-5, adaptive_kl=False, init_kl_coef=0.5),

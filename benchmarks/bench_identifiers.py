@@ -3,7 +3,7 @@
 Rows per mechanism (ER, IP, EX), all on the split of data.load_epitome_splits (75/5/20, seed 0):
 - majority: the most frequent training level for every pair (what any classifier must beat);
 - bag-of-words floor: class-balanced TF-IDF logistic regression on the response (unigrams + bigrams, L2 chosen
-  on validation), numpy only (issue 4's goal: the identifiers should reach at least this);
+  on validation), numpy only (the floor a learned identifier should reach);
 - identifier (scratch): reward.EmpathyIdentifier, random init, with and without class weights;
 - identifier (init): the same with both encoders copied from a T5 checkpoint (--init=DIR, e.g. the SFT model;
   needs the tokenizer it was trained with, --spm=PATH).
