@@ -13,6 +13,7 @@ A row's run directory is runs/cpu_<row> beside the base; a finished row is skipp
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +48,14 @@ def run_rows(args):
         if (out / "results.json").exists():
             print(f"{row}: done ({out})")
             continue
-        cmd = [sys.executable, str(ROOT / "train.py"), "--preset=cpu", f"--out_dir={out}", f"--from_run={base}",
+        cmd = [sys.executable, str(ROOT / "train.py"), f"--preset={args.preset}", f"--out_dir={out}", f"--from_run={base}",
                f"--ppo_seed={args.seed}", *ROWS[row][1]] + ([f"--data_dir={args.data_dir}"] if args.data_dir else [])
         print(f"{row}: {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        proc = subprocess.Popen(cmd, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (Linux: KiB)
+        if os.waitstatus_to_exitcode(status):
+            sys.exit(f"{row} failed (exit code {os.waitstatus_to_exitcode(status)}); rerun to resume it")
+        (out / "peak_rss.json").write_text(json.dumps({"peak_rss_gb": usage.ru_maxrss / 2**20}))
 
 
 def ppo_seconds(out):
@@ -62,17 +67,19 @@ def ppo_seconds(out):
 
 def report(args):
     base = Path(args.base)
-    print("| row | what changes | " + " | ".join(COLUMNS) + " | s / iteration |")
-    print("|---" * (len(COLUMNS) + 3) + "|")
+    print("| row | what changes | " + " | ".join(COLUMNS) + " | s / iteration | peak RSS GB |")
+    print("|---" * (len(COLUMNS) + 4) + "|")
     sft = json.loads((base / "results.json").read_text())["sft"]
-    print("| SFT | no RL | " + " | ".join(f"{sft[c]:.2f}" for c in COLUMNS) + " | |")
+    print("| SFT | no RL | " + " | ".join(f"{sft[c]:.2f}" for c in COLUMNS) + " | | |")
     for row, (what, _) in ROWS.items():
         out = row_dir(base, row, args.seed)
         if not (out / "results.json").exists():
-            print(f"| {row} | {what} | " + " | ".join("" for _ in COLUMNS) + " | not run |")
+            print(f"| {row} | {what} | " + " | ".join("" for _ in COLUMNS) + " | not run | |")
             continue
         m = json.loads((out / "results.json").read_text())["emprl"]
-        print(f"| {row} | {what} | " + " | ".join(f"{m[c]:.2f}" for c in COLUMNS) + f" | {ppo_seconds(out):.1f} |")
+        rss = json.loads((out / "peak_rss.json").read_text())["peak_rss_gb"] if (out / "peak_rss.json").exists() else 0
+        print(f"| {row} | {what} | " + " | ".join(f"{m[c]:.2f}" for c in COLUMNS) +
+              f" | {ppo_seconds(out):.1f} | {f'{rss:.2f}' if rss else '?'} |")
     if args.figure:
         runs = {row: row_dir(base, row, args.seed) for row in ROWS}
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "curves.py"), f"--out={args.figure}",
@@ -86,6 +93,7 @@ def main():
     p.add_argument("--rows", default=",".join(r for r in ROWS if r != "emprl"))
     p.add_argument("--seed", type=int, default=0, help="PPO seed of the rows")
     p.add_argument("--data_dir", default="")
+    p.add_argument("--preset", default="cpu", help="the base run's preset (tiny: to try the script in seconds)")
     p.add_argument("--figure", default="", help="report: also draw every row's curves into this PNG")
     args = p.parse_args()
     run_rows(args) if args.command == "run" else report(args)

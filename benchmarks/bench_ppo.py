@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import emprl  # noqa: E402
@@ -70,9 +71,21 @@ def one_size(size, steps, grad_accum):
             times.append(t2 - t1)
             parts.append(t1 - t0)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+    with FlopCounterMode(display=False) as counter:  # the matmul FLOPs of one more iteration (counted, not timed)
+        emprl.ppo_iteration(policy, ref, RandomScore(), opt, sched, ppo.KLController(0.2, adaptive=False),
+                            ppo.RunningMoments(), batch, cfg, contextlib.nullcontext, gen)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    matmul_s = min(timed(lambda: a @ b) for _ in range(5))
     return dict(size=size, params_m=sum(p.numel() for p in ref.parameters()) / 1e6, seconds_per_step=min(times),
                 rollout_seconds=min(parts), peak_rss_gb=peak_gb, threads=torch.get_num_threads(),
-                updates=sched.last_epoch // (steps + 1))  # optimizer updates per iteration
+                updates=sched.last_epoch // (steps + 2),  # optimizer updates per iteration
+                tflop=counter.get_total_flops() / 1e12, matmul_gflops=2 * 2048 ** 3 / matmul_s / 1e9)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def main():
@@ -91,11 +104,14 @@ def main():
         rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"torch {torch.__version__}, {rows[0]['threads']} threads, best of {args.steps} iterations, "
           f"{rows[0]['updates']} optimizer updates per iteration\n")
-    print("| model | params | s / PPO iteration | of which rollout | update | peak RSS |")
-    print("|---|---|---|---|---|---|")
+    print("| model | params | s / PPO iteration | of which rollout | update | peak RSS | TFLOP / iteration | "
+          "achieved / fp32 matmul rate |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        rate = r["tflop"] * 1e3 / r["seconds_per_step"]
         print(f"| {r['size']} | {r['params_m']:.1f}M | {r['seconds_per_step']:.2f} | {r['rollout_seconds']:.2f} | "
-              f"{r['seconds_per_step'] - r['rollout_seconds']:.2f} | {r['peak_rss_gb']:.2f} GB |")
+              f"{r['seconds_per_step'] - r['rollout_seconds']:.2f} | {r['peak_rss_gb']:.2f} GB | {r['tflop']:.2f} | "
+              f"{rate:.0f} / {r['matmul_gflops']:.0f} GFLOP/s ({100 * rate / r['matmul_gflops']:.0f} %) |")
 
 
 if __name__ == "__main__":

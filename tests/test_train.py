@@ -84,6 +84,10 @@ def test_tiny_pipeline_on_synthetic_data(tmp_path):
     assert all(got[m] == want[m] for m in ("sft", "emprl", "majority"))
     assert not (killed / "ppo_ckpt.pt").exists()  # a finished stage's checkpoint is gone
 
+    p = run(train_cmd(data_dir, tmp_path / "rloo", f"--from_run={tmp_path / 'run'}", "--algo=rloo"))  # RLOO, reused SFT
+    assert p.returncode == 0 and "[sft] done earlier" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    assert_finished_with_finite_metrics(tmp_path / "rloo")
+
 
 # ----------------------------------------------------------------------------------------------------
 # the real data
