@@ -221,9 +221,9 @@ def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
 # ----------------------------------------------------------------------------- 5. statistics
 
 def entropy_from_logits(logits):
-    """H = -Σ_v p_v log p_v = logsumexp(z) - Σ_v p_v z_v for logits z (B, T, V) -> (B, T)."""
-    p = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
+    """H = -Σ_v p_v log p_v for logits z (B, T, V) -> (B, T). A token masked with z = -inf (</s> before the minimum
+    length) has p = 0 and adds 0 (entr(0) = 0; the form logsumexp(z) - Σ p·z would give nan there)."""
+    return torch.special.entr(torch.softmax(logits, dim=-1)).sum(dim=-1)
 
 
 def explained_variance(values, returns, mask):

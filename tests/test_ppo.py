@@ -260,6 +260,9 @@ def test_entropy_equals_minus_sum_p_log_p():
     torch.testing.assert_close(ppo.entropy_from_logits(logits), -(p * p.log()).sum(-1))
     uniform = torch.zeros(1, 1, 7, dtype=F64)
     assert ppo.entropy_from_logits(uniform).item() == pytest.approx(math.log(7))
+    masked = uniform.clone()
+    masked[..., 0] = float("-inf")  # </s> forbidden before the minimum length: the entropy of the other 6, not nan
+    assert ppo.entropy_from_logits(masked).item() == pytest.approx(math.log(6))
 
 
 def test_explained_variance_is_1_for_perfect_and_0_for_mean_predictions():
