@@ -48,8 +48,9 @@ def run_rows(args):
         if (out / "results.json").exists():
             print(f"{row}: done ({out})")
             continue
-        cmd = [sys.executable, str(ROOT / "train.py"), f"--preset={args.preset}", f"--out_dir={out}", f"--from_run={base}",
-               f"--ppo_seed={args.seed}", *ROWS[row][1]] + ([f"--data_dir={args.data_dir}"] if args.data_dir else [])
+        cmd = [sys.executable, str(ROOT / "train.py"), f"--preset={args.preset}", f"--out_dir={out}",
+               f"--from_run={base}", f"--ppo_seed={args.seed}", *ROWS[row][1]]
+        cmd += [f"--data_dir={args.data_dir}"] if args.data_dir else []
         print(f"{row}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.Popen(cmd, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (Linux: KiB)
@@ -71,15 +72,35 @@ def report(args):
     print("|---" * (len(COLUMNS) + 4) + "|")
     sft = json.loads((base / "results.json").read_text())["sft"]
     print("| SFT | no RL | " + " | ".join(f"{sft[c]:.2f}" for c in COLUMNS) + " | | |")
+    emp_f1 = {}  # (row, seed) -> test Emp-F1
     for row, (what, _) in ROWS.items():
+        for seed in (0, 1):
+            path = row_dir(base, row, seed) / "results.json"
+            if path.exists():
+                emp_f1[row, seed] = json.loads(path.read_text())["emprl"]["emp_f1"]
         out = row_dir(base, row, args.seed)
         if not (out / "results.json").exists():
             print(f"| {row} | {what} | " + " | ".join("" for _ in COLUMNS) + " | not run | |")
             continue
         m = json.loads((out / "results.json").read_text())["emprl"]
-        rss = json.loads((out / "peak_rss.json").read_text())["peak_rss_gb"] if (out / "peak_rss.json").exists() else 0
+        # the base run was not started by this script (no peak RSS, other threads): time its seed-1 rerun instead
+        timed = row_dir(base, row, 1) if out == base and (row_dir(base, row, 1) / "peak_rss.json").exists() else out
+        rss = (timed / "peak_rss.json").exists() and json.loads((timed / "peak_rss.json").read_text())["peak_rss_gb"]
         print(f"| {row} | {what} | " + " | ".join(f"{m[c]:.2f}" for c in COLUMNS) +
-              f" | {ppo_seconds(out):.1f} | {f'{rss:.2f}' if rss else '?'} |")
+              f" | {ppo_seconds(timed):.1f} | {f'{rss:.2f}' if rss else '?'} |")
+    print("\nEmp-F1 by PPO seed (a second seed runs where seed 0 lies within 1.5 of EmpRL's):\n")
+    print("| row | seed 0 | seed 1 | mean | difference of the seeds | mean − EmpRL's mean |")
+    print("|---|---|---|---|---|---|")
+    ref = [emp_f1[k] for k in (("emprl", 0), ("emprl", 1)) if k in emp_f1]
+    for row in ROWS:
+        f1 = [emp_f1[row, s] for s in (0, 1) if (row, s) in emp_f1]
+        if not f1:
+            continue
+        todo = len(f1) == 1 and ref and abs(f1[0] - ref[0]) <= 1.5
+        seeds = [f"{emp_f1[row, s]:.2f}" if (row, s) in emp_f1 else ("to run" if todo else "") for s in (0, 1)]
+        spread = f"{abs(f1[0] - f1[1]):.2f}" if len(f1) == 2 else ""
+        gap = f"{sum(f1) / len(f1) - sum(ref) / len(ref):+.2f}" if ref and row != "emprl" else ""
+        print(f"| {row} | {seeds[0]} | {seeds[1]} | {sum(f1) / len(f1):.2f} | {spread} | {gap} |")
     if args.figure:
         runs = {row: row_dir(base, row, args.seed) for row in ROWS}
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "curves.py"), f"--out={args.figure}",

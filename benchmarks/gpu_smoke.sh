@@ -21,5 +21,5 @@ texts = [data.format_context(ex.context + [ex.target])
 data.Tokenizer.train(texts, ckpt / "spiece.model", vocab_size=8000)
 PY
 python3 train.py --preset=gpu --pretrained="$OUT/t5-base-random" --data_dir="$DATA" --out_dir="$OUT/run" \
-  --limit_train=1600 --limit_test=1000 --sft_epochs=1 --sft_eval_every=100 --sft_valid_n=500 \
-  --ident_epochs=1 --ppo_steps=40 --ppo_eval_every=20 --sample_every=20
+  --limit_train=1600 --limit_test=1000 --sft_epochs=1 --sft_eval_every=100 --sft_limit_valid=500 \
+  --ident_epochs=1 --ppo_steps=40 --ppo_eval_every=20
