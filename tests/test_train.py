@@ -142,6 +142,24 @@ def test_from_run_reuses_the_stages_before_the_first_changed_one(tiny_run, real_
     assert_finished_with_finite_metrics(new)
 
 
+def test_ablation_runner_reruns_only_the_rl_stage_of_a_row_and_reports_it(tiny_run, real_data_dir):
+    """`benchmarks/ablations.py run` starts a row from the base run (its SFT model and labels reused, the row's
+    flags applied), records the row's peak memory, and `report` puts the row's test metrics in the table."""
+    out, _ = tiny_run
+    script = str(ROOT / "benchmarks" / "ablations.py")
+    p = run([sys.executable, script, "run", f"--base={out}", "--preset=tiny", "--rows=no_er",
+             f"--data_dir={real_data_dir}"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    row = out.parent / f"{out.name}_no_er"
+    assert "[sft] done earlier" in p.stdout and "[ppo] done earlier" not in p.stdout
+    assert json.loads((row / "config.json").read_text())["reward_mechanisms"] == "ip,ex"
+    assert json.loads((row / "peak_rss.json").read_text())["peak_rss_gb"] > 0
+    p = run([sys.executable, script, "report", f"--base={out}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    f1 = json.loads((row / "results.json").read_text())["emprl"]["emp_f1"]
+    assert f"| no_er | the reward without ER | {f1:.2f} |" in p.stdout and "| no_kl | β = 0" in p.stdout
+
+
 def test_reply_command_answers_with_the_identifiers_levels(tiny_run):
     """`python emprl.py --run=RUN "message"` prints a reply and its ER / IP / EX levels."""
     out, _ = tiny_run
