@@ -101,6 +101,12 @@ def report(args):
         spread = f"{abs(f1[0] - f1[1]):.2f}" if len(f1) == 2 else ""
         gap = f"{sum(f1) / len(f1) - sum(ref) / len(ref):+.2f}" if ref and row != "emprl" else ""
         print(f"| {row} | {seeds[0]} | {seeds[1]} | {sum(f1) / len(f1):.2f} | {spread} | {gap} |")
+    samples = {row: json.loads((row_dir(base, row, args.seed) / "results.json").read_text())["samples"]
+               for row in ROWS if (row_dir(base, row, args.seed) / "results.json").exists()}
+    print("\nThe first three test dialogues of results.json, every row's reply:")
+    for i, sample in enumerate(samples["emprl"][:3] if "emprl" in samples else []):
+        print(f"\n{i + 1}. *{sample['context']}*\n   - human: {sample['reference']}\n   - SFT: {sample['sft']}")
+        print("\n".join(f"   - {row}: {s[i]['emprl']}" for row, s in samples.items()))
     if args.figure:
         runs = {row: row_dir(base, row, args.seed) for row in ROWS}
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "curves.py"), f"--out={args.figure}",
