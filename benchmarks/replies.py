@@ -22,8 +22,9 @@ from t5 import T5  # noqa: E402
 
 def describe(name, texts, levels, human):
     """Print one model's level shares against the human replies', its accuracy and its most repeated replies."""
-    print(f"\n{name}: {len(set(texts)) / len(texts):.0%} distinct, {np.mean([t.endswith('?') for t in texts]):.0%} "
-          f"end with '?', {np.mean([len(t.split()) for t in texts]):.1f} words")
+    print(f"\n{name}: {len(set(texts)) / len(texts):.0%} distinct, {np.mean([not t for t in texts]):.1%} empty, "
+          f"{np.mean([t.endswith('?') for t in texts]):.0%} "
+          f"end with '?', {np.mean([len(t.split()) for t in texts]):.1f} words split at spaces")
     for m, mech in enumerate(MECHANISMS):
         share = lambda lv: " / ".join(f"{np.mean(lv[:, m] == k):.2f}" for k in range(len(LEVELS)))  # noqa: E731
         print(f"  {mech}: levels ({'/'.join(LEVELS)}) {share(levels)}   human {share(human)}   "
