@@ -289,8 +289,9 @@ def identifier_levels(identifiers, ctx, replies, device, batch_size, autocast=nu
     return logits.argmax(-1).numpy(), logits
 
 
-def evaluate(model, identifiers, tok, split, target_levels, device, cfg, autocast, n=None, seed=42):
-    """All metrics of one model on (the first n examples of) a split. Returns (metrics, decoded replies)."""
+def evaluate(model, identifiers, judge, tok, split, target_levels, device, cfg, autocast, n=None, seed=42):
+    """All metrics of one model on (the first n examples of) a split. Returns (metrics, per-example outputs: the
+    decoded replies and the levels that the identifiers and the judge give them and the human replies)."""
     if n is not None:
         split = {k: v[:n] for k, v in split.items()}
         target_levels = target_levels[:n]
@@ -298,16 +299,35 @@ def evaluate(model, identifiers, tok, split, target_levels, device, cfg, autocas
     ident_ctx = [c[-cfg.ident_ctx_tokens:] for c in split["ctx"]]
     levels, logits = identifier_levels(identifiers, ident_ctx, replies, device, cfg.eval_batch_size, autocast)
     texts = [tok.decode(r) for r in replies]
-    hyp = [words(t) for t in texts]
-    ref = [words(tok.decode(t)) for t in split["tgt"]]
+    references = [tok.decode(t) for t in split["tgt"]]
+    out = dict(texts=texts, levels=levels, targets=np.asarray(target_levels),
+               judge_levels=judge.levels(texts), judge_targets=judge.levels(references))
+    hyp, ref = [words(t) for t in texts], [words(t) for t in references]
     f1 = reward.emp_f1(levels, target_levels)
+    f1_judge = reward.emp_f1(out["judge_levels"], out["judge_targets"])  # the same F1, another labeller
     metrics = dict(emp_f1=f1["emp_f1"], emp_f1_er=f1["er"], emp_f1_ip=f1["ip"], emp_f1_ex=f1["ex"],
-                   acc_er=f1["acc_er"], acc_ip=f1["acc_ip"], acc_ex=f1["acc_ex"],
+                   acc_er=f1["acc_er"], acc_ip=f1["acc_ip"], acc_ex=f1["acc_ex"], emp_f1_judge=f1_judge["emp_f1"],
+                   emp_f1_judge_er=f1_judge["er"], emp_f1_judge_ip=f1_judge["ip"], emp_f1_judge_ex=f1_judge["ex"],
                    dist_1=distinct_n(hyp, 1), dist_2=distinct_n(hyp, 2), **corpus_bleu(hyp, ref),
                    ppl=perplexity(model, split, device, cfg.eval_batch_size, autocast),
                    reward=reward.reward_from_logits(logits, torch.as_tensor(target_levels)).mean().item(),
                    length=float(np.mean([len(h) for h in hyp])), unique_frac=len(set(texts)) / max(len(texts), 1))
-    return metrics, texts
+    return metrics, out
+
+
+def paired_bootstrap(outputs_a, outputs_b, n_resamples=1000, seed=0):
+    """EmpRL minus SFT with a 95 % interval: the test contexts are resampled with replacement, the same contexts
+    for both models (paired), and Emp-F1 recomputed on each resample. Per labeller (identifiers, judge):
+    {"emp_f1": {"mean": d, "ci95": [lo, hi]}, "emp_f1_judge": ...}; d is the difference on the full test set,
+    [lo, hi] the 2.5 and 97.5 percentiles of the resampled differences."""
+    n, rng = len(outputs_a["levels"]), np.random.default_rng(seed)
+    resamples = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(n_resamples)]
+    out = {}
+    for key, levels, targets in (("emp_f1", "levels", "targets"), ("emp_f1_judge", "judge_levels", "judge_targets")):
+        d = np.array([reward.emp_f1(outputs_b[levels][i], outputs_b[targets][i])["emp_f1"] -
+                      reward.emp_f1(outputs_a[levels][i], outputs_a[targets][i])["emp_f1"] for i in resamples])
+        out[key] = dict(mean=float(d[0]), ci95=[float(np.percentile(d[1:], 2.5)), float(np.percentile(d[1:], 97.5))])
+    return out
 
 
 def majority_reference(train_levels, test_levels):
@@ -317,6 +337,19 @@ def majority_reference(train_levels, test_levels):
     f1 = reward.emp_f1(np.tile(majority, (len(test_levels), 1)), np.asarray(test_levels))
     return dict(emp_f1=f1["emp_f1"], emp_f1_er=f1["er"], emp_f1_ip=f1["ip"], emp_f1_ex=f1["ex"],
                 levels=majority.tolist())
+
+
+def results_table(results):
+    """The markdown table of a run's results.json: SFT, EmpRL, the majority constant, and EmpRL - SFT with the
+    paired-bootstrap 95 % interval. The README's results table is this function's output."""
+    cols = ["emp_f1", "emp_f1_er", "emp_f1_ip", "emp_f1_ex", "emp_f1_judge", "reward", "dist_1", "dist_2", "bleu_1",
+            "bleu_2", "bleu_3", "bleu_4", "ppl", "length", "unique_frac"]
+    out = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in (("SFT", results["sft"]), ("EmpRL", results["emprl"]), ("majority level", results["majority"])):
+        out.append(f"| {name} | " + " | ".join(f"{m[c]:.2f}" if c in m else "" for c in cols) + " |")
+    diff = {k: f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" for k, d in results["difference"].items()}
+    out.append("| EmpRL − SFT [95 % CI] | " + " | ".join(diff.get(c, "") for c in cols) + " |")
+    return "\n".join(out) + "\n"
 
 
 def ppo_line(step, total, s):
@@ -332,8 +365,8 @@ def ppo_line(step, total, s):
 def eval_line(name, m):
     """The log line of an evaluation."""
     return (f"{name}: emp_f1 {m['emp_f1']:.2f} (er {m['emp_f1_er']:.1f} ip {m['emp_f1_ip']:.1f} "
-            f"ex {m['emp_f1_ex']:.1f}) | reward {m['reward']:.3f} | dist_2 {m['dist_2']:.1f} | ppl {m['ppl']:.1f} | length {m['length']:.1f}"
-            f" | unique {m['unique_frac']:.2f}")
+            f"ex {m['emp_f1_ex']:.1f}) | judge {m['emp_f1_judge']:.2f} | reward {m['reward']:.3f} | "
+            f"dist_2 {m['dist_2']:.1f} | ppl {m['ppl']:.1f} | length {m['length']:.1f} | unique {m['unique_frac']:.2f}")
 
 
 # ----------------------------------------------------------------------------------------------------

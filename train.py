@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import io
 import json
+import platform
 import shlex
 import shutil
 import sys
@@ -137,9 +138,10 @@ SECTIONS = {"seed": "tokenizer", "dtype": "sft", "ident_init": "identifiers", "l
 STAGE_OF, _stage = {}, None  # field -> the stage of its section (None: the run section)
 for _field in dataclasses.fields(Config):
     _stage = STAGE_OF[_field.name] = SECTIONS.get(_field.name, _stage)
+# a stage is done while stages.json lists it and these files exist
 RESULTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft/model.safetensors"], "labels": ["labels.pt"],
-           "identifiers": ["identifiers/model.safetensors", "identifiers.json"], "ppo": ["emprl/model.safetensors"],
-           "eval": ["results.json", "results.md"]}  # a stage is done while stages.json lists it and these exist
+           "identifiers": ["identifiers/model.safetensors", "identifiers.json", "judge.pt"],
+           "ppo": ["emprl/model.safetensors"], "eval": ["results.json", "results.md"]}
 
 
 # -------------------------------------------------------------------------------------------------- command line
@@ -289,6 +291,19 @@ def stage_identifiers(cfg, run, env):
               f"{table[mech]['macro_f1']:.3f}, majority level {table[mech]['majority']['macro_f1']:.3f}")
         models.append(model.cpu())
     reward.Identifiers(models).save(run / "identifiers")
+    # the independent judge: another model family on the same EPITOME train split, never part of any reward
+    texts = {s: {m: ([r.response_post for r in recs[s][: cfg.ident_limit_pairs or None]],
+                     [r.level for r in recs[s][: cfg.ident_limit_pairs or None]]) for m, recs in splits.items()}
+             for s in ("train", "valid", "test")}
+    judge = reward.Judge.fit(texts["train"], texts["valid"])
+    for i, mech in enumerate(data.MECHANISMS):
+        table[mech]["judge"] = reward.classification_metrics(texts["test"][mech][1],
+                                                             judge.levels(texts["test"][mech][0])[:, i])
+        j, ident = table[mech]["judge"], table[mech]
+        print(f"judge {mech} (TF-IDF logistic regression, {len(judge.state[mech]['terms'])} terms, l2 "
+              f"{judge.state[mech]['l2']:g}): test macro-F1 {j['macro_f1']:.3f}, accuracy {j['acc']:.3f} "
+              f"(identifier {ident['macro_f1']:.3f} / {ident['acc']:.3f})")
+    write(run / "judge.pt", judge.state)
     write(run / "identifiers.json", table)
 
 
@@ -324,8 +339,10 @@ def stage_ppo(cfg, run, env):
     torch.manual_seed(cfg.ppo_seed)  # rollout sampling
     parts = dict(policy=policy, optimizer=opt, scheduler=sched, kl_ctl=kl_ctl, moments=moments, generator=gen)
 
+    judge = reward.Judge(read(run / "judge.pt"))
+
     def validate(model):
-        return emprl.evaluate(model, identifiers, tok, encoded["valid"], labels["valid"].numpy(), device, cfg,
+        return emprl.evaluate(model, identifiers, judge, tok, encoded["valid"], labels["valid"].numpy(), device, cfg,
                               autocast, n=cfg.ppo_limit_valid, seed=cfg.eval_seed)[0]
     # the SFT model on the same validation subset, once, is the reference line of every evaluation
     state = load_checkpoint(run / "ppo_ckpt.pt", parts) or dict(step=0, nonfinite=0, sft_valid=validate(ref_model))
@@ -349,38 +366,40 @@ def stage_ppo(cfg, run, env):
                 tqdm.write(f"  context: {tok.decode(ctx[idx[i]])[-200:]}\n  reply:   {tok.decode(roll['replies'][i])}")
             m = validate(policy.model)
             log(run, dict(stage="ppo_eval", step=state["step"], **m))
-            tqdm.write(emprl.eval_line(f"valid @{state['step']}", m) + f" (sft {state['sft_valid']['emp_f1']:.2f})")
+            sft = state["sft_valid"]
+            tqdm.write(emprl.eval_line(f"valid @{state['step']}", m) +
+                       f" (sft {sft['emp_f1']:.2f}, judge {sft['emp_f1_judge']:.2f})")
             save_checkpoint(run / "ppo_ckpt.pt", parts, state)
     policy.model.save_pretrained(run / "emprl")
 
 
 def stage_eval(cfg, run, env):
-    """SFT and EmpRL on the ED test split, decoded like the authors; results.json and results.md."""
+    """SFT and EmpRL on the ED test split, decoded like the authors; EmpRL - SFT with paired-bootstrap intervals;
+    results.json and results.md."""
     t0, tok, labels = time.time(), read(run / "spiece.model", data.Tokenizer), read(run / "labels.pt")
     test, identifiers = read(run / "encoded.pt")["test"], read(run / "identifiers", reward.Identifiers.load)
-    results, texts = {}, {}
+    judge = reward.Judge(read(run / "judge.pt"))
+    results, outputs = {}, {}
     for name in ("sft", "emprl"):
-        results[name], texts[name] = emprl.evaluate(read(run / name).to(env["device"]), identifiers.to(env["device"]),
-                                                    tok, test, labels["test"].numpy(), env["device"], cfg,
-                                                    env["autocast"], seed=cfg.eval_seed)
+        results[name], outputs[name] = emprl.evaluate(read(run / name).to(env["device"]),
+                                                      identifiers.to(env["device"]), judge, tok, test,
+                                                      labels["test"].numpy(), env["device"], cfg, env["autocast"],
+                                                      seed=cfg.eval_seed)
         print(emprl.eval_line(f"test {name}", results[name]))
     results["majority"] = emprl.majority_reference(labels["train"].numpy(), labels["test"].numpy())
+    results["difference"] = emprl.paired_bootstrap(outputs["sft"], outputs["emprl"], seed=cfg.eval_seed)
+    results["environment"] = dict(torch=torch.__version__, threads=torch.get_num_threads(),
+                                  cpu_capability=torch.backends.cpu.get_cpu_capability(), device=str(env["device"]),
+                                  dtype=env["dtype"], machine=platform.machine(), python=platform.python_version())
     results.update(identifiers=read(run / "identifiers.json"), config=dataclasses.asdict(cfg),
                    time_s={**read(run / "stages.json"), "eval": time.time() - t0}, n_test=len(test["ctx"]))
     results["samples"] = [dict(context=tok.decode(test["ctx"][i]), reference=tok.decode(test["tgt"][i]),
-                               sft=texts["sft"][i], emprl=texts["emprl"][i])
+                               sft=outputs["sft"]["texts"][i], emprl=outputs["emprl"]["texts"][i])
                           for i in range(0, len(test["ctx"]), max(1, len(test["ctx"]) // 6))][:6]
     write(run / "results.json", results)
-    atomic_write(run / "results.md", results_markdown(results).encode())
-
-
-def results_markdown(results):
-    cols = ["emp_f1", "emp_f1_er", "emp_f1_ip", "emp_f1_ex", "reward", "dist_1", "dist_2", "bleu_1", "bleu_2",
-            "bleu_3", "bleu_4", "ppl", "length", "unique_frac"]
-    out = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, m in (("SFT", results["sft"]), ("EmpRL", results["emprl"]), ("majority level", results["majority"])):
-        out.append(f"| {name} | " + " | ".join(f"{m[c]:.2f}" if c in m else "" for c in cols) + " |")
-    return "\n".join(out) + "\n"
+    atomic_write(run / "results.md", emprl.results_table(results).encode())
+    print("EmpRL - SFT, 95 % paired bootstrap over the test contexts: " + ", ".join(
+        f"{k} {d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" for k, d in results["difference"].items()))
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -402,7 +421,7 @@ def run_pipeline(cfg, preset):
     if cfg.pretrained and not (Path(cfg.pretrained) / "config.json").exists():
         raise RunError(f"--pretrained={cfg.pretrained} is not a T5 checkpoint directory: download config.json, "
                        f"model.safetensors and spiece.model (see the README) and pass their directory")
-    env = dict(device=device, autocast=autocast, data_dir=data.ensure_data(cfg.data_dir or None))
+    env = dict(device=device, dtype=dtype, autocast=autocast, data_dir=data.ensure_data(cfg.data_dir or None))
     if cfg.from_run and not (run / "stages.json").exists():
         reuse_stages(cfg, run, Path(cfg.from_run))
     write(run / "config.json", dataclasses.asdict(cfg))

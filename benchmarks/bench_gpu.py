@@ -157,9 +157,12 @@ def main():
 
     # evaluation: decode 30 tokens, label the replies, perplexity of the references
     n = steps * cfg.eval_batch_size // 2
+    toy = (["so sorry", "what happened", "i see", "that is sad"] * 3, [0, 1, 2, 1] * 3)  # the judge's cost only
+    judge = reward.Judge.fit({m: toy for m in data.MECHANISMS}, {m: toy for m in data.MECHANISMS})
     test = split(n, config.vocab_size, seed=2)
     with Clock(device) as clock:
-        emprl.evaluate(model, identifiers, _Tok(), test, np.zeros((n, 3), dtype=np.int64), device, cfg, autocast)
+        emprl.evaluate(model, identifiers, judge, _Tok(), test, np.zeros((n, 3), dtype=np.int64), device, cfg,
+                       autocast)
     validations = cfg.ppo_steps // cfg.ppo_eval_every * cfg.ppo_limit_valid + 1 * cfg.ppo_limit_valid
     rows.append(("eval", clock.seconds / n, "example", clock.peak_gib, 2 * ED["test"] + validations))
 

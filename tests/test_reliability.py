@@ -254,7 +254,7 @@ class RunsCode:
 DAMAGE = [("config.json", "not_json", None), ("stages.json", "not_json", None),
           ("spiece.model", "truncate", "sft"), ("encoded.pt", "truncate", "sft"), ("identifiers.json", "not_json", "eval"),
           ("sft/model.safetensors", "truncate", "ppo"), ("sft/config.json", "not_json", "ppo"),
-          ("labels.pt", "truncate", "ppo"), ("labels.pt", "code", "ppo"),
+          ("labels.pt", "truncate", "ppo"), ("labels.pt", "code", "ppo"), ("judge.pt", "truncate", "ppo"),
           ("identifiers/model.safetensors", "truncate", "labels"), ("emprl/model.safetensors", "truncate", "eval"),
           ("sft_ckpt.pt", "garbage", "sft"), ("ppo_ckpt.pt", "garbage", "ppo"), ("ppo_ckpt.pt", "code", "ppo")]
 
