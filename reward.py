@@ -22,16 +22,12 @@ Emp-F1 compares the levels of generated and target replies, per mechanism, with 
     F1_k = sum_c n_c F1_c / sum_c n_c        over levels present in either side                        [E2]
     Emp-F1 = 100 (F1_ER + F1_IP + F1_EX) / 3                                                           [E3]
 
-The independent judge (not in the paper) checks the identifiers from outside. Per mechanism, a class-balanced
-logistic regression on TF-IDF features of the reply text alone (words and word bigrams), trained on the EPITOME
-train split only, with the L2 strength chosen on validation macro-F1:
+The independent judge (not in the paper) looks from outside: per mechanism, a class-balanced logistic regression on
+TF-IDF features of the reply text alone (words and bigrams), fit on EPITOME train. It shares nothing with the
+identifiers and no reward calls it, so PPO cannot shape its errors:
 
     x_y = tfidf(y) / ||tfidf(y)||,  idf_w = log((1 + N) / (1 + df_w)) + 1     (V,)  terms in >= 2 replies    [J1]
     q_k(. | y) = softmax(W_k x_y + b_k)                                         (C,)                          [J2]
-
-It shares no weights, tokenizer or model family with the identifiers and no reward ever calls it, so PPO cannot
-shape its errors: Emp-F1 by the judge ([E3] with the judge labelling both the generated and the human reply) rises
-only when the replies' levels move in a way a different kind of model also sees.
 
 Deviations from the authors' code:
 - The attention scores are scaled by 1/sqrt(D) (standard dot-product attention; their single head is
@@ -221,16 +217,12 @@ class Judge:
         self.index = {m: {t: j for j, t in enumerate(h["terms"])} for m, h in state.items()}
 
     def features(self, mech, texts):
-        """[J1]: term counts x idf, L2-normalised; sparse, as a text holds a few dozen of the V terms.  -> (N, V)"""
-        rows, cols = [], []
-        for i, text in enumerate(texts):
-            js = [self.index[mech][g] for g in ngrams(text) if g in self.index[mech]]
-            rows += [i] * len(js)
-            cols += js
-        shape = (len(texts), len(self.index[mech]))
-        x = torch.sparse_coo_tensor(torch.tensor([rows, cols]).view(2, -1), self.state[mech]["idf"][cols], shape,
-                                    check_invariants=True).coalesce()  # repeated terms summed: counts x idf
-        norm = torch.zeros(len(texts)).index_add_(0, x.indices()[0], x.values() ** 2).sqrt().clamp(min=1e-12)  # (N,)
+        """[J1]: term counts x idf, L2-normalised; sparse (a reply holds a few dozen of the V terms).  -> (N, V)"""
+        pairs = [(i, self.index[mech][g]) for i, t in enumerate(texts) for g in ngrams(t) if g in self.index[mech]]
+        ij = torch.tensor(pairs, dtype=torch.long).view(-1, 2).T  # (2, nnz); coalesce sums a repeated term
+        x = torch.sparse_coo_tensor(ij, self.state[mech]["idf"][ij[1]], (len(texts), len(self.index[mech])),
+                                    check_invariants=True).coalesce()
+        norm = torch.zeros(len(texts)).index_add_(0, x.indices()[0], x.values() ** 2).sqrt()  # (N,)
         return torch.sparse_coo_tensor(x.indices(), x.values() / norm[x.indices()[0]], x.shape, check_invariants=True)
 
     def logits(self, mech, texts):
@@ -319,11 +311,8 @@ def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weigh
     model.to(device)
     levels = np.array(train["level"])
     counts = np.bincount(levels, minlength=NUM_LEVELS)
-    # Class imbalance (EX: 84 % "no", IP: 4 % "weak"): plain cross-entropy learns mostly the majority level.
-    # class_weights=True weights each level by N / (C n_c) ("balanced"), so every level contributes equally
-    # to the loss, which is what macro-F1 measures. It also shifts the predicted probabilities toward the
-    # rare levels (the reward's probabilities are less calibrated), so it is chosen on validation: in our
-    # sweep (d256, lr 3e-4) it gave the higher validation macro-F1 for all three mechanisms.
+    # Class imbalance (EX: 84 % "no", IP: 4 % "weak"): class_weights=True weights each level by N / (C n_c), so
+    # every level counts equally, as in macro-F1, at the price of less calibrated probabilities; chosen on validation.
     weight = torch.tensor(len(levels) / (NUM_LEVELS * np.maximum(counts, 1)), dtype=torch.float32) \
         if class_weights else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)

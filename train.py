@@ -344,8 +344,10 @@ def stage_ppo(cfg, run, env):
     def validate(model):
         return emprl.evaluate(model, identifiers, judge, tok, encoded["valid"], labels["valid"].numpy(), device, cfg,
                               autocast, n=cfg.ppo_limit_valid, seed=cfg.eval_seed)[0]
-    # the SFT model on the same validation subset, once, is the reference line of every evaluation
-    state = load_checkpoint(run / "ppo_ckpt.pt", parts) or dict(step=0, nonfinite=0, sft_valid=validate(ref_model))
+    state = load_checkpoint(run / "ppo_ckpt.pt", parts)
+    if state is None:  # the SFT model on the same validation subset, once: iteration 0 of the curves
+        state = dict(step=0, nonfinite=0, sft_valid=validate(ref_model))
+        log(run, dict(stage="ppo_eval", step=0, **state["sft_valid"]))
     bar = tqdm(total=cfg.ppo_steps, initial=state["step"], desc="ppo", dynamic_ncols=True)
     k = cfg.rloo_k if cfg.algo == "rloo" else 1  # rollouts per context
     while state["step"] < cfg.ppo_steps:

@@ -32,7 +32,7 @@ ROWS = {
     "no_norm": ("no score normalisation, no reward whitening", ["--score_norm=false", "--whiten_rewards=false"]),
     "rloo": ("RLOO, 4 replies per context, no value head", ["--algo=rloo", "--rloo_k=4"]),
 }
-COLUMNS = ["emp_f1", "emp_f1_er", "emp_f1_ip", "emp_f1_ex", "reward", "dist_2", "ppl", "length", "unique_frac"]
+COLUMNS = ["emp_f1", "emp_f1_judge", "emp_f1_er", "emp_f1_ip", "emp_f1_ex", "reward", "dist_2", "ppl", "length", "unique_frac"]
 
 
 def row_dir(base, row, seed):
@@ -82,7 +82,7 @@ def report(args):
         if not (out / "results.json").exists():
             print(f"| {row} | {what} | " + " | ".join("" for _ in COLUMNS) + " | not run | |")
             continue
-        m = json.loads((out / "results.json").read_text())["emprl"]
+        m = {"emp_f1_judge": float("nan"), **json.loads((out / "results.json").read_text())["emprl"]}
         # the base run was not started by this script (no peak RSS, other threads): time its seed-1 rerun instead
         timed = row_dir(base, row, 1) if out == base and (row_dir(base, row, 1) / "peak_rss.json").exists() else out
         rss = (timed / "peak_rss.json").exists() and json.loads((timed / "peak_rss.json").read_text())["peak_rss_gb"]

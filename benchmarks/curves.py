@@ -1,8 +1,11 @@
-"""Training curves of one or more runs from their log.jsonl: score, summed KL, β and validation Emp-F1 over the
-RL iterations, one line per run. Needs matplotlib (not a dependency of the project: `pip install matplotlib`).
+"""Training curves of one or more runs from their log.jsonl, one line per run, one panel per quantity over the RL
+iterations: by default the rollouts' score, the summed KL, β and validation Emp-F1 (by the identifiers, the
+reward's own models); `--panels=score,emp_f1,emp_f1_judge` sets the proxy beside the independent judge.
+Needs matplotlib (optional, not a dependency of the project: `pip install matplotlib`).
 
     python benchmarks/curves.py runs/cpu --out=curves.png
     python benchmarks/curves.py emprl=runs/cpu no_kl=runs/cpu_no_kl --out=docs/ablation_curves.png
+    python benchmarks/curves.py emprl=runs/cpu no_kl=runs/cpu_no_kl --panels=score,emp_f1,emp_f1_judge --out=o.png
 """
 import argparse
 import json
@@ -22,30 +25,46 @@ def records(run):
     return [iterations[k] for k in sorted(iterations)], [evals[k] for k in sorted(evals)]
 
 
+TITLES = {"score": "rollout reward (proxy)", "kl": "summed KL to SFT, nats", "beta": "β",
+          "emp_f1": "validation Emp-F1 by the identifiers", "emp_f1_judge": "validation Emp-F1 by the judge",
+          "reward": "validation reward"}
+PER_ITERATION = ("score", "kl", "beta")  # logged every iteration (smoothed); the others at validations
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run directories, optionally named: name=dir")
     p.add_argument("--out", default="curves.png")
     p.add_argument("--smooth", type=int, default=10, help="moving average over this many iterations")
+    p.add_argument("--panels", default="score,kl,beta,emp_f1", help=f"a comma list of {', '.join(TITLES)}")
     args = p.parse_args()
-    import matplotlib
+    panels = args.panels.split(",")
+    if set(panels) - set(TITLES):
+        raise SystemExit(f"--panels: unknown {sorted(set(panels) - set(TITLES))}; choose from {', '.join(TITLES)}")
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("curves.py draws with matplotlib, an optional extra: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.6), squeeze=False)
     for spec in args.runs:
         name, _, run = spec.rpartition("=")
         iterations, evals = records(run)
-        for ax, key in zip(axes, ("score", "kl", "beta")):
-            y = [r[key] for r in iterations]
-            y = [sum(y[max(0, i - args.smooth + 1):i + 1]) / len(y[max(0, i - args.smooth + 1):i + 1])
-                 for i in range(len(y))]
-            ax.plot([r["step"] for r in iterations], y, label=name or Path(run).name)
-        axes[3].plot([r["step"] for r in evals], [r["emp_f1"] for r in evals], marker="o", label=name or Path(run).name)
-    for ax, title in zip(axes, (f"score (mean of {args.smooth})", f"summed KL, nats (mean of {args.smooth})", "β",
-                                "validation Emp-F1")):
-        ax.set_title(title)
+        for ax, key in zip(axes[0], panels):
+            if key in PER_ITERATION:
+                y = [r[key] for r in iterations]
+                y = [sum(y[max(0, i - args.smooth + 1):i + 1]) / len(y[max(0, i - args.smooth + 1):i + 1])
+                     for i in range(len(y))]
+                ax.plot([r["step"] for r in iterations], y, label=name or Path(run).name)
+            else:
+                pts = [(r["step"], r[key]) for r in evals if key in r]
+                ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", label=name or Path(run).name)
+    for ax, key in zip(axes[0], panels):
+        smoothed = f" (mean of {args.smooth})" if key in PER_ITERATION else ""
+        ax.set_title(TITLES[key] + smoothed, fontsize=9)
         ax.set_xlabel("iteration")
-    axes[3].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out, dpi=90)
     print(f"wrote {args.out}")

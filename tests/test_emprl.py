@@ -192,3 +192,26 @@ def test_majority_reference_predicts_the_most_frequent_training_level():
     m = emprl.majority_reference(train, test)
     assert m["levels"] == [0, 2, 0]
     assert m["emp_f1_ex"] == pytest.approx(100.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# intervals
+
+def _outputs(levels, targets):
+    return dict(levels=levels, targets=targets, judge_levels=levels, judge_targets=targets)
+
+
+def test_paired_bootstrap_is_zero_for_equal_models_and_brackets_a_real_difference():
+    """Identical outputs: difference 0 with a [0, 0] interval. A model right on 30 % more contexts: the interval
+    lies above 0 and holds the full-set difference; the same seed gives the same interval."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 3, (400, 3))
+    a = np.where(rng.random((400, 3)) < 0.4, targets, rng.integers(0, 3, (400, 3)))
+    b = np.where(rng.random((400, 3)) < 0.7, targets, rng.integers(0, 3, (400, 3)))
+    same = emprl.paired_bootstrap(_outputs(a, targets), _outputs(a, targets), n_resamples=200)
+    assert same["emp_f1"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    d = emprl.paired_bootstrap(_outputs(a, targets), _outputs(b, targets), n_resamples=200)
+    lo, hi = d["emp_f1"]["ci95"]
+    assert 0 < lo <= d["emp_f1"]["mean"] <= hi and d == emprl.paired_bootstrap(
+        _outputs(a, targets), _outputs(b, targets), n_resamples=200)

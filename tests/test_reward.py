@@ -224,3 +224,45 @@ def test_identifiers_save_load_round_trip_and_damaged_file(tmp_path):
         reward.Identifiers.load(tmp_path / "identifiers")
     with pytest.raises(t5.CheckpointError, match="missing"):
         reward.Identifiers.load(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------- the judge
+
+def test_judge_features_are_l2_normalised_tfidf_of_words_and_bigrams():
+    """[J1] by hand: counts of the known terms times their idf, divided by the row's norm; unknown terms drop."""
+    terms = ["so", "so sorry", "sorry"]
+    idf = torch.tensor([1.0, 2.0, 3.0])
+    judge = reward.Judge({"er": dict(terms=terms, idf=idf)})
+    x = judge.features("er", ["So sorry, so SORRY!", "nothing known", "sorry"]).to_dense()  # (3, V)
+    raw = torch.tensor([2 * 1.0, 2 * 2.0, 2 * 3.0])  # "so" x2, "so sorry" x2, "sorry" x2 ("sorry so" unknown)
+    assert torch.allclose(x[0], raw / raw.norm())
+    assert torch.equal(x[1], torch.zeros(3)) and torch.allclose(x[2], torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_judge_learns_cue_words_for_each_mechanism_and_survives_a_save():
+    """Each mechanism's regression finds its own cue (held-out texts labelled right), and the state written as a
+    run file (weights-only torch.save) gives the same levels back."""
+    import io
+    rng = np.random.default_rng(0)
+    filler = ["the", "a", "day", "went", "it", "was", "ok", "my", "cat", "work"]
+    cues = {"er": ["sad", "awful"], "ip": ["understand", "feel"], "ex": ["why", "how"]}
+
+    def split(n):
+        texts, levels = [], {m: [] for m in cues}
+        for _ in range(n):
+            words, lv = list(rng.choice(filler, 5)), {m: int(rng.integers(0, 3)) for m in cues}
+            for m, (weak, strong) in cues.items():
+                words += [] if lv[m] == 0 else [weak] if lv[m] == 1 else [strong, strong]
+                levels[m].append(lv[m])
+            texts.append(" ".join(rng.permutation(words)))
+        return {m: (texts, levels[m]) for m in cues}
+    train, valid, test = split(300), split(60), split(100)
+    judge = reward.Judge.fit(train, valid)
+    got = judge.levels(test["er"][0])  # (N, 3)
+    for i, m in enumerate(data.MECHANISMS):
+        assert (got[:, i] == np.array(test[m][1])).mean() > 0.9, m
+    buf = io.BytesIO()
+    torch.save(judge.state, buf)
+    buf.seek(0)
+    again = reward.Judge(torch.load(buf, weights_only=True))
+    assert np.array_equal(again.levels(test["er"][0]), got)

@@ -15,7 +15,8 @@ from synthetic import write_synthetic_data
 from t5 import load_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_KEYS = ["emp_f1", "emp_f1_er", "emp_f1_ip", "emp_f1_ex", "dist_1", "dist_2", "bleu_1", "bleu_2", "bleu_3",
+MODEL_KEYS = ["emp_f1", "emp_f1_er", "emp_f1_ip", "emp_f1_ex", "emp_f1_judge", "emp_f1_judge_er", "emp_f1_judge_ip",
+              "emp_f1_judge_ex", "dist_1", "dist_2", "bleu_1", "bleu_2", "bleu_3",
               "bleu_4", "ppl", "reward", "length", "unique_frac"]
 # one thread: the float sums, hence the weights, are the same in every run (and two processes share 2 cores)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -106,6 +107,25 @@ def test_tiny_preset_on_the_real_data_runs_end_to_end_with_finite_metrics(tiny_r
     res = assert_finished_with_finite_metrics(out)
     assert res["config"]["limit_train"] == 400 and res["n_test"] == 64
     assert "ppo    1/4 | score" in p.stdout
+
+
+def test_results_carry_the_judge_the_intervals_and_the_environment(tiny_run):
+    """results.json holds Emp-F1 by the independent judge for both models, EmpRL - SFT with a paired-bootstrap
+    interval around the full-set difference (lo <= mean <= hi) for the identifiers and the judge, the machine it
+    ran on, and the judge's test scores beside the identifiers' in identifiers.json."""
+    out, p = tiny_run
+    res = json.loads((out / "results.json").read_text())
+    for key in ("emp_f1", "emp_f1_judge"):
+        d = res["difference"][key]
+        assert d["ci95"][0] <= d["mean"] <= d["ci95"][1], (key, d)
+        assert d["mean"] == pytest.approx(res["emprl"][key] - res["sft"][key])
+    assert set(res["environment"]) >= {"torch", "threads", "cpu_capability", "device", "dtype"}
+    assert res["environment"]["threads"] == 1 and res["environment"]["dtype"] == "float32"
+    for mech in ("er", "ip", "ex"):
+        assert {"acc", "macro_f1"} <= set(res["identifiers"][mech]["judge"])
+    assert "judge er (TF-IDF logistic regression" in p.stdout and "EmpRL − SFT [95 % CI]" in p.stdout
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all("emp_f1_judge" in r for r in logged if r["stage"] == "ppo_eval")  # the curves show the judge too
 
 
 def test_rerun_skips_every_finished_stage(tiny_run, real_data_dir):
