@@ -71,6 +71,11 @@ class PolicyWithValue(nn.Module):
         return self.model.lm_logits(hidden), values
 
 
+def generator(seed, device="cpu"):
+    """A seeded random generator on the device whose draws it makes (a CUDA sampler needs a CUDA generator)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def reply_mask(ids, eos_id=1):
     """1 on every reply token up to and including the first </s>, 0 after it.  (B, T) -> (B, T)"""
     eos = (ids == eos_id).long()
@@ -140,13 +145,14 @@ def rollout(policy, ref_model, batch, cfg, autocast):
 
 def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generator):
     """Step 4: `ppo_epochs` passes over shuffled minibatches of clipped policy + value losses; the gradients of
-    `ppo_grad_accum` minibatches make one optimizer update. Returns per-minibatch statistics (0-dim tensors,
-    read once at the end: no host sync per minibatch) and the counts of skipped minibatches and updates."""
+    `ppo_grad_accum` minibatches make one optimizer update. The minibatch order is drawn from `generator`, on its
+    device. Returns per-minibatch statistics (0-dim tensors, read once at the end) and the counts of skipped
+    minibatches and updates. One host sync per minibatch: the mean ratio is read to decide whether to skip it."""
     policy.train(cfg.ppo_dropout)  # dropout off by default: the ratio should only see the update
     n = roll["replies"].shape[0]
     stats, skipped, accumulated = [], {"ratio": 0, "nonfinite": 0}, 0
     for _ in range(cfg.ppo_epochs):
-        minibatches = torch.randperm(n, generator=generator).split(cfg.ppo_mini_batch_size)
+        minibatches = torch.randperm(n, generator=generator, device=generator.device).split(cfg.ppo_mini_batch_size)
         for i, idx in enumerate(minibatches):
             idx = idx.to(roll["replies"].device)
             replies, mask = roll["replies"][idx], roll["mask"][idx]
@@ -178,16 +184,19 @@ def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generat
 
 def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, score_moments, batch, cfg,
                   autocast, generator):
-    """One PPO iteration on a batch of contexts with target levels (steps 1-5). Returns (stats, rollout).
+    """One iteration on a batch of contexts with their target levels: steps 1-5 of the module docstring, in order.
+    Returns (statistics, rollout); the statistics of an iteration whose scores are not finite say only that.
 
-    algo="rloo": the batch holds rloo_k copies of each context in a row; step 3 is RLOO instead of GAE. The
-    update stays the clipped surrogate with a per-token ratio, every token of a reply sharing its sequence
-    advantage: the same update as PPO's, so PPO and RLOO differ only in their advantage estimate."""
+    algo="rloo": the batch holds rloo_k copies of each context in a row and step 3 is RLOO instead of GAE. Step 4
+    is the same clipped update with a per-token ratio, every token of a reply sharing its reply's advantage, so
+    PPO and RLOO differ only in their advantage estimate."""
     t0 = time.time()
-    # 1. rollout
+    # 1. rollout: replies, their log-probs under π and π_ref, and V, all from the same τ-scaled logits
     roll = rollout(policy, ref_model, batch, cfg, autocast)
     mask = roll["mask"]
-    # 2. reward: empathy score r = Π_k p_k(y*_k | c, ŷ) on the last real token, -β·kl_t on every token
+
+    # 2. reward: the empathy score r = Π_k p_k(y*_k | c, ŷ), normalised by its running moments, lands on the last
+    #    reply token; -β·kl_t on every token
     with autocast():
         scores = identifiers.score(batch["ident_ctx"], batch["ident_ctx_mask"], roll["replies"], mask,
                                    batch["levels"], mechanisms=cfg.reward_mechanisms.split(",")).float()  # (B,)
@@ -198,27 +207,34 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     norm_scores = ppo.normalize_scores(scores, score_moments) if cfg.score_norm else scores
     rewards = ppo.kl_penalized_rewards(norm_scores, roll["logprobs"], roll["ref_logprobs"], mask,
                                        kl_ctl.value, cfg.kl_min, cfg.kl_max, cfg.kl_estimator)  # (B, T)
-    # 3. GAE on the (scale-whitened) per-token rewards, or RLOO on their sum R = s - β Σ_t kl_t; whitened advantages
+
+    # 3. advantages: GAE on the per-token rewards (scale-whitened), or RLOO on each reply's summed reward
+    #    R = s - β Σ_t kl_t; then whitened over the batch
     if cfg.algo == "rloo":
-        advantages, returns = ppo.rloo_advantages(rewards.sum(1), cfg.rloo_k)[:, None] * mask, roll["values"]
+        advantages = ppo.rloo_advantages(rewards.sum(1), cfg.rloo_k)[:, None] * mask  # (B, T)
+        returns = roll["values"]  # no value head to train: its loss gets weight 0 in step 4
     else:
         if cfg.whiten_rewards:
             rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = ppo.gae(rewards, roll["values"], mask, GAMMA, cfg.ppo_lam)
+        advantages, returns = ppo.gae(rewards, roll["values"], mask, GAMMA, cfg.ppo_lam)  # (B, T) each
     roll["advantages"] = ppo.masked_whiten(advantages, mask) * mask
     roll["returns"] = returns
-    # 4. epochs x shuffled minibatches of clipped updates
+
+    # 4. epochs x shuffled minibatches of clipped policy (and value) updates
     mb_stats, skipped = ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generator)
-    # 5. statistics (KL is the raw, unclamped estimate summed over the reply, as the controller expects)
+
+    # 5. statistics; the KL is the raw, unclamped estimate summed over the reply, as the β controller expects
     kl = ((roll["logprobs"] - roll["ref_logprobs"]) * mask).sum(1).mean().item()
-    beta = kl_ctl.value
+    stats = dict(score=scores.mean().item(), kl=kl, beta=kl_ctl.value)
     kl_ctl.update(kl, len(scores))
-    mean = {k: torch.stack([s[k] for s in mb_stats]).float().mean().item() if mb_stats else float("nan")
-            for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy", "ratio")}
-    return dict(score=scores.mean().item(), kl=kl, beta=beta, **mean,
-                explained_var=float(ppo.explained_variance(roll["values"], returns, mask)),
-                length=mask.sum(1).float().mean().item(), lr=scheduler.get_last_lr()[0],
-                skipped_ratio=skipped["ratio"], skipped_nonfinite=skipped["nonfinite"], seconds=time.time() - t0), roll
+    for key in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy", "ratio"):
+        stats[key] = torch.stack([s[key] for s in mb_stats]).float().mean().item() if mb_stats else float("nan")
+    stats["explained_var"] = float(ppo.explained_variance(roll["values"], returns, mask))
+    stats["length"] = mask.sum(1).float().mean().item()
+    stats["lr"] = scheduler.get_last_lr()[0]
+    stats["skipped_ratio"], stats["skipped_nonfinite"] = skipped["ratio"], skipped["nonfinite"]
+    stats["seconds"] = time.time() - t0
+    return stats, roll
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,7 +289,7 @@ def generate_replies(model, ctx, device, batch_size, seed, autocast):
     """Replies decoded like the authors (EVAL_DECODING) with a seeded generator: for each context, its reply
     ids up to and including </s>."""
     model.eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = generator(seed, device)
 
     def generate(idx):
         batch = data.make_batch({"ctx": ctx}, idx, device)
@@ -391,7 +407,7 @@ def load_run(run_dir, device="cpu"):
 def reply(model, identifiers, tok, turns, cfg, device="cpu", seed=None):
     """The model's reply to a dialogue (list of turns, oldest first) and the identifiers' levels for it."""
     ctx = data.encode_context(tok, turns, cfg["max_context_tokens"])
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    gen = generator(seed, device) if seed is not None else None
     batch = data.make_batch({"ctx": [ctx]}, [0], device)
     out = model.generate(batch["ctx"], batch["ctx_mask"], generator=gen, **EVAL_DECODING)[0]
     out = out[: int(reply_mask(out[None]).sum())].tolist()

@@ -5,13 +5,16 @@
     python train.py --preset=cpu --out_dir=runs/seed1 --from_run=runs/cpu --ppo_seed=1
 
 Every stage writes its results into the run directory and is skipped when the command is rerun; SFT and PPO
-resume from their last periodic checkpoint. Config lists its fields in pipeline order, a section per stage; a field
-belongs to the stage of its section and changes that stage and every later one. So a rerun with changed fields is
-refused, and --from_run=DIR copies DIR's results of the stages before the first changed one."""
+resume from their last periodic checkpoint. Every field of Config belongs to one stage (FIELDS_OF_STAGE) and changes
+that stage and every later one. So a rerun with changed fields is refused, and --from_run=DIR copies DIR's results
+of the stages before the first changed one. One train.py at a time holds a run directory."""
 import dataclasses
 import errno
+import fcntl
 import io
 import json
+import os
+import pickle
 import platform
 import shlex
 import shutil
@@ -133,11 +136,26 @@ CHOICES = dict(dtype=("auto", "float32", "bfloat16"), ident_init=("sft", "pretra
                kl_estimator=("k1", "k3"), algo=("ppo", "rloo"))  # never float16: T5 overflows
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 STAGES = ("tokenizer", "sft", "identifiers", "labels", "ppo", "eval")
-SECTIONS = {"seed": "tokenizer", "dtype": "sft", "ident_init": "identifiers", "label_limit_train": "labels",
-            "ppo_steps": "ppo", "eval_batch_size": "eval"}  # the first field of each stage's section
-STAGE_OF, _stage = {}, None  # field -> the stage of its section (None: the run section)
-for _field in dataclasses.fields(Config):
-    _stage = STAGE_OF[_field.name] = SECTIONS.get(_field.name, _stage)
+# The stage each field belongs to: changing it changes that stage's results and every later stage's. "run" fields
+# change no result and are never compared. A field of Config missing here, or named twice, stops the import.
+FIELDS_OF_STAGE = {
+    "run": "out_dir data_dir from_run device max_nonfinite",
+    "tokenizer": "seed pretrained vocab_size max_context_tokens max_target_tokens limit_train limit_valid limit_test",
+    "sft": "dtype d_model d_ff num_layers num_heads dropout_rate sft_epochs sft_batch_size sft_lr sft_warmup_steps "
+           "sft_eval_every sft_limit_valid",
+    "identifiers": "ident_init ident_ctx_tokens ident_resp_tokens ident_epochs ident_batch_size ident_lr "
+                   "ident_class_weights ident_limit_pairs",
+    "labels": "label_limit_train",
+    "ppo": "ppo_steps algo rloo_k ppo_seed ppo_batch_size ppo_mini_batch_size ppo_grad_accum ppo_epochs ppo_lr "
+           "ppo_lr_decay_steps ppo_clip_range ppo_vf_coef ppo_lam init_kl_coef adaptive_kl kl_target kl_horizon "
+           "kl_estimator kl_min kl_max score_norm whiten_rewards reward_mechanisms ppo_temperature ppo_min_new_tokens "
+           "ppo_max_new_tokens ppo_dropout ppo_eval_every ppo_limit_valid",
+    "eval": "eval_batch_size eval_seed",
+}
+STAGE_OF = {name: stage for stage, names in FIELDS_OF_STAGE.items() for name in names.split()}  # field -> stage
+STAGE_OF.update({name: None for name in FIELDS_OF_STAGE["run"].split()})  # None: compared in no run
+if sorted(" ".join(FIELDS_OF_STAGE.values()).split()) != sorted(f.name for f in dataclasses.fields(Config)):
+    raise AssertionError("FIELDS_OF_STAGE must name every field of Config exactly once")
 # a stage is done while stages.json lists it and these files exist
 RESULTS = {"tokenizer": ["spiece.model", "encoded.pt"], "sft": ["sft/model.safetensors"], "labels": ["labels.pt"],
            "identifiers": ["identifiers/model.safetensors", "identifiers.json", "judge.pt"],
@@ -196,7 +214,7 @@ def stage_tokenizer(cfg, run, env):
     ed = {s: data.load_empathetic_dialogues(env["data_dir"] / "empatheticdialogues" / f"{s}.csv")[: limit or None]
           for s, limit in (("train", cfg.limit_train), ("valid", cfg.limit_valid), ("test", cfg.limit_test))}
     if cfg.pretrained:
-        shutil.copyfile(Path(cfg.pretrained) / "spiece.model", run / "spiece.model")
+        copy(Path(cfg.pretrained) / "spiece.model", run / "spiece.model")
     else:  # one role-tagged text per dialogue (so "speaker:"/"listener:" become pieces), plus EPITOME posts
         texts = [data.format_context(ex.context + [ex.target]) for ex in ed["train"]]
         for rec in data.load_epitome(env["data_dir"] / "epitome" / data.EPITOME_FILES["er"]):
@@ -335,7 +353,7 @@ def stage_ppo(cfg, run, env):
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo_lr, fused=True)
     sched = linear_schedule(opt, (cfg.ppo_lr_decay_steps or cfg.ppo_steps) * updates)
     kl_ctl = ppo.KLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon, adaptive=cfg.adaptive_kl)
-    moments, gen = ppo.RunningMoments(), torch.Generator().manual_seed(cfg.ppo_seed)  # gen: minibatch order
+    moments, gen = ppo.RunningMoments(), emprl.generator(cfg.ppo_seed, device)  # gen: minibatch order
     torch.manual_seed(cfg.ppo_seed)  # rollout sampling
     parts = dict(policy=policy, optimizer=opt, scheduler=sched, kl_ctl=kl_ctl, moments=moments, generator=gen)
 
@@ -404,6 +422,12 @@ def stage_eval(cfg, run, env):
         f"{k} {d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" for k, d in results["difference"].items()))
 
 
+# the pipeline: each stage's function, in order
+PIPELINE = {"tokenizer": stage_tokenizer, "sft": stage_sft, "identifiers": stage_identifiers, "labels": stage_labels,
+            "ppo": stage_ppo, "eval": stage_eval}
+assert tuple(PIPELINE) == STAGES
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -411,11 +435,12 @@ def run_pipeline(cfg, preset):
     run = Path(cfg.out_dir)
     if run.exists() and not run.is_dir():
         raise RunError(f"--out_dir={run} is a file; give a directory")
+    run.mkdir(parents=True, exist_ok=True)
+    lock = hold(run)  # noqa: F841 (held until the pipeline ends)
     changed, first = changed_fields(read(run / "config.json"), cfg) if (run / "config.json").exists() else ({}, 0)
     if changed:
         raise RunError(f"{run} was made with other settings ({'; '.join(changed.values())}); use a new --out_dir, "
                        f"with --from_run={run} to reuse its stages before '{first}'")
-    run.mkdir(parents=True, exist_ok=True)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     dtype, why = choose_dtype(cfg, device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 on GPUs with TF32
@@ -437,13 +462,13 @@ def run_pipeline(cfg, preset):
             for later in STAGES[i:]:  # they were built on it: results and checkpoints go
                 done.pop(later, None)
                 for name in {Path(f).parts[0] for f in RESULTS[later]} | {f"{later}_ckpt.pt"}:
-                    shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
+                    remove(run / name)
         if stage in done:
             print(f"[{stage}] done earlier ({done[stage]:.0f} s), skipped")
             continue
         print(f"[{stage}]")
         t0 = time.time()
-        globals()[f"stage_{stage}"](cfg, run, env)
+        PIPELINE[stage](cfg, run, env)
         done[stage] = time.time() - t0
         write(run / "stages.json", done)
         (run / f"{stage}_ckpt.pt").unlink(missing_ok=True)  # finished: its results supersede the checkpoint
@@ -498,7 +523,7 @@ def reuse_stages(cfg, run, source):
         if stage not in source_done or not all((source / f).exists() for f in RESULTS[stage]):
             break
         for name in {Path(f).parts[0] for f in RESULTS[stage]}:  # a file, or a model directory
-            (shutil.copytree if (source / name).is_dir() else shutil.copyfile)(source / name, run / name)
+            copy(source / name, run / name)
         done[stage] = source_done[stage]
     write(run / "stages.json", done)
     print(f"--from_run={source}: reusing {', '.join(done) or 'nothing'} ({'; '.join(changed.values()) or 'no change'})")
@@ -513,10 +538,52 @@ def read(path, load=None):
             return (json.loads(path.read_text()) if path.suffix == ".json" else
                     torch.load(path, map_location="cpu", weights_only=True))
         return (load or T5.from_pretrained)(path)
-    except Exception as e:
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing: rerun the same command; the stage that writes it is redone") from None
+    except OSError as e:
+        if isinstance(e, PermissionError) or e.errno in (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise  # the file system said no, not the file: main() names the file and the reason
+        raise RunError(f"{path} is damaged ({e.strerror or e}): delete it and rerun the same command; the stage that "
+                       f"wrote it is redone") from None  # e.g. torch's reader of a truncated file
+    except (ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:  # what a damaged file raises
         why = str(e).removeprefix(f"{path}: ") if isinstance(e, ValueError) else type(e).__name__
         raise RunError(f"{path} is damaged ({why}): delete it and rerun the same command; the stage that wrote it "
                        f"is redone") from None
+
+
+def copy(source, dest):
+    """Copy a file or a model directory into the run whole or not at all, as every run file is written."""
+    if not source.is_dir():
+        return atomic_write(dest, source.read_bytes())
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    remove(tmp)
+    shutil.copytree(source, tmp)
+    remove(dest)
+    tmp.rename(dest)
+
+
+def remove(path):
+    """Delete a file or a directory of the run, if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def hold(run):
+    """Lock the run directory for this process, or refuse with one line if a live train.py holds it. The lock is
+    the kernel's (flock): it goes with the process, so a killed run leaves nothing stuck."""
+    f = open(run / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise RunError(f"{run} is in use by a running train.py (pid {f.read().strip() or '?'}): wait for it to end "
+                       f"or give another --out_dir") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f  # held while this file object lives
 
 
 def write(path, obj):
@@ -534,8 +601,12 @@ def log(run, record):  # log.jsonl is appended to: a line cut short by a kill is
 
 
 def save_checkpoint(path, parts, state):
-    """The loop state, every part's state (a torch.Generator's too) and torch's RNG (dropout, CPU sampling)."""
-    write(path, dict(state=state, rng=torch.get_rng_state(), parts={
+    """The loop state, every part's state (a torch.Generator's too) and torch's RNG: the CPU's, and the GPUs' when
+    CUDA is in use (dropout and sampling draw there), so a resumed run goes on instead of replaying draws."""
+    rng = dict(cpu=torch.get_rng_state())
+    if torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    write(path, dict(state=state, rng=rng, parts={
         k: p.get_state() if isinstance(p, torch.Generator) else p.state_dict() for k, p in parts.items()}))
 
 
@@ -545,8 +616,13 @@ def load_checkpoint(path, parts):
         return None
     ck = read(path)
     for k, p in parts.items():
-        p.set_state(ck["parts"][k]) if isinstance(p, torch.Generator) else p.load_state_dict(ck["parts"][k])
-    torch.set_rng_state(ck["rng"])
+        if isinstance(p, torch.Generator):
+            p.set_state(ck["parts"][k])
+        else:
+            p.load_state_dict(ck["parts"][k])
+    torch.set_rng_state(ck["rng"]["cpu"])
+    if "cuda" in ck["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
     print(f"{path.name}: resuming after step {ck['state']['step']}")
     return ck["state"]
 

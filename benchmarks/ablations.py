@@ -123,7 +123,10 @@ def main():
     p.add_argument("--preset", default="cpu", help="the base run's preset (tiny: to try the script in seconds)")
     p.add_argument("--figure", default="", help="report: also draw every row's curves into this PNG")
     args = p.parse_args()
-    run_rows(args) if args.command == "run" else report(args)
+    if args.command == "run":
+        run_rows(args)
+    else:
+        report(args)
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ def main():
             roll.stop()
             whole.start(reset_peak=i == 1)
         emprl.ppo_iteration(policy, ref, identifiers, opt, sched, kl_ctl, moments, batch, cfg, autocast, gen)
-        whole.stop() if i else None
+        if i:
+            whole.stop()
     rollout_s, update_s = roll.seconds / ppo_steps, (whole.seconds - roll.seconds) / ppo_steps
     rows.append(("ppo", whole.seconds / ppo_steps, "iteration", whole.peak_gib, cfg.ppo_steps))
 

@@ -516,3 +516,38 @@ def test_fuzzed_real_csv_prefixes_only_ever_raise_data_error(real_data_dir, tmp_
             pass
         n += 1
     assert n > 20
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run layer
+
+def test_every_config_field_names_its_stage_exactly_once():
+    """The changed-settings check and --from_run read each field's stage from FIELDS_OF_STAGE: a field missing there
+    would escape the check, so the table must cover Config exactly (train.py also refuses to import otherwise)."""
+    named = " ".join(train.FIELDS_OF_STAGE.values()).split()
+    assert sorted(named) == sorted(f.name for f in train.dataclasses.fields(train.Config))
+    assert set(train.FIELDS_OF_STAGE) == {"run", *train.STAGES} and tuple(train.PIPELINE) == train.STAGES
+    assert train.STAGE_OF["out_dir"] is None and train.STAGE_OF["ppo_seed"] == "ppo"
+
+
+def test_a_second_run_on_a_held_run_directory_is_refused_and_a_killed_run_leaves_no_stale_lock(tmp_path,
+                                                                                               real_data_dir):
+    """Two train.py writing one run directory would corrupt it: while one runs, a second is refused with one
+    line naming the holder's pid. The lock is the kernel's, so after a SIGKILL the same command runs again."""
+    out = tmp_path / "run"
+    proc = start(real_data_dir, out)
+    try:
+        deadline = time.monotonic() + 120
+        while "[sft]" not in Path(f"{out}.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, Path(f"{out}.log").read_text()[-2000:]
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv(real_data_dir, out)], cwd=ROOT,
+                                env=ENV, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert f"in use by a running train.py (pid {proc.pid})" in second.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    again = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv(real_data_dir, out)], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and (out / "results.json").exists(), again.stderr[-2000:]

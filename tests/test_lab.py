@@ -1,0 +1,431 @@
+"""lab/lab.py, the course grader: student copies, the checks of each exercise, the PPO run, check-run.
+
+The lab checks themselves (lab/checks/) are tested here against implementations a student might write: correct
+ones written with Python loops must pass, and the usual mistakes must fail, each on the check that names it."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ppo
+import reward
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKS = ROOT / "lab" / "checks"
+sys.path.insert(0, str(CHECKS))  # the checks import their helpers (checklib) by name, as under pytest
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+lab = load(ROOT / "lab" / "lab.py", "lab_grader")
+
+
+# ---------------------------------------------------------------------------------------- what a student writes
+
+# Correct implementations written the slow, obvious way (Python loops over rows and tokens), nothing like the
+# reference's tensor code: the checks must accept them.
+LOOPS = {
+    "ppo.gae": '''
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """GAE row by row, from the last real token backwards."""
+    advantages, returns = torch.zeros_like(rewards), torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        n = int(mask[b].sum())  # real tokens 0 .. n-1
+        next_advantage, next_value = 0.0, 0.0
+        for t in reversed(range(n)):
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            next_advantage = delta + gamma * lam * next_advantage
+            advantages[b, t] = next_advantage
+            returns[b, t] = next_advantage + values[b, t]
+            next_value = values[b, t]
+    return advantages, returns
+''',
+    "ppo.rloo_advantages": '''
+def rloo_advantages(rewards, k):
+    """Each reply minus the mean of the other replies of its group."""
+    advantages = torch.zeros_like(rewards)
+    for start in range(0, len(rewards), k):
+        group = rewards[start:start + k]
+        for i in range(k):
+            others = group.sum() - group[i]
+            advantages[start + i] = group[i] - others / (k - 1)
+    return advantages
+''',
+    "ppo.per_token_kl": '''
+def per_token_kl(logprobs, ref_logprobs, mask, kl_min=0.0, kl_max=10.0, estimator="k1"):
+    """Token by token."""
+    kl = torch.zeros_like(logprobs)
+    for b in range(logprobs.shape[0]):
+        for t in range(logprobs.shape[1]):
+            if mask[b, t]:
+                d = logprobs[b, t] - ref_logprobs[b, t]
+                if estimator == "k1":
+                    x = d
+                else:
+                    x = torch.exp(-d) - 1 + d
+                if kl_min is not None or kl_max is not None:
+                    x = torch.clamp(x, min=kl_min, max=kl_max)
+                kl[b, t] = x
+    return kl
+''',
+    "ppo.kl_penalized_rewards": '''
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_min=0.0, kl_max=10.0, estimator="k1"):
+    """The penalty everywhere, then the score on each row's last real token."""
+    rewards = -kl_coef * per_token_kl(logprobs, ref_logprobs, mask, kl_min, kl_max, estimator)
+    for b in range(mask.shape[0]):
+        real = [t for t in range(mask.shape[1]) if mask[b, t]]
+        if real:
+            rewards[b, real[-1]] += scores[b]
+    return rewards
+''',
+    "ppo.policy_loss": '''
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
+    """Token by token, then means."""
+    losses, ratios, clipped, kl, kl3 = [], [], [], [], []
+    for b in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            if mask[b, t]:
+                log_ratio = logprobs[b, t] - old_logprobs[b, t]
+                ratio = torch.exp(log_ratio)
+                unclipped = -advantages[b, t] * ratio
+                clip = -advantages[b, t] * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+                losses.append(torch.maximum(unclipped, clip))
+                ratios.append(ratio.detach())
+                clipped.append((clip > unclipped).to(ratio.dtype).detach())
+                kl.append(0.5 * log_ratio.detach() ** 2)
+                kl3.append((ratio - 1 - log_ratio).detach())
+    mean = lambda xs: torch.stack(xs).mean()
+    return mean(losses), {"ratio": mean(ratios), "clipfrac": mean(clipped), "approx_kl": mean(kl),
+                          "approx_kl_k3": mean(kl3)}
+''',
+    "ppo.value_loss": '''
+def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
+    """Token by token, then means."""
+    losses, clipped = [], []
+    for b in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            if mask[b, t]:
+                v_clip = torch.clamp(values[b, t], old_values[b, t] - clip_range_value,
+                                     old_values[b, t] + clip_range_value)
+                error, error_clip = (values[b, t] - returns[b, t]) ** 2, (v_clip - returns[b, t]) ** 2
+                losses.append(torch.maximum(error, error_clip))
+                clipped.append((error_clip > error).to(values.dtype).detach())
+    return 0.5 * torch.stack(losses).mean(), {"vf_clipfrac": torch.stack(clipped).mean()}
+''',
+    "reward.reward_from_logits": '''
+def reward_from_logits(logits, targets):
+    """Reply by reply, mechanism by mechanism."""
+    rewards = []
+    for b in range(logits.shape[0]):
+        probs = []
+        for k in range(logits.shape[1]):
+            e = torch.exp(logits[b, k].float())
+            probs.append(e[targets[b, k]] / e.sum())
+        rewards.append(torch.stack(probs).prod())
+    return torch.stack(rewards)
+''',
+}
+
+# The usual mistakes, each a one-line change of the loop version above: (exercise, mistake, the check that must
+# fail, the correct text, the wrong text).
+MUTANTS = [
+    ("ppo.gae", "λ ignored (λ = 1)", "test_gae_uses_lambda",
+     "delta + gamma * lam * next_advantage", "delta + gamma * next_advantage"),
+    ("ppo.gae", "bootstraps from the value after </s>", "test_gae_does_not_bootstrap_past_eos",
+     "next_advantage, next_value = 0.0, 0.0",
+     "next_advantage, next_value = 0.0, values[b, min(n, values.shape[1] - 1)]"),
+    ("ppo.rloo_advantages", "baseline is the mean of the group, the reply included",
+     "test_rloo_baseline_leaves_the_reply_itself_out", "group[i] - others / (k - 1)", "group[i] - group.mean()"),
+    ("ppo.rloo_advantages", "groups strided instead of consecutive", "test_rloo_groups_are_k_consecutive_replies",
+     "group = rewards[start:start + k]", "group = rewards[start // k::len(rewards) // k]"),
+    ("ppo.per_token_kl", "wrong sign", "test_kl_is_log_pi_minus_log_pi_ref",
+     "d = logprobs[b, t] - ref_logprobs[b, t]", "d = ref_logprobs[b, t] - logprobs[b, t]"),
+    ("ppo.per_token_kl", "unclamped", "test_kl_is_clamped_to_0_10_by_default",
+     "x = torch.clamp(x, min=kl_min, max=kl_max)", "pass"),
+    ("ppo.per_token_kl", "not masked", "test_kl_is_0_after_eos", "if mask[b, t]:", "if True:"),
+    ("ppo.kl_penalized_rewards", "score on the last column, not the last real token",
+     "test_score_lands_on_the_last_real_token", "rewards[b, real[-1]] += scores[b]", "rewards[b, -1] += scores[b]"),
+    ("ppo.policy_loss", "ratio inverted (π_old / π)",
+     "test_ratio_is_against_the_rollout_policy_not_the_reference_model",
+     "log_ratio = logprobs[b, t] - old_logprobs[b, t]", "log_ratio = old_logprobs[b, t] - logprobs[b, t]"),
+    ("ppo.policy_loss", "optimistic clip (min instead of max)", "test_clipping_is_pessimistic",
+     "torch.maximum(unclipped, clip)", "torch.minimum(unclipped, clip)"),
+    ("ppo.policy_loss", "ratio against the current policy itself (always 1)",
+     "test_ratio_is_against_the_rollout_policy_not_the_reference_model",
+     "log_ratio = logprobs[b, t] - old_logprobs[b, t]", "log_ratio = logprobs[b, t] - logprobs[b, t].detach()"),
+    ("ppo.policy_loss", "a mean over the padding too", "test_padding_is_ignored", "if mask[b, t]:", "if True:"),
+    ("ppo.value_loss", "no clip", "test_value_loss_clips_the_value_update",
+     "torch.maximum(error, error_clip)", "error"),
+    ("ppo.value_loss", "no ½", "test_value_loss_is_half_the_mean_squared_error_inside_the_clip_range",
+     "0.5 * torch.stack(losses).mean()", "torch.stack(losses).mean()"),
+    ("ppo.value_loss", "a mean over the padding too", "test_padding_is_ignored", "if mask[b, t]:", "if True:"),
+    ("reward.reward_from_logits", "softmax over the mechanisms", "test_softmax_is_over_the_levels_of_each_mechanism",
+     "e[targets[b, k]] / e.sum()", "e[targets[b, k]] / torch.exp(logits[b, :, targets[b, k]].float()).sum()"),
+    ("reward.reward_from_logits", "a sum of probabilities, not a product",
+     "test_reward_is_the_product_of_the_target_levels_probabilities", "torch.stack(probs).prod()",
+     "torch.stack(probs).sum()"),
+]
+
+
+def mutant(exercise, correct, wrong):
+    source = LOOPS[exercise]
+    assert source.count(correct) == 1, (exercise, correct)
+    return source.replace(correct, wrong)
+
+
+def compile_function(exercise, source):
+    """The function defined by source, with the module's names (torch, per_token_kl, ...) in scope."""
+    module = {"ppo": ppo, "reward": reward}[exercise.split(".")[0]]
+    namespace = dict(vars(module))
+    exec(source, namespace)
+    return namespace[exercise.split(".")[1]]
+
+
+def failing_checks(exercise, function, monkeypatch):
+    """Run every check of the exercise in this process with `function` in place of the module's; {check: error}."""
+    module_name, name = exercise.split(".")
+    monkeypatch.setattr({"ppo": ppo, "reward": reward}[module_name], name, function)
+    checks = load(ROOT / lab.EXERCISES[exercise], f"lab_check_{name}")
+    failures = {}
+    for test_name, test in vars(checks).items():
+        if test_name.startswith("test_") and callable(test):
+            try:
+                test()
+            except Exception as e:
+                failures[test_name] = f"{type(e).__name__}: {e}"
+    return failures
+
+
+@pytest.mark.parametrize("exercise", list(LOOPS))
+def test_correct_loop_implementations_pass_every_check(exercise, monkeypatch):
+    """An implementation written another way (Python loops instead of tensor ops) passes all of its checks."""
+    assert failing_checks(exercise, compile_function(exercise, LOOPS[exercise]), monkeypatch) == {}
+
+
+@pytest.mark.parametrize("exercise, mistake, check, correct, wrong", MUTANTS, ids=[m[1] for m in MUTANTS])
+def test_each_usual_mistake_fails_the_check_that_names_it(exercise, mistake, check, correct, wrong, monkeypatch):
+    """GAE without λ or bootstrapping past </s>, an RLOO baseline with the reply itself, a KL of the wrong sign or
+    unclamped, a ratio against the wrong log-probs, a value loss without its clip, ... each fail, on the check whose
+    docstring says what is wrong."""
+    failures = failing_checks(exercise, compile_function(exercise, mutant(exercise, correct, wrong)), monkeypatch)
+    assert failures, f"{mistake}: every check passed"
+    assert next(iter(failures)) == check, f"{mistake}: the first check to fail is not {check}: {failures}"
+
+
+def test_a_caller_passing_the_reference_log_probs_as_old_log_probs_is_told_so(monkeypatch):
+    """policy_loss given the reference model's log-probs where the rollout policy's belong gives a detectably wrong
+    loss, and the check says that is the ratio against the reference model."""
+    checks = load(CHECKS / "test_policy_loss.py", "lab_check_policy_loss_ref")
+    correct = ppo.policy_loss
+
+    def policy_loss_fed_ref(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
+        if old_logprobs.shape == checks.REF_LOGPROBS.shape and torch.equal(old_logprobs, checks.OLD_LOGPROBS):
+            old_logprobs = checks.REF_LOGPROBS  # what a caller that mixes up the two would pass
+        return correct(logprobs, old_logprobs, advantages, mask, clip_range)
+    monkeypatch.setattr(ppo, "policy_loss", policy_loss_fed_ref)
+    with pytest.raises(AssertionError, match="ratio against the reference model's log-probs"):
+        checks.test_ratio_is_against_the_rollout_policy_not_the_reference_model()
+
+
+# ---------------------------------------------------------------------------------------- new
+
+def test_blanking_keeps_signature_docstring_and_everything_else():
+    """A blanked function keeps its signature and docstring (with its equations) and raises NotImplementedError
+    naming the exercise; every other line of the file, comments included, stays."""
+    source = (ROOT / "ppo.py").read_text(encoding="utf-8")
+    blanked = lab.blank_function(source, "gae", "ppo.gae")
+    node, original = lab.find_function(blanked, "gae"), lab.find_function(source, "gae")
+    assert [a.arg for a in node.args.args] == [a.arg for a in original.args.args]
+    assert node.body[0].value.value == original.body[0].value.value and "δ_t" in node.body[0].value.value
+    assert len(node.body) == 2 and "lab exercise: implement ppo.gae" in blanked
+    before, after = source.splitlines(), blanked.splitlines()
+    removed = original.end_lineno - original.body[0].end_lineno
+    assert after[:original.body[0].end_lineno] == before[:original.body[0].end_lineno]
+    assert after[original.body[0].end_lineno + 1:] == before[original.end_lineno:]
+    assert len(after) == len(before) - removed + 1
+    namespace = {}
+    exec(compile(blanked, "ppo.py", "exec"), namespace)
+    with pytest.raises(NotImplementedError, match="ppo.gae"):
+        namespace["gae"](torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2))
+
+
+def test_exercise_names_may_be_bare_or_qualified_and_unknown_names_are_one_error_line(tmp_path, capsys):
+    """`--blank=gae,ppo.rloo_advantages` names two exercises; an unknown name is one line listing the choices, exit
+    2, and writes nothing; an existing non-empty directory is refused with one line."""
+    available = lab.available_exercises(ROOT)
+    assert lab.resolve(["gae", "ppo.rloo_advantages", "ppo.gae"], available) == ["ppo.gae", "ppo.rloo_advantages"]
+    assert lab.resolve(["all"], available) == available
+    assert {"ppo.gae", "ppo.rloo_advantages", "ppo.per_token_kl", "ppo.kl_penalized_rewards", "ppo.policy_loss",
+            "ppo.value_loss", "reward.reward_from_logits"} <= set(available)
+    assert ("ppo.grpo_advantages" in available) == hasattr(ppo, "grpo_advantages")
+    assert lab.main(["new", str(tmp_path / "copy"), "--blank=gae,gea"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "'gea'" in err and "ppo.rloo_advantages" in err
+    assert not (tmp_path / "copy").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    assert lab.main(["new", str(tmp_path / "full"), "--blank=gae"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not empty" in err
+
+
+def new_copy(path, *blank):
+    assert lab.main(["new", str(path), f"--blank={','.join(blank)}"]) == 0
+    return path
+
+
+def check(path, *extra, timeout=300):
+    p = subprocess.run([sys.executable, str(ROOT / "lab" / "lab.py"), "check", str(path), *extra],
+                       capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert "Traceback" not in p.stdout + p.stderr, p.stdout + p.stderr
+    return p
+
+
+def verdicts(stdout):
+    """{function: the rest of its PASS / FAIL line}"""
+    return {line.split()[1].rstrip(":"): line for line in stdout.splitlines() if line.startswith(("PASS ", "FAIL "))}
+
+
+# ---------------------------------------------------------------------------------------- check
+
+def test_a_blank_copy_fails_check_naming_each_blanked_function(tmp_path):
+    """A copy with gae and reward_from_logits blanked: `check` prints FAIL for exactly those two, saying they are
+    not implemented yet, and exits 1. The copy holds the repository's files and the checks, not runs or .git."""
+    copy = new_copy(tmp_path / "student", "gae", "reward.reward_from_logits")
+    assert json.loads((copy / ".lab.json").read_text()) == {"blanked": ["reward.reward_from_logits", "ppo.gae"]}
+    for name in ("ppo.py", "train.py", "README.md", "requirements.txt", "tests/synthetic.py", "lab/lab.py",
+                 "lab/checks/test_gae.py"):
+        assert (copy / name).exists(), name
+    assert not any((copy / name).exists() for name in (".venv", "runs", ".git"))
+    p = check(copy, "--no-run")
+    assert p.returncode == 1
+    not_yet = "not implemented yet (it raises NotImplementedError)"
+    assert verdicts(p.stdout) == {"reward.reward_from_logits": f"FAIL reward.reward_from_logits: {not_yet}",
+                                  "ppo.gae": f"FAIL ppo.gae: {not_yet}"}
+
+
+def test_the_unmodified_repository_passes_every_check(tmp_path):
+    """A copy with nothing blanked: `check` checks every exercise, and every one passes (exit 0)."""
+    p = check(new_copy(tmp_path / "student"), "--no-run")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert verdicts(p.stdout) == {e: f"PASS {e}" for e in lab.available_exercises(ROOT)}
+
+
+def test_a_wrong_gae_and_a_wrong_rloo_baseline_fail_with_the_reason(tmp_path):
+    """A student's GAE that ignores λ and an RLOO whose baseline is the mean of all k replies (the reply itself
+    included), written into the copy's ppo.py: both FAIL, each with the check's words and the numbers that differ."""
+    copy = new_copy(tmp_path / "student", "gae", "rloo_advantages")
+    source = (copy / "ppo.py").read_text(encoding="utf-8")
+    for exercise, mistake, _, correct, wrong in MUTANTS[0], MUTANTS[2]:
+        source = lab.replace_function(source, exercise.split(".")[1], mutant(exercise, correct, wrong))
+    (copy / "ppo.py").write_text(source, encoding="utf-8")
+    p = check(copy, "--no-run")
+    assert p.returncode == 1
+    lines = verdicts(p.stdout)
+    assert lines["ppo.gae"].startswith("FAIL ppo.gae: λ weighs the later TD errors")
+    assert "advantages with λ = 0" in lines["ppo.gae"] and "the definition gives" in lines["ppo.gae"]
+    assert lines["ppo.rloo_advantages"].startswith("FAIL ppo.rloo_advantages: The baseline of reply i is the mean "
+                                                   "reward of the *other* k - 1 replies")
+    assert "advantages: at [0] it is -1, the definition gives -2" in lines["ppo.rloo_advantages"]
+
+
+def test_a_syntax_error_in_the_students_code_fails_each_of_its_functions(tmp_path):
+    """ppo.py that does not parse: every ppo exercise FAILs with the syntax error, not a traceback."""
+    copy = new_copy(tmp_path / "student", "gae", "value_loss")
+    source = (copy / "ppo.py").read_text(encoding="utf-8")
+    (copy / "ppo.py").write_text(source + "\n\ndef helper(x):\n    return (x,\n", encoding="utf-8")  # never closed
+    p = check(copy, "--no-run")
+    assert p.returncode == 1
+    for exercise in ("ppo.gae", "ppo.value_loss"):
+        assert verdicts(p.stdout)[exercise].startswith(f"FAIL {exercise}: the checks cannot import the code: ")
+        assert "SyntaxError" in verdicts(p.stdout)[exercise]
+
+
+def test_loop_based_gae_and_rloo_pass_and_ppo_with_them_learns(tmp_path):
+    """A student's correct GAE and RLOO written with Python loops pass their checks; then `check` trains the tiny
+    preset on made-up data with that code, and the run finishes with finite numbers (the one test with the run)."""
+    copy = new_copy(tmp_path / "student", "gae", "rloo_advantages")
+    source = (copy / "ppo.py").read_text(encoding="utf-8")
+    for exercise in ("ppo.gae", "ppo.rloo_advantages"):
+        source = lab.replace_function(source, exercise.split(".")[1], LOOPS[exercise])
+    (copy / "ppo.py").write_text(source, encoding="utf-8")
+    p = check(copy)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = verdicts(p.stdout)
+    assert lines["ppo.gae"] == "PASS ppo.gae" and lines["ppo.rloo_advantages"] == "PASS ppo.rloo_advantages"
+    assert "PASS ppo run: 40 iterations" in p.stdout and "every number finite" in p.stdout
+
+
+# ---------------------------------------------------------------------------------------- check-run
+
+RESULTS = {"sft": {"emp_f1": 50.58, "reward": 0.11}, "emprl": {"emp_f1": 54.48, "reward": 0.14},
+           "difference": {"emp_f1": {"mean": 3.9, "low": 2.1, "high": 5.6}}, "samples": [{"sft": "Oh no."}]}
+TOLERANCES = {"sft.emp_f1": 1.5, "emprl.emp_f1": 1.5, "emprl.reward": 0.02, "difference.emp_f1.mean": 2.0}
+
+
+def check_run(tmp_path, results, capsys, tolerances=TOLERANCES):
+    (tmp_path / "ref.json").write_text(json.dumps(RESULTS))
+    (tmp_path / "tol.json").write_text(json.dumps(tolerances))
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+    code = lab.main(["check-run", str(tmp_path / "run"), f"--reference={tmp_path / 'ref.json'}",
+                     f"--tolerances={tmp_path / 'tol.json'}"])
+    return code, capsys.readouterr()
+
+
+def test_check_run_passes_a_copy_of_the_reference_and_fails_a_perturbed_metric(tmp_path, capsys):
+    """The reference itself is in range on every metric (exit 0); EmpRL's Emp-F1 moved by 2 points (tolerance 1.5)
+    is OUT OF RANGE with its range printed (exit 1), the other metrics still in range; nan is out of range."""
+    code, out = check_run(tmp_path, RESULTS, capsys)
+    assert code == 0, out.out + out.err
+    assert sum(line.startswith("in range") for line in out.out.splitlines()) == 4
+    assert "all 4 metrics in range" in out.out
+    perturbed = json.loads(json.dumps(RESULTS))
+    perturbed["emprl"]["emp_f1"] = 56.48
+    code, out = check_run(tmp_path, perturbed, capsys)
+    assert code == 1
+    line = next(line for line in out.out.splitlines() if "emprl.emp_f1" in line)
+    assert line.startswith("OUT OF RANGE") and "56.480" in line and "[52.980, 55.980]" in line
+    assert sum(line.startswith("in range") for line in out.out.splitlines()) == 3
+    perturbed["emprl"]["emp_f1"], perturbed["emprl"]["reward"] = 54.48, math.nan
+    code, out = check_run(tmp_path, perturbed, capsys)
+    assert code == 1 and "1 of 4 metrics out of range" in out.out
+
+
+@pytest.mark.parametrize("damage", ["missing run", "damaged run", "missing tolerances", "tolerance not a number",
+                                    "key not in the reference"])
+def test_check_run_on_a_missing_or_damaged_file_is_one_error_line(tmp_path, capsys, damage):
+    """A missing or truncated results.json, a missing tolerance table, a tolerance that is not a number, a key the
+    reference lacks: one line naming the file, exit 1, no traceback."""
+    tolerances = dict(TOLERANCES)
+    if damage == "tolerance not a number":
+        tolerances["emprl.emp_f1"] = "1.5"
+    if damage == "key not in the reference":
+        tolerances["emprl.bleu_9"] = 1.0
+    (tmp_path / "ref.json").write_text(json.dumps(RESULTS))
+    (tmp_path / "run").mkdir()
+    if damage == "damaged run":
+        (tmp_path / "run" / "results.json").write_text(json.dumps(RESULTS)[:40])  # cut short
+    elif damage != "missing run":
+        (tmp_path / "run" / "results.json").write_text(json.dumps(RESULTS))
+    if damage != "missing tolerances":
+        (tmp_path / "tol.json").write_text(json.dumps(tolerances))
+    code = lab.main(["check-run", str(tmp_path / "run"), f"--reference={tmp_path / 'ref.json'}",
+                     f"--tolerances={tmp_path / 'tol.json'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    named = {"missing run": "results.json", "damaged run": "results.json", "missing tolerances": "tol.json",
+             "tolerance not a number": "tol.json", "key not in the reference": "ref.json"}[damage]
+    assert named in err and "Traceback" not in err
