@@ -10,6 +10,7 @@ The method (Ma et al., IEEE TAFFC 2025), in the order this file implements it:
                kl_t = clip(log π(ŷ_t) - log π_ref(ŷ_t), 0, kl_max)             -> ppo.kl_penalized_rewards
     GAE        A_t = Σ_l (γλ)^l δ_{t+l},  δ_t = r_t + γV_{t+1} - V_t            -> ppo.gae          (step 3)
       or RLOO  A_i = R_i - mean_{j≠i} R_j,  R_i = s_i - β Σ_t kl_t, k replies a context -> ppo.rloo_advantages
+      or GRPO  A_i = (s_i - mean_j s_j) / (std_j s_j + ε), and β·k3_t in the loss     -> ppo.grpo_advantages
     update     L = L_pg + c_v·L_v, clipped (PPO), epochs × minibatches         -> ppo_update       (step 4)
     β          β ← β·(1 + clip(KL/KL_target - 1, ±0.2)·B/horizon)              -> ppo.KLController
     evaluate   Emp-F1, Dist-n, BLEU-n, PPL, reward, length                     -> evaluate
@@ -143,11 +144,12 @@ def rollout(policy, ref_model, batch, cfg, autocast):
                 values=values.float() * mask)
 
 
-def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generator):
+def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generator, kl_coef=0.0):
     """Step 4: `ppo_epochs` passes over shuffled minibatches of clipped policy + value losses; the gradients of
     `ppo_grad_accum` minibatches make one optimizer update. The minibatch order is drawn from `generator`, on its
     device. Returns per-minibatch statistics (0-dim tensors, read once at the end) and the counts of skipped
-    minibatches and updates. One host sync per minibatch: the mean ratio is read to decide whether to skip it."""
+    minibatches and updates. One host sync per minibatch: the mean ratio is read to decide whether to skip it.
+    kl_coef > 0 (GRPO) adds kl_coef · mean_m(k3_t) of the current policy against the reference to the loss."""
     policy.train(cfg.ppo_dropout)  # dropout off by default: the ratio should only see the update
     n = roll["replies"].shape[0]
     stats, skipped, accumulated = [], {"ratio": 0, "nonfinite": 0}, 0
@@ -167,8 +169,12 @@ def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generat
             if pg_stats["ratio"] > RATIO_THRESHOLD:  # a wild minibatch (TRL's ratio_threshold): skip it
                 skipped["ratio"] += 1
             else:
-                vf_coef = cfg.ppo_vf_coef if cfg.algo == "ppo" else 0.0  # RLOO has no value head to train
-                ((pg_loss + vf_coef * vf_loss) / cfg.ppo_grad_accum).backward()  # L = L_pg + c_v L_v
+                vf_coef = cfg.ppo_vf_coef if cfg.algo == "ppo" else 0.0  # RLOO and GRPO have no value head
+                loss = pg_loss + vf_coef * vf_loss  # L = L_pg + c_v L_v
+                if kl_coef:  # GRPO: + β mean_m((π_ref/π - 1) - log(π_ref/π)), unclamped
+                    kl = ppo.per_token_kl(logprobs, roll["ref_logprobs"][idx], mask, None, None, "k3")
+                    loss = loss + kl_coef * ppo.masked_mean(kl, mask)
+                (loss / cfg.ppo_grad_accum).backward()
                 accumulated += 1
                 entropy = ppo.masked_mean(ppo.entropy_from_logits(logits.detach()), mask)
                 stats.append(dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), entropy=entropy,
@@ -187,9 +193,10 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     """One iteration on a batch of contexts with their target levels: steps 1-5 of the module docstring, in order.
     Returns (statistics, rollout); the statistics of an iteration whose scores are not finite say only that.
 
-    algo="rloo": the batch holds rloo_k copies of each context in a row and step 3 is RLOO instead of GAE. Step 4
-    is the same clipped update with a per-token ratio, every token of a reply sharing its reply's advantage, so
-    PPO and RLOO differ only in their advantage estimate."""
+    algo="rloo" or "grpo": the batch holds rloo_k copies of each context in a row and step 3 is RLOO or GRPO
+    instead of GAE. Step 4 is the same clipped update with a per-token ratio, every token of a reply sharing its
+    reply's advantage, so the three differ only in their advantage estimate, and in where GRPO puts the KL: into
+    the loss as β·k3 per token (averaged like the policy loss), not into the reward."""
     t0 = time.time()
     # 1. rollout: replies, their log-probs under π and π_ref, and V, all from the same τ-scaled logits
     roll = rollout(policy, ref_model, batch, cfg, autocast)
@@ -210,18 +217,22 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
 
     # 3. advantages: GAE on the per-token rewards (scale-whitened), or RLOO on each reply's summed reward
     #    R = s - β Σ_t kl_t; then whitened over the batch
+    returns = roll["values"]  # RLOO and GRPO have no value head to train: its loss gets weight 0 in step 4
     if cfg.algo == "rloo":
         advantages = ppo.rloo_advantages(rewards.sum(1), cfg.rloo_k)[:, None] * mask  # (B, T)
-        returns = roll["values"]  # no value head to train: its loss gets weight 0 in step 4
+    elif cfg.algo == "grpo":  # standardised within each context's group already: not whitened again below
+        advantages = ppo.grpo_advantages(norm_scores, cfg.rloo_k)[:, None] * mask  # (B, T)
     else:
         if cfg.whiten_rewards:
             rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = ppo.gae(rewards, roll["values"], mask, GAMMA, cfg.ppo_lam)  # (B, T) each
-    roll["advantages"] = ppo.masked_whiten(advantages, mask) * mask
-    roll["returns"] = returns
+    if cfg.algo != "grpo":
+        advantages = ppo.masked_whiten(advantages, mask) * mask
+    roll["advantages"], roll["returns"] = advantages, returns
 
     # 4. epochs x shuffled minibatches of clipped policy (and value) updates
-    mb_stats, skipped = ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generator)
+    kl_coef = kl_ctl.value if cfg.algo == "grpo" else 0.0  # GRPO's KL term in the loss
+    mb_stats, skipped = ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generator, kl_coef)
 
     # 5. statistics; the KL is the raw, unclamped estimate summed over the reply, as the β controller expects
     kl = ((roll["logprobs"] - roll["ref_logprobs"]) * mask).sum(1).mean().item()

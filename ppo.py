@@ -10,6 +10,7 @@ One PPO iteration (numbered the same way in emprl.py, train.py, README and tests
   2. reward: scores -> normalize_scores (RunningMoments); kl_penalized_rewards puts -β·KL_t on every
      real token and the score on the last real token; masked_whiten(rewards, shift_mean=False).
   3. GAE: gae(rewards, values, mask, γ, λ) -> advantages, returns (or RLOO: rloo_advantages); masked_whiten.
+     GRPO: grpo_advantages of the scores alone, and β·k3 per token (per_token_kl) added to the loss in step 4.
   4. epochs × shuffled minibatches: policy_loss + vf_coef · value_loss, clipped updates.
   5. statistics: approx_kl, clipfrac, entropy_from_logits, explained_variance; β <- KL controller.
   6. eval and checkpoint (RunningMoments and the KL controller have state_dict / load_state_dict).
@@ -169,16 +170,29 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, returns
 
 
+def groups(rewards, k, name):
+    """rewards (N,) as (N/k, k): k consecutive replies per context, as RLOO and GRPO sample them."""
+    if k < 2:
+        raise ValueError(f"{name} needs k >= 2 replies per context (got {k}): with one there is no baseline")
+    if rewards.numel() % k:
+        raise ValueError(f"{name}: {rewards.numel()} rewards are not groups of k = {k}")
+    return rewards.view(-1, k)                                               # (N/k, k)
+
+
 def rloo_advantages(rewards, k):
     """RLOO (Ahmadian et al. 2024) in place of GAE: each reply's sequence reward minus the mean reward of the
     other k - 1 replies to the same context, A_i = r_i - 1/(k-1) Σ_{j≠i} r_j. A baseline from the same
     context's samples, no value head. rewards (N,) hold k consecutive replies per context -> (N,)."""
-    if k < 2:
-        raise ValueError(f"rloo_advantages needs k >= 2 replies per context (got {k}): with one there is no baseline")
-    if rewards.numel() % k:
-        raise ValueError(f"rloo_advantages: {rewards.numel()} rewards are not groups of k = {k}")
-    r = rewards.view(-1, k)                                                  # (N/k, k)
+    r = groups(rewards, k, "rloo_advantages")                                # (N/k, k)
     return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)             # r_i - mean of the others
+
+
+def grpo_advantages(rewards, k, eps=1e-4):
+    """GRPO (Shao et al. 2024, DeepSeekMath): each reply's reward standardised within the k replies to its context,
+    A_i = (r_i - mean_j r_j) / (std_j r_j + ε), std with k - 1 (as TRL's GRPOTrainer), the reply itself included
+    in both. No value head; the KL to the reference goes into the loss, not the reward. (N,) -> (N,)."""
+    r = groups(rewards, k, "grpo_advantages")                                # (N/k, k)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
 # ----------------------------------------------------------------------------- 4. losses

@@ -77,8 +77,8 @@ class Config:
     label_limit_train: int = 0  # label only the first N ED train targets (0 = all): PPO's context pool
     # --- ppo stage
     ppo_steps: int = 200  # iterations, each of `ppo_batch_size` rollouts
-    algo: str = "ppo"  # ppo (value head + GAE) | rloo (leave-one-out baseline over rloo_k replies to a context)
-    rloo_k: int = 4  # RLOO: replies sampled per context (ppo_batch_size / rloo_k contexts an iteration)
+    algo: str = "ppo"  # ppo (value head + GAE) | rloo (leave-one-out baseline) | grpo (group-standardised scores)
+    rloo_k: int = 4  # RLOO and GRPO: replies sampled per context (ppo_batch_size / rloo_k contexts an iteration)
     ppo_seed: int = 0  # rollouts and minibatch order; vary it to measure the spread
     ppo_batch_size: int = 32  # rollouts per iteration
     ppo_mini_batch_size: int = 8
@@ -133,7 +133,7 @@ PRESETS = {
 }
 
 CHOICES = dict(dtype=("auto", "float32", "bfloat16"), ident_init=("sft", "pretrained", "scratch"),
-               kl_estimator=("k1", "k3"), algo=("ppo", "rloo"))  # never float16: T5 overflows
+               kl_estimator=("k1", "k3"), algo=("ppo", "rloo", "grpo"))  # never float16: T5 overflows
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 STAGES = ("tokenizer", "sft", "identifiers", "labels", "ppo", "eval")
 # The stage each field belongs to: changing it changes that stage's results and every later stage's. "run" fields
@@ -187,10 +187,11 @@ def parse_args(argv):
             raise RunError(f"--{key}={getattr(cfg, key)}: use {' or '.join(choices)}")
     if not cfg.reward_mechanisms or set(cfg.reward_mechanisms.split(",")) - set(data.MECHANISMS):
         raise RunError(f"--reward_mechanisms={cfg.reward_mechanisms}: a comma list of {','.join(data.MECHANISMS)}")
-    if cfg.ppo_batch_size % cfg.ppo_mini_batch_size or (cfg.algo == "rloo" and cfg.ppo_batch_size % cfg.rloo_k):
-        raise RunError("--ppo_batch_size must be a multiple of --ppo_mini_batch_size (and of --rloo_k with RLOO)")
-    if cfg.algo == "rloo" and cfg.rloo_k < 2:
-        raise RunError(f"--rloo_k={cfg.rloo_k}: RLOO needs at least 2 replies per context for its baseline")
+    grouped = cfg.algo in ("rloo", "grpo")  # k replies per context
+    if cfg.ppo_batch_size % cfg.ppo_mini_batch_size or (grouped and cfg.ppo_batch_size % cfg.rloo_k):
+        raise RunError("--ppo_batch_size must be a multiple of --ppo_mini_batch_size (and of --rloo_k with RLOO/GRPO)")
+    if grouped and cfg.rloo_k < 2:
+        raise RunError(f"--rloo_k={cfg.rloo_k}: {cfg.algo} needs at least 2 replies per context for its baseline")
     if show_help:  # --help: the settings this command line would run with, then stop
         print(f"{__doc__}\npreset {preset}: {', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items())}")
         sys.exit(0)
@@ -283,10 +284,11 @@ def stage_identifiers(cfg, run, env):
     """ER, IP, EX trained on EPITOME; their test table beside the majority baseline."""
     device, tok = env["device"], read(run / "spiece.model", data.Tokenizer)
     splits = data.load_epitome_splits(env["data_dir"], seed=cfg.seed)
-    models, table = [], {}
+    models, table, texts = [], {}, {}
     for mech in data.MECHANISMS:
-        ex = {s: reward.epitome_examples(splits[mech][s][: cfg.ident_limit_pairs or None], tok, cfg.ident_ctx_tokens,
-                                         cfg.ident_resp_tokens) for s in splits[mech]}
+        recs = {s: splits[mech][s][: cfg.ident_limit_pairs or None] for s in splits[mech]}
+        ex = {s: reward.epitome_examples(r, tok, cfg.ident_ctx_tokens, cfg.ident_resp_tokens) for s, r in recs.items()}
+        texts[mech] = {s: ([r.response_post for r in rs], [r.level for r in rs]) for s, rs in recs.items()}
         torch.manual_seed(cfg.seed)  # the heads' init is random: seeded, a rerun trains the same identifiers
         if cfg.ident_init == "scratch":
             model = reward.EmpathyIdentifier(build_model(cfg, tok.vocab_size).config)
@@ -310,17 +312,12 @@ def stage_identifiers(cfg, run, env):
         models.append(model.cpu())
     reward.Identifiers(models).save(run / "identifiers")
     # the independent judge: another model family on the same EPITOME train split, never part of any reward
-    texts = {s: {m: ([r.response_post for r in recs[s][: cfg.ident_limit_pairs or None]],
-                     [r.level for r in recs[s][: cfg.ident_limit_pairs or None]]) for m, recs in splits.items()}
-             for s in ("train", "valid", "test")}
-    judge = reward.Judge.fit(texts["train"], texts["valid"])
-    for i, mech in enumerate(data.MECHANISMS):
-        table[mech]["judge"] = reward.classification_metrics(texts["test"][mech][1],
-                                                             judge.levels(texts["test"][mech][0])[:, i])
-        j, ident = table[mech]["judge"], table[mech]
-        print(f"judge {mech} (TF-IDF logistic regression, {len(judge.state[mech]['terms'])} terms, l2 "
-              f"{judge.state[mech]['l2']:g}): test macro-F1 {j['macro_f1']:.3f}, accuracy {j['acc']:.3f} "
-              f"(identifier {ident['macro_f1']:.3f} / {ident['acc']:.3f})")
+    judge = reward.Judge.fit({m: t["train"] for m, t in texts.items()}, {m: t["valid"] for m, t in texts.items()})
+    for i, (mech, t) in enumerate(texts.items()):
+        j = table[mech]["judge"] = reward.classification_metrics(t["test"][1], judge.levels(t["test"][0])[:, i])
+        print(f"judge {mech} (TF-IDF logistic regression, l2 {judge.state[mech]['l2']:g}): test macro-F1 "
+              f"{j['macro_f1']:.3f}, accuracy {j['acc']:.3f} (identifier {table[mech]['macro_f1']:.3f} / "
+              f"{table[mech]['acc']:.3f})")
     write(run / "judge.pt", judge.state)
     write(run / "identifiers.json", table)
 
@@ -367,7 +364,7 @@ def stage_ppo(cfg, run, env):
         state = dict(step=0, nonfinite=0, sft_valid=validate(ref_model))
         log(run, dict(stage="ppo_eval", step=0, **state["sft_valid"]))
     bar = tqdm(total=cfg.ppo_steps, initial=state["step"], desc="ppo", dynamic_ncols=True)
-    k = cfg.rloo_k if cfg.algo == "rloo" else 1  # rollouts per context
+    k = cfg.rloo_k if cfg.algo in ("rloo", "grpo") else 1  # rollouts per context
     while state["step"] < cfg.ppo_steps:
         # the contexts of iteration i: a seeded permutation of the pool per pass, consumed in order
         epoch, offset = divmod(state["step"] * cfg.ppo_batch_size // k, len(ctx))
@@ -418,14 +415,11 @@ def stage_eval(cfg, run, env):
                           for i in range(0, len(test["ctx"]), max(1, len(test["ctx"]) // 6))][:6]
     write(run / "results.json", results)
     atomic_write(run / "results.md", emprl.results_table(results).encode())
-    print("EmpRL - SFT, 95 % paired bootstrap over the test contexts: " + ", ".join(
-        f"{k} {d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" for k, d in results["difference"].items()))
 
 
 # the pipeline: each stage's function, in order
 PIPELINE = {"tokenizer": stage_tokenizer, "sft": stage_sft, "identifiers": stage_identifiers, "labels": stage_labels,
             "ppo": stage_ppo, "eval": stage_eval}
-assert tuple(PIPELINE) == STAGES
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -620,9 +614,10 @@ def load_checkpoint(path, parts):
             p.set_state(ck["parts"][k])
         else:
             p.load_state_dict(ck["parts"][k])
-    torch.set_rng_state(ck["rng"]["cpu"])
-    if "cuda" in ck["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    rng = ck["rng"] if isinstance(ck["rng"], dict) else dict(cpu=ck["rng"])  # checkpoints before CUDA RNG was kept
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     print(f"{path.name}: resuming after step {ck['state']['step']}")
     return ck["state"]
 

@@ -124,6 +124,18 @@ def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
                 clipped.append((error_clip > error).to(values.dtype).detach())
     return 0.5 * torch.stack(losses).mean(), {"vf_clipfrac": torch.stack(clipped).mean()}
 ''',
+    "ppo.grpo_advantages": '''
+def grpo_advantages(rewards, k, eps=1e-4):
+    """Each group standardised: mean and unbiased std over its k replies."""
+    advantages = torch.zeros_like(rewards)
+    for start in range(0, len(rewards), k):
+        group = [rewards[i].item() for i in range(start, start + k)]
+        mean = sum(group) / k
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / (k - 1))
+        for i, x in enumerate(group):
+            advantages[start + i] = (x - mean) / (std + eps)
+    return advantages
+''',
     "reward.reward_from_logits": '''
 def reward_from_logits(logits, targets):
     """Reply by reply, mechanism by mechanism."""
@@ -150,6 +162,10 @@ MUTANTS = [
      "test_rloo_baseline_leaves_the_reply_itself_out", "group[i] - others / (k - 1)", "group[i] - group.mean()"),
     ("ppo.rloo_advantages", "groups strided instead of consecutive", "test_rloo_groups_are_k_consecutive_replies",
      "group = rewards[start:start + k]", "group = rewards[start // k::len(rewards) // k]"),
+    ("ppo.grpo_advantages", "the biased std (over k, not k - 1)",
+     "test_grpo_advantages_are_the_rewards_centred_and_scaled_per_context", "/ (k - 1))", "/ k)"),
+    ("ppo.grpo_advantages", "no ε (0 / 0 for equal rewards)", "test_equal_rewards_give_zero_advantages_not_nan",
+     "(std + eps)", "std"),
     ("ppo.per_token_kl", "wrong sign", "test_kl_is_log_pi_minus_log_pi_ref",
      "d = logprobs[b, t] - ref_logprobs[b, t]", "d = ref_logprobs[b, t] - logprobs[b, t]"),
     ("ppo.per_token_kl", "unclamped", "test_kl_is_clamped_to_0_10_by_default",
@@ -208,13 +224,17 @@ def failing_checks(exercise, function, monkeypatch):
     return failures
 
 
-@pytest.mark.parametrize("exercise", list(LOOPS))
+AVAILABLE = lab.available_exercises(ROOT)  # ppo.grpo_advantages only where ppo.py has it
+
+
+@pytest.mark.parametrize("exercise", [e for e in LOOPS if e in AVAILABLE])
 def test_correct_loop_implementations_pass_every_check(exercise, monkeypatch):
     """An implementation written another way (Python loops instead of tensor ops) passes all of its checks."""
     assert failing_checks(exercise, compile_function(exercise, LOOPS[exercise]), monkeypatch) == {}
 
 
-@pytest.mark.parametrize("exercise, mistake, check, correct, wrong", MUTANTS, ids=[m[1] for m in MUTANTS])
+@pytest.mark.parametrize("exercise, mistake, check, correct, wrong", [m for m in MUTANTS if m[0] in AVAILABLE],
+                         ids=[m[1] for m in MUTANTS if m[0] in AVAILABLE])
 def test_each_usual_mistake_fails_the_check_that_names_it(exercise, mistake, check, correct, wrong, monkeypatch):
     """GAE without λ or bootstrapping past </s>, an RLOO baseline with the reply itself, a KL of the wrong sign or
     unclamped, a ratio against the wrong log-probs, a value loss without its clip, ... each fail, on the check whose

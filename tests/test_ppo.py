@@ -177,6 +177,16 @@ def test_rloo_advantages_are_reward_minus_the_mean_of_the_other_replies_to_the_s
     assert ppo.rloo_advantages(t([5.0, 5.0]), 2).tolist() == [0.0, 0.0]  # equal rewards: nothing to learn
 
 
+def test_grpo_advantages_standardise_each_reply_within_its_context_group():
+    """Hand case: groups (1, 2, 3) and (5, 5, 8), k = 3: (r - mean) / (unbiased std + 1e-4), reply included."""
+    a = ppo.grpo_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 8.0], dtype=torch.float64), k=3)
+    want = [-1 / 1.0001, 0.0, 1 / 1.0001, -1 / (math.sqrt(3) + 1e-4), -1 / (math.sqrt(3) + 1e-4),
+            2 / (math.sqrt(3) + 1e-4)]
+    assert torch.allclose(a, torch.tensor(want, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not groups of k"):
+        ppo.grpo_advantages(torch.zeros(5), k=3)
+
+
 def test_rloo_refuses_k_1_and_groups_that_do_not_divide_the_batch():
     with pytest.raises(ValueError, match="k >= 2"):
         ppo.rloo_advantages(t([1.0, 2.0]), 1)

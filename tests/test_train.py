@@ -88,6 +88,9 @@ def test_tiny_pipeline_on_synthetic_data(tmp_path):
     p = run(train_cmd(data_dir, tmp_path / "rloo", f"--from_run={tmp_path / 'run'}", "--algo=rloo"))  # RLOO, reused SFT
     assert p.returncode == 0 and "[sft] done earlier" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
     assert_finished_with_finite_metrics(tmp_path / "rloo")
+    p = run(train_cmd(data_dir, tmp_path / "grpo", f"--from_run={tmp_path / 'run'}", "--algo=grpo"))  # GRPO too
+    assert p.returncode == 0 and "[sft] done earlier" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    assert_finished_with_finite_metrics(tmp_path / "grpo")
 
 
 # ----------------------------------------------------------------------------------------------------
