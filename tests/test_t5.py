@@ -360,3 +360,16 @@ def test_broken_checkpoint_directory_raises_checkpoint_error(tmp_path, case, mes
         T5.from_pretrained(tmp_path)
     if case in ("missing", "extra", "shape"):
         assert any(k in str(err.value) for k in ("DenseReluDense.wo", "block.3", "final_layer_norm"))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fused attention (no grad)", "written-out attention (grad)"])
+def test_a_fully_padded_row_stays_finite_under_bfloat16_autocast(grad):
+    """An all-padding context (every key masked) must give a uniform average, not NaN, in both attention paths
+    under CPU bfloat16 autocast: the additive mask is built in float32 and must not round to -inf on the way."""
+    torch.manual_seed(0)
+    model = T5(T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)).eval()
+    ids, mask = torch.randint(3, 50, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    mask[1] = 0  # the second context is all padding
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids, mask, torch.zeros(2, 4, dtype=torch.long))
+    assert torch.isfinite(logits.float()).all()

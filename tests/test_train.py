@@ -93,6 +93,17 @@ def test_tiny_pipeline_on_synthetic_data(tmp_path):
     assert_finished_with_finite_metrics(tmp_path / "grpo")
 
 
+def test_tiny_pipeline_runs_under_bfloat16_autocast_on_the_cpu(tmp_path):
+    """--dtype=bfloat16 runs the same autocast code a GPU runs: on the CPU it must go through every stage to finite
+    metrics, with the banner and results.json saying which dtype ran."""
+    data_dir = write_synthetic_data(tmp_path / "data")
+    p = run(train_cmd(data_dir, tmp_path / "bf16", "--dtype=bfloat16"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "| bfloat16 (--dtype) |" in p.stdout
+    res = assert_finished_with_finite_metrics(tmp_path / "bf16")
+    assert res["environment"]["dtype"] == "bfloat16"
+
+
 # ----------------------------------------------------------------------------------------------------
 # the real data
 
