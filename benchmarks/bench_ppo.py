@@ -7,12 +7,13 @@ not part of the comparison). Each size runs in its own process so that its peak 
 
     python benchmarks/bench_ppo.py                       # every size
     python benchmarks/bench_ppo.py --size=tiny --steps=2
+    python benchmarks/bench_ppo.py --sizes=tiny,t5-small-gated --trl_python=/path/to/trl-env/bin/python
 
 Sizes: `t5-small-gated` is t5-small's dimensions with T5 v1.1's gated-GELU and untied embeddings (89.5M
 parameters), the architecture of the TRL 0.9.6 figure below; `t5-small` is T5 v1.0 (ReLU, tied, 60.5M).
-For orientation only, not measured in this run: TRL 0.9.6's PPOTrainer took 67.8-77.5 s per iteration at the
-89.5M size (3.26 GB peak) and 4.02 s at a 3.2M tiny size, measured side by side with this benchmark on a 2-core
-machine of this kind (torch 2.13, 2 threads).
+`--trl_python=PATH` also runs TRL 0.9.6's PPOTrainer on the same work in that interpreter (benchmarks/trl_ppo.py; an
+environment with trl 0.9.6 and transformers 4.44.2, see docs/speed.md), one size after the other in the same run,
+and prints both and the ratio.
 """
 import argparse
 import contextlib
@@ -93,15 +94,21 @@ def main():
     p.add_argument("--size", choices=list(SIZES))
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--grad_accum", type=int, default=4, help="minibatches per optimizer update (authors: 4)")
+    p.add_argument("--sizes", default=",".join(SIZES), help="the sizes of the table, a comma list")
+    p.add_argument("--trl_python", default="", help="a Python with trl 0.9.6: time TRL's PPOTrainer beside ours")
     args = p.parse_args()
     if args.size:
         print(json.dumps(one_size(args.size, args.steps, args.grad_accum)))
         return
-    rows = []
-    for size in SIZES:
+    rows, trl = [], {}
+    for size in args.sizes.split(","):
         out = subprocess.run([sys.executable, __file__, f"--size={size}", f"--steps={args.steps}",
                               f"--grad_accum={args.grad_accum}"], capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
+        if args.trl_python:  # the same work in TRL, right after ours (the machine's speed drifts over minutes)
+            out = subprocess.run([args.trl_python, str(Path(__file__).parent / "trl_ppo.py"), json.dumps(SIZES[size]),
+                                  str(args.steps)], capture_output=True, text=True, check=True).stdout
+            trl[size] = json.loads(out.strip().splitlines()[-1])
     print(f"torch {torch.__version__}, {rows[0]['threads']} threads, best of {args.steps} iterations, "
           f"{rows[0]['updates']} optimizer updates per iteration\n")
     print("| model | params | s / PPO iteration | of which rollout | update | peak RSS | TFLOP / iteration | "
@@ -112,6 +119,14 @@ def main():
         print(f"| {r['size']} | {r['params_m']:.1f}M | {r['seconds_per_step']:.2f} | {r['rollout_seconds']:.2f} | "
               f"{r['seconds_per_step'] - r['rollout_seconds']:.2f} | {r['peak_rss_gb']:.2f} GB | {r['tflop']:.2f} | "
               f"{rate:.0f} / {r['matmul_gflops']:.0f} GFLOP/s ({100 * rate / r['matmul_gflops']:.0f} %) |")
+    if trl:
+        print("\n| model | emprl s / iteration | TRL 0.9.6 s / iteration | TRL / emprl | emprl peak RSS | TRL peak RSS |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            t = trl[r["size"]]
+            print(f"| {r['size']} | {r['seconds_per_step']:.2f} | {t['seconds_per_step']:.2f} | "
+                  f"{t['seconds_per_step'] / r['seconds_per_step']:.2f}x | {r['peak_rss_gb']:.2f} GB | "
+                  f"{t['peak_rss_gb']:.2f} GB |")
 
 
 if __name__ == "__main__":
