@@ -31,9 +31,11 @@ ROWS = {
     "k3": ("the k3 KL estimator", ["--kl_estimator=k3"]),
     "no_norm": ("no score normalisation, no reward whitening", ["--score_norm=false", "--whiten_rewards=false"]),
     "rloo": ("RLOO, 4 replies per context, no value head", ["--algo=rloo", "--rloo_k=4"]),
-    "grpo": ("GRPO, 4 replies per context, group-standardised scores, β·k3 in the loss", ["--algo=grpo", "--rloo_k=4"]),
+    "grpo": ("GRPO, 4 replies per context, group-standardised scores, β·k3 in the loss",
+             ["--algo=grpo", "--rloo_k=4"]),
 }
-COLUMNS = ["emp_f1", "emp_f1_judge", "emp_f1_er", "emp_f1_ip", "emp_f1_ex", "reward", "dist_2", "ppl", "length", "unique_frac"]
+COLUMNS = ["emp_f1", "emp_f1_judge", "emp_f1_er", "emp_f1_ip", "emp_f1_ex", "reward", "dist_2", "ppl", "length",
+           "unique_frac"]
 
 
 def row_dir(base, row, seed):

@@ -120,7 +120,8 @@ def main():
               f"{r['seconds_per_step'] - r['rollout_seconds']:.2f} | {r['peak_rss_gb']:.2f} GB | {r['tflop']:.2f} | "
               f"{rate:.0f} / {r['matmul_gflops']:.0f} GFLOP/s ({100 * rate / r['matmul_gflops']:.0f} %) |")
     if trl:
-        print("\n| model | emprl s / iteration | TRL 0.9.6 s / iteration | TRL / emprl | emprl peak RSS | TRL peak RSS |")
+        print("\n| model | emprl s / iteration | TRL 0.9.6 s / iteration | TRL / emprl | emprl peak RSS | "
+              "TRL peak RSS |")
         print("|---|---|---|---|---|---|")
         for r in rows:
             t = trl[r["size"]]
