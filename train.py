@@ -191,7 +191,7 @@ def parse_args(argv):
     if cfg.ppo_batch_size % cfg.ppo_mini_batch_size or (grouped and cfg.ppo_batch_size % cfg.rloo_k):
         raise RunError("--ppo_batch_size must be a multiple of --ppo_mini_batch_size (and of --rloo_k with RLOO/GRPO)")
     if grouped and cfg.rloo_k < 2:
-        raise RunError(f"--rloo_k={cfg.rloo_k}: {cfg.algo} needs at least 2 replies per context for its baseline")
+        raise RunError(f"--rloo_k={cfg.rloo_k}: {cfg.algo.upper()} needs at least 2 replies per context")
     if show_help:  # --help: the settings this command line would run with, then stop
         print(f"{__doc__}\npreset {preset}: {', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items())}")
         sys.exit(0)
