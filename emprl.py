@@ -215,8 +215,8 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     rewards = ppo.kl_penalized_rewards(norm_scores, roll["logprobs"], roll["ref_logprobs"], mask,
                                        kl_ctl.value, cfg.kl_min, cfg.kl_max, cfg.kl_estimator)  # (B, T)
 
-    # 3. advantages: GAE on the per-token rewards (scale-whitened), or RLOO on each reply's summed reward
-    #    R = s - β Σ_t kl_t; then whitened over the batch
+    # 3. advantages: GAE on the per-token rewards (scale-whitened), RLOO on each reply's summed reward
+    #    R = s - β Σ_t kl_t (both then whitened over the batch), or GRPO on the scores alone (its KL is in the loss)
     returns = roll["values"]  # RLOO and GRPO have no value head to train: its loss gets weight 0 in step 4
     if cfg.algo == "rloo":
         advantages = ppo.rloo_advantages(rewards.sum(1), cfg.rloo_k)[:, None] * mask  # (B, T)
