@@ -28,3 +28,17 @@ def test_the_cpu_record_has_the_judge_the_intervals_and_its_environment():
         assert lo <= results["difference"][key]["mean"] <= hi
     assert {"torch", "threads", "cpu_capability", "device", "dtype"} <= set(results["environment"])
     assert results["n_test"] == 5259 and results["config"]["limit_test"] == 0  # the full ED test split
+
+
+def test_check_run_passes_the_published_record_and_fails_it_with_a_perturbed_emp_f1(tmp_path):
+    """`lab/lab.py check-run` against the committed record and lab/tolerances.json: the record itself is in range;
+    the same record with EmpRL's Emp-F1 moved by 5 points is out of range (exit 1)."""
+    import subprocess
+    cmd = [sys.executable, str(ROOT / "lab" / "lab.py"), "check-run"]
+    ok = subprocess.run(cmd + [str(ROOT / "docs" / "runs" / "cpu")], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "OUT OF RANGE" not in ok.stdout, ok.stdout + ok.stderr
+    results = json.loads(records.README_RECORD.read_text())
+    results["emprl"]["emp_f1"] += 5.0
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    bad = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1 and "OUT OF RANGE" in bad.stdout and "emprl.emp_f1" in bad.stdout
