@@ -537,12 +537,10 @@ def read(path, load=None):
     except OSError as e:
         if isinstance(e, PermissionError) or e.errno in (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise  # the file system said no, not the file: main() names the file and the reason
-        raise RunError(f"{path} is damaged ({e.strerror or e}): delete it and rerun the same command; the stage that "
-                       f"wrote it is redone") from None  # e.g. torch's reader of a truncated file
+        why = e.strerror or str(e)  # e.g. torch's reader of a truncated file
     except (ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:  # what a damaged file raises
         why = str(e).removeprefix(f"{path}: ") if isinstance(e, ValueError) else type(e).__name__
-        raise RunError(f"{path} is damaged ({why}): delete it and rerun the same command; the stage that wrote it "
-                       f"is redone") from None
+    raise RunError(f"{path} is damaged ({why}): delete it and rerun the same command; its stage is redone")
 
 
 def copy(source, dest):
