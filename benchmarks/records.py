@@ -2,8 +2,9 @@
 
 Every number that the README and docs/ quote from a run traces to a record in docs/runs/<name>/: the run's
 results.json, identifiers.json and log.jsonl (its settings, one line per SFT check, identifier, PPO iteration
-and validation), no weights. The README's results table is generated from docs/runs/cpu/results.json, and a
-test fails when the two disagree.
+and validation), no weights; the paths of the run section (out_dir, data_dir, from_run) are cut to their last
+part. The README's results table is generated from docs/runs/cpu/results.json, and a test fails when the two
+disagree.
 
     python benchmarks/records.py save runs/cpu docs/runs/cpu      # keep a finished run's record
     python benchmarks/records.py table docs/runs/cpu/results.json # print the table of a record
@@ -12,7 +13,7 @@ test fails when the two disagree.
 """
 import argparse
 import json
-import shutil
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 import emprl  # noqa: E402
 
 FILES = ("results.json", "identifiers.json", "log.jsonl")
+PATH_FIELDS = ("out_dir", "data_dir", "from_run")  # the run section's paths: kept as their last part only
 README_RECORD = ROOT / "docs" / "runs" / "cpu" / "results.json"
 BEGIN = "<!-- results table: `python benchmarks/records.py readme` writes it from docs/runs/cpu/results.json -->"
 END = "<!-- end of results table -->"
@@ -32,6 +34,14 @@ def readme_table(readme_text):
     if BEGIN not in readme_text or END not in readme_text:
         return None
     return readme_text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+
+
+def cut_paths(text):
+    """The run section's paths kept as their last part ("/home/me/runs/cpu" -> "cpu"): where things lay on one
+    machine, which no result depends on."""
+    for field in PATH_FIELDS:
+        text = re.sub(rf'"{field}": "([^"]*)"', lambda m: f'"{field}": "{Path(m.group(1)).name}"', text)
+    return text
 
 
 def compare(record_dirs):
@@ -78,8 +88,8 @@ def main():
             sys.exit(f"error: {args.run} has no {', '.join(missing)}: is it a finished run of train.py?")
         Path(args.record).mkdir(parents=True, exist_ok=True)
         for f in FILES:
-            shutil.copyfile(Path(args.run) / f, Path(args.record) / f)
-        print(f"{args.run} -> {args.record}: {', '.join(FILES)}")
+            (Path(args.record) / f).write_text(cut_paths((Path(args.run) / f).read_text()))
+        print(f"{args.run} -> {args.record}: {', '.join(FILES)} (paths of {', '.join(PATH_FIELDS)} cut to their names)")
     elif args.command == "compare":
         compare(args.records)
     elif args.command == "table":
