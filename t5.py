@@ -141,11 +141,11 @@ class Attention(nn.Module):
                 if source is None and "k" in cache:  # self-attention: append to the past keys/values
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, H, past + L, K)
                 cache["k"], cache["v"] = k, v
-        if torch.is_grad_enabled():  # written out: on CPU its backward beats SDPA's (unfused) backward
-            scores = q @ k.transpose(-1, -2)  # (B, H, L, L_keys); T5 has no 1/sqrt(K) here
-            weights = (scores if mask is None else scores + mask).softmax(dim=-1)
+        if cache is None:  # full sequences (training, scoring, encoding): one code path, so that a no-grad pass
+            scores = q @ k.transpose(-1, -2)  # and a training pass of the same batch give the same numbers
+            weights = (scores if mask is None else scores + mask).softmax(dim=-1)  # (B, H, L, L_keys); no 1/sqrt(K)
             y = self.dropout(weights) @ v  # (B, H, L, K)
-        else:  # the same computation, fused (flash attention on CPU)
+        else:  # one new token a step while generating: fused attention over the cached keys
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
                                                dropout_p=self.dropout.p if self.training else 0.0)  # (B, H, L, K)
         B, _, L, _ = y.shape

@@ -111,12 +111,13 @@ class Config:
 
 
 PRESETS = {
-    # tests: a few hundred examples, a very small model; end to end in about ten seconds on 2 CPU cores
-    "tiny": dict(vocab_size=600, limit_train=400, limit_valid=64, limit_test=64, d_model=64, d_ff=128, num_layers=2,
-                 num_heads=4, sft_epochs=1.0, sft_batch_size=16, sft_lr=1e-3, sft_eval_every=10, sft_limit_valid=64,
-                 ident_epochs=1, ident_ctx_tokens=64, ident_resp_tokens=32, ident_limit_pairs=200, ppo_steps=4,
-                 ppo_batch_size=8, ppo_mini_batch_size=4, ppo_epochs=2, ppo_max_new_tokens=12, ppo_eval_every=1,
-                 ppo_limit_valid=16, eval_batch_size=32),
+    # tests: a few hundred examples, a very small model; end to end in about ten seconds on 2 CPU cores; float32
+    # whatever the CPU, so that the tests see the same numbers on every machine
+    "tiny": dict(dtype="float32", vocab_size=600, limit_train=400, limit_valid=64, limit_test=64, d_model=64,
+                 d_ff=128, num_layers=2, num_heads=4, sft_epochs=1.0, sft_batch_size=16, sft_lr=1e-3,
+                 sft_eval_every=10, sft_limit_valid=64, ident_epochs=1, ident_ctx_tokens=64, ident_resp_tokens=32,
+                 ident_limit_pairs=200, ppo_steps=4, ppo_batch_size=8, ppo_mini_batch_size=4, ppo_epochs=2,
+                 ppo_max_new_tokens=12, ppo_eval_every=1, ppo_limit_valid=16, eval_batch_size=32),
     # the default without a GPU: full data, a small T5 from scratch, our own 8k SentencePiece vocabulary
     # (identifier settings from benchmarks/bench_identifiers.py; PPO's the stable setting in docs/emprl.md)
     "cpu": dict(sft_epochs=2.0, sft_batch_size=32, sft_lr=1e-3, sft_warmup_steps=200, sft_eval_every=500,
@@ -199,12 +200,34 @@ def parse_args(argv):
 
 
 def choose_dtype(cfg, device):
-    """(dtype, why): bfloat16 autocast on a GPU that supports it, else float32; never float16 (T5 overflows)."""
-    if cfg.dtype != "auto" or device.type != "cuda":
-        return ("float32" if cfg.dtype == "auto" else cfg.dtype), ("CPU" if cfg.dtype == "auto" else "--dtype")
+    """(dtype, why). auto: bfloat16 autocast on a GPU that supports it, and on a CPU whose bfloat16 matmuls run at
+    least twice as fast as float32's (AVX512-BF16, AMX; docs/speed.md measures the `cpu` preset both ways), else
+    float32. Never float16: T5 overflows in it."""
+    if cfg.dtype != "auto":
+        return cfg.dtype, "--dtype"
+    if device.type == "cpu":
+        speedup = bf16_matmul_speedup()
+        if speedup >= 2.0:
+            return "bfloat16", f"bfloat16 matmuls run {speedup:.1f}x float32's on this CPU"
+        return "float32", f"bfloat16 matmuls run {speedup:.1f}x float32's on this CPU, under 2x"
     if torch.cuda.is_bf16_supported():
         return "bfloat16", f"{torch.cuda.get_device_name(device)} supports bfloat16"
     return "float32", f"{torch.cuda.get_device_name(device)} has no bfloat16 and T5 overflows in float16; TF32 matmuls"
+
+
+def bf16_matmul_speedup(n=512, repeats=5):
+    """Best-of-`repeats` time of a float32 n x n matmul over a bfloat16 one, on the CPU (a tenth of a second)."""
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        best[dtype] = min(timed(lambda: a @ b) for _ in range(repeats))
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 # --------------- the stages, in pipeline order; each reads what the earlier ones left in the run directory `run`

@@ -222,3 +222,25 @@ def test_paired_bootstrap_is_zero_for_equal_models_and_brackets_a_real_differenc
     lo, hi = d["emp_f1"]["ci95"]
     assert 0 < lo <= d["emp_f1"]["mean"] <= hi and d == emprl.paired_bootstrap(
         _outputs(a, targets), _outputs(b, targets), n_resamples=200)
+
+
+def test_first_ratio_is_one_up_to_rounding_under_bfloat16_autocast():
+    """The rollout's scoring pass (no grad, whole batch) and the update's pass (grad, a minibatch) run the same
+    attention code, so under CPU bfloat16 autocast — the code a GPU runs — every token's first ratio is 1 up to
+    rounding (|log ratio| < 1e-3; with no-grad fused attention in the scoring pass it was up to 0.03 here), and
+    the update loop's first minibatch clips nothing."""
+    policy, ref, opt, sched, kl_ctl, moments = setup()
+    b, cfg = batch(), ppo_cfg(ppo_temperature=0.7, ppo_epochs=1)
+
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    roll = emprl.rollout(policy, ref, b, cfg, bf16)
+    mb = slice(0, 8)  # a minibatch: another batch shape than the scoring pass's
+    with bf16():
+        logits, _ = policy(b["ctx"][mb], b["ctx_mask"][mb], policy.model.shift_right(roll["replies"][mb]))
+    lp = emprl.token_logprobs(emprl.scored_logits(logits.float(), cfg.ppo_temperature, cfg.ppo_min_new_tokens),
+                              roll["replies"][mb], roll["mask"][mb])
+    assert ((lp - roll["logprobs"][mb]) * roll["mask"][mb]).abs().max() < 1e-3
+    roll.update(advantages=torch.randn_like(roll["logprobs"]) * roll["mask"], returns=torch.zeros_like(roll["mask"]))
+    mb_stats, _ = emprl.ppo_update(policy, opt, sched, roll, b, cfg, bf16, torch.Generator().manual_seed(0))
+    assert abs(mb_stats[0]["ratio"] - 1.0) < 1e-3 and mb_stats[0]["clipfrac"] == 0.0, mb_stats[0]

@@ -240,19 +240,23 @@ def test_help_prints_the_preset_settings():
 
 
 @pytest.mark.parametrize("bf16, dtype", [(True, "bfloat16"), (False, "float32")])
-def test_dtype_is_bfloat16_only_on_a_gpu_that_supports_it(monkeypatch, bf16, dtype):
+def test_dtype_auto_is_bfloat16_only_where_it_pays(monkeypatch, bf16, dtype):
     """No GPU needed: a CUDA device whose card has no bfloat16 (a T4, a V100) gets float32, never float16; the
-    reason names the card. On the CPU: float32; --dtype overrides."""
+    reason names the card. A CPU gets bfloat16 only where its bfloat16 matmuls run at least 2x float32's (the
+    banner says the measured factor); --dtype overrides; the tiny preset is float32 everywhere."""
     import torch
     import train
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
-    cfg, _ = train.parse_args(["--preset=tiny"])
+    cfg, _ = train.parse_args(["--preset=cpu"])
     got, why = train.choose_dtype(cfg, torch.device("cuda"))
     assert got == dtype and "Tesla T4" in why
-    assert train.choose_dtype(cfg, torch.device("cpu"))[0] == "float32"
+    monkeypatch.setattr(train, "bf16_matmul_speedup", lambda: 5.8 if bf16 else 0.4)
+    got, why = train.choose_dtype(cfg, torch.device("cpu"))
+    assert got == dtype and ("5.8x" if bf16 else "0.4x") in why
     cfg.dtype = "bfloat16"
     assert train.choose_dtype(cfg, torch.device("cpu")) == ("bfloat16", "--dtype")
+    assert train.choose_dtype(train.parse_args(["--preset=tiny"])[0], torch.device("cpu"))[0] == "float32"
 
 
 def test_bench_gpu_runs_on_the_cpu_at_tiny_size_and_extrapolates_the_full_preset():
