@@ -101,9 +101,14 @@ def token_logprobs(logits, labels, mask):
     return logp * mask
 
 
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (torchrun), or the model itself."""
+    return getattr(model, "module", model)
+
+
 def sft_loss(model: T5, batch):
     """L_mle: mean token cross-entropy of the reference replies (teacher forcing). Returns (loss, n_tokens)."""
-    logits = model(batch["ctx"], batch["ctx_mask"], model.shift_right(batch["tgt"]))  # (B, T, V)
+    logits = model(batch["ctx"], batch["ctx_mask"], unwrap(model).shift_right(batch["tgt"]))  # (B, T, V)
     mask = batch["tgt_mask"]
     nll = -token_logprobs(logits, batch["tgt"], mask).sum()
     n = mask.sum()
@@ -158,15 +163,20 @@ def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generat
         for i, idx in enumerate(minibatches):
             idx = idx.to(roll["replies"].device)
             replies, mask = roll["replies"][idx], roll["mask"][idx]
-            with autocast():
-                logits, values = policy(batch["ctx"][idx], batch["ctx_mask"][idx], policy.model.shift_right(replies))
+            last = (i + 1) % cfg.ppo_grad_accum == 0 or i + 1 == len(minibatches)  # an optimizer step follows
+            # torchrun: gradients are averaged across processes on the last micro-step of an update only
+            sync = policy.no_sync() if hasattr(policy, "no_sync") and not last else nullcontext()
+            with autocast(), sync:
+                decoder_input = unwrap(policy).model.shift_right(replies)
+                logits, values = policy(batch["ctx"][idx], batch["ctx_mask"][idx], decoder_input)
             logits = scored_logits(logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens)
             logprobs = token_logprobs(logits, replies, mask)
             pg_loss, pg_stats = ppo.policy_loss(logprobs, roll["logprobs"][idx], roll["advantages"][idx],
                                                 mask, cfg.ppo_clip_range)
             vf_loss, vf_stats = ppo.value_loss(values.float() * mask, roll["values"][idx], roll["returns"][idx],
                                                mask, VALUE_CLIP)
-            if pg_stats["ratio"] > RATIO_THRESHOLD:  # a wild minibatch (TRL's ratio_threshold): skip it
+            wild = ppo.all_mean(pg_stats["ratio"]) > RATIO_THRESHOLD  # decided alike on every process
+            if wild:  # a wild minibatch (TRL's ratio_threshold): skip it
                 skipped["ratio"] += 1
             else:
                 vf_coef = cfg.ppo_vf_coef if cfg.algo == "ppo" else 0.0  # RLOO and GRPO have no value head
@@ -179,7 +189,10 @@ def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generat
                 entropy = ppo.masked_mean(ppo.entropy_from_logits(logits.detach()), mask)
                 stats.append(dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), entropy=entropy,
                                   **pg_stats, **vf_stats))
-            if accumulated and ((i + 1) % cfg.ppo_grad_accum == 0 or i + 1 == len(minibatches)):
+            if accumulated and last:
+                if wild and hasattr(policy, "no_sync"):  # the micro-step that was to average the gradients was
+                    for p in policy.parameters():  # skipped: average them here
+                        p.grad = ppo.all_mean(p.grad) if p.grad is not None else None
                 if optimizer_step(policy, optimizer, MAX_GRAD_NORM):
                     scheduler.step()
                 else:
@@ -196,10 +209,14 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     algo="rloo" or "grpo": the batch holds rloo_k copies of each context in a row and step 3 is RLOO or GRPO
     instead of GAE. Step 4 is the same clipped update with a per-token ratio, every token of a reply sharing its
     reply's advantage, so the three differ only in their advantage estimate, and in where GRPO puts the KL: into
-    the loss as β·k3 per token (averaged like the policy loss), not into the reward."""
+    the loss as β·k3 per token (averaged like the policy loss), not into the reward.
+
+    Under torchrun (`policy` wrapped in DistributedDataParallel) each process holds its share of the batch; the
+    score moments, both whitenings and the KL that moves β are the global batch's, so every process holds the
+    same β; the other statistics are this process's."""
     t0 = time.time()
     # 1. rollout: replies, their log-probs under π and π_ref, and V, all from the same τ-scaled logits
-    roll = rollout(policy, ref_model, batch, cfg, autocast)
+    roll = rollout(unwrap(policy), ref_model, batch, cfg, autocast)
     mask = roll["mask"]
 
     # 2. reward: the empathy score r = Π_k p_k(y*_k | c, ŷ), normalised by its running moments, lands on the last
@@ -207,10 +224,11 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     with autocast():
         scores = identifiers.score(batch["ident_ctx"], batch["ident_ctx_mask"], roll["replies"], mask,
                                    batch["levels"], mechanisms=cfg.reward_mechanisms.split(",")).float()  # (B,)
-    finite = torch.isfinite(scores)
+    all_scores = ppo.all_gather(scores)  # the global batch's (torchrun); this process's alone otherwise
+    finite = torch.isfinite(all_scores)
     if not finite.all():  # a non-finite score must not reach the running moments or the update
         return {"nonfinite_scores": int((~finite).sum())}, roll
-    score_moments.update(scores)
+    score_moments.update(all_scores)
     norm_scores = ppo.normalize_scores(scores, score_moments) if cfg.score_norm else scores
     rewards = ppo.kl_penalized_rewards(norm_scores, roll["logprobs"], roll["ref_logprobs"], mask,
                                        kl_ctl.value, cfg.kl_min, cfg.kl_max, cfg.kl_estimator)  # (B, T)
@@ -235,9 +253,9 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     mb_stats, skipped = ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generator, kl_coef)
 
     # 5. statistics; the KL is the raw, unclamped estimate summed over the reply, as the β controller expects
-    kl = ((roll["logprobs"] - roll["ref_logprobs"]) * mask).sum(1).mean().item()
-    stats = dict(score=scores.mean().item(), kl=kl, beta=kl_ctl.value)
-    kl_ctl.update(kl, len(scores))
+    kl = ppo.all_gather(((roll["logprobs"] - roll["ref_logprobs"]) * mask).sum(1)).mean().item()  # global batch
+    stats = dict(score=all_scores.mean().item(), kl=kl, beta=kl_ctl.value)
+    kl_ctl.update(kl, len(all_scores))
     for key in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy", "ratio"):
         stats[key] = torch.stack([s[key] for s in mb_stats]).float().mean().item() if mb_stats else float("nan")
     stats["explained_var"] = float(ppo.explained_variance(roll["values"], returns, mask))

@@ -28,6 +28,7 @@ Deviations from TRL 0.9.6 (the authors' PPOTrainer):
 import math
 
 import torch
+import torch.distributed as dist
 
 
 # ----------------------------------------------------------------------------- masked statistics
@@ -53,13 +54,45 @@ def masked_var(x, mask, unbiased=True):
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     """whiten(x) = (x - mean_m(x)) / sqrt(var_m(x) + eps) [+ mean_m(x) when not shift_mean], times m.
 
-    shift_mean=False keeps the mean and only rescales (TRL's reward whitening). Padding stays 0.
+    shift_mean=False keeps the mean and only rescales (TRL's reward whitening). Padding stays 0. Under torchrun
+    mean_m and var_m (unbiased) are the global batch's: sums over every process's share.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    m = mask.to(x.dtype)
+    n = all_sum(m.sum())
+    if n < 2:  # Bessel's correction divides by n - 1
+        raise ValueError(f"masked_whiten needs at least 2 real tokens, the mask has {int(n)}")
+    mean = all_sum((x * m).sum()) / n
+    var = all_sum(((x - mean) ** 2 * m).sum()) / n * n / (n - 1)  # = masked_var(x, mask) in one process
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened * mask.to(x.dtype)
+    return whitened * m
+
+
+# the global batch: under torchrun each process holds 1/N of an iteration's rollouts; in one process these are
+# the identity
+
+def all_sum(x):
+    """x summed over every process (x itself in one process)."""
+    if not dist.is_initialized():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+def all_mean(x):
+    """x averaged over every process (x itself in one process)."""
+    return all_sum(x) / (dist.get_world_size() if dist.is_initialized() else 1)
+
+
+def all_gather(x):
+    """Every process's x (the same shape on each) concatenated along dim 0, in rank order (x in one process)."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------- 2. reward

@@ -10,14 +10,9 @@ that stage and every later one. So a rerun with changed fields is refused, and -
 of the stages before the first changed one. One train.py at a time holds a run directory."""
 import dataclasses
 import errno
-import fcntl
-import io
-import json
 import os
-import pickle
 import platform
 import shlex
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -31,6 +26,7 @@ import data
 import emprl
 import ppo
 import reward
+from rundir import RunError, copy, hold, rank, load_checkpoint, log, read, remove, save_checkpoint, write
 from t5 import T5, T5Config, CheckpointError, atomic_write
 
 
@@ -269,12 +265,13 @@ def stage_sft(cfg, run, env):
     torch.manual_seed(cfg.seed)  # before the random init
     model = build_model(cfg, read(run / "spiece.model", data.Tokenizer).vocab_size).to(device)
     print(f"sft: T5 of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {total} steps")
+    step_model = data_parallel(model, env)  # what the steps call: the model, or its DDP wrapper under torchrun
     # fused: one kernel updates every parameter (the for-each default launches several per step)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0, fused=True)
     sched = linear_schedule(opt, total, cfg.sft_warmup_steps)
     parts = dict(model=model, optimizer=opt, scheduler=sched)  # with the RNG, all that decides the steps to come
     state = load_checkpoint(run / "sft_ckpt.pt", parts) or dict(step=0, best=float("inf"), nonfinite=0)
-    bar = tqdm(total=total, initial=state["step"], desc="sft", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state["step"], desc="sft", dynamic_ncols=True, disable=rank() > 0)
     while state["step"] < total:
         epoch, pos = divmod(state["step"], steps_per_epoch)
         # the batch order of an epoch is a function of (seed, epoch): a resumed run sees the same batches
@@ -282,7 +279,7 @@ def stage_sft(cfg, run, env):
         for idx in batches[pos:]:
             model.train()
             with autocast():
-                loss, _ = emprl.sft_loss(model, data.make_batch(train, idx, device))
+                loss, _ = emprl.sft_loss(step_model, data.make_batch(train, shard(idx, env["world"]), device))
             loss.backward()
             finite = emprl.optimizer_step(model, opt)
             sched.step()
@@ -296,7 +293,7 @@ def stage_sft(cfg, run, env):
                 tqdm.write(f"sft {state['step']}/{total} | loss {loss.item():.3f} | valid ppl {ppl:.2f}")
                 if ppl < state["best"]:  # keep the best model by validation perplexity
                     state["best"] = ppl
-                    model.save_pretrained(run / "sft")
+                    save_model(model, run / "sft")
                 save_checkpoint(run / "sft_ckpt.pt", parts, state)
             if state["step"] == total:
                 break
@@ -368,13 +365,14 @@ def stage_ppo(cfg, run, env):
     pool = dict(ctx=ctx, ident_ctx=[c[-cfg.ident_ctx_tokens:] for c in ctx], levels=labels["train"].numpy())
     ref_model = read(run / "sft").to(device).eval().requires_grad_(False)
     policy = emprl.PolicyWithValue(read(run / "sft"), cfg.dropout_rate).to(device)
+    step_policy = data_parallel(policy, env)  # what the updates call: the policy, or its DDP wrapper
     identifiers = read(run / "identifiers", reward.Identifiers.load).to(device)
     updates = -(-cfg.ppo_batch_size // (cfg.ppo_mini_batch_size * cfg.ppo_grad_accum)) * cfg.ppo_epochs  # per iteration
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo_lr, fused=True)
     sched = linear_schedule(opt, (cfg.ppo_lr_decay_steps or cfg.ppo_steps) * updates)
     kl_ctl = ppo.KLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon, adaptive=cfg.adaptive_kl)
     moments, gen = ppo.RunningMoments(), emprl.generator(cfg.ppo_seed, device)  # gen: minibatch order
-    torch.manual_seed(cfg.ppo_seed)  # rollout sampling
+    torch.manual_seed(cfg.ppo_seed + rank())  # rollout sampling: each process draws its own
     parts = dict(policy=policy, optimizer=opt, scheduler=sched, kl_ctl=kl_ctl, moments=moments, generator=gen)
 
     judge = reward.Judge(read(run / "judge.pt"))
@@ -386,15 +384,21 @@ def stage_ppo(cfg, run, env):
     if state is None:  # the SFT model on the same validation subset, once: iteration 0 of the curves
         state = dict(step=0, nonfinite=0, sft_valid=validate(ref_model))
         log(run, dict(stage="ppo_eval", step=0, **state["sft_valid"]))
-    bar = tqdm(total=cfg.ppo_steps, initial=state["step"], desc="ppo", dynamic_ncols=True)
+    bar = tqdm(total=cfg.ppo_steps, initial=state["step"], desc="ppo", dynamic_ncols=True, disable=rank() > 0)
+    # each process's share of an iteration (the global batch is the preset's): its contexts and minibatches
+    step_cfg = dataclasses.replace(cfg, ppo_mini_batch_size=cfg.ppo_mini_batch_size // env["world"])
     k = cfg.rloo_k if cfg.algo in ("rloo", "grpo") else 1  # rollouts per context
     while state["step"] < cfg.ppo_steps:
         # the contexts of iteration i: a seeded permutation of the pool per pass, consumed in order
         epoch, offset = divmod(state["step"] * cfg.ppo_batch_size // k, len(ctx))
         order = np.concatenate([np.random.default_rng(cfg.ppo_seed + epoch + e).permutation(len(ctx)) for e in (0, 1)])
         idx = np.repeat(order[offset: offset + cfg.ppo_batch_size // k], k).tolist()  # each context k times in a row
-        stats, roll = emprl.ppo_iteration(policy, ref_model, identifiers, opt, sched, kl_ctl, moments,
-                                          data.make_batch(pool, idx, device), cfg, autocast, gen)
+        idx = shard(idx, env["world"])
+        stats, roll = emprl.ppo_iteration(step_policy, ref_model, identifiers, opt, sched, kl_ctl, moments,
+                                          data.make_batch(pool, idx, device), step_cfg, autocast, gen)
+        if env["world"] > 1:  # β of every process, in the log: the global-batch statistics keep them equal
+            stats["beta_per_rank"] = [None] * env["world"]
+            torch.distributed.all_gather_object(stats["beta_per_rank"], kl_ctl.value)
         state["step"] += 1
         bar.update(1)
         log(run, dict(stage="ppo", step=state["step"], **stats))
@@ -410,7 +414,7 @@ def stage_ppo(cfg, run, env):
             tqdm.write(emprl.eval_line(f"valid @{state['step']}", m) +
                        f" (sft {sft['emp_f1']:.2f}, judge {sft['emp_f1_judge']:.2f})")
             save_checkpoint(run / "ppo_ckpt.pt", parts, state)
-    policy.model.save_pretrained(run / "emprl")
+    save_model(policy.model, run / "emprl")
 
 
 def stage_eval(cfg, run, env):
@@ -450,28 +454,59 @@ PIPELINE = {"tokenizer": stage_tokenizer, "sft": stage_sft, "identifiers": stage
 
 def run_pipeline(cfg, preset):
     run = Path(cfg.out_dir)
-    if run.exists() and not run.is_dir():
-        raise RunError(f"--out_dir={run} is a file; give a directory")
-    run.mkdir(parents=True, exist_ok=True)
-    lock = hold(run)  # noqa: F841 (held until the pipeline ends)
-    changed, first = changed_fields(read(run / "config.json"), cfg) if (run / "config.json").exists() else ({}, 0)
-    if changed:
-        raise RunError(f"{run} was made with other settings ({'; '.join(changed.values())}); use a new --out_dir, "
-                       f"with --from_run={run} to reuse its stages before '{first}'")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device, world = start_processes(cfg)
     dtype, why = choose_dtype(cfg, device)
+    if world > 1:  # every rank takes rank 0's choice (a timing decides it on the CPU)
+        dtype, why = broadcast((dtype, why))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 on GPUs with TF32
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
     if cfg.pretrained and not (Path(cfg.pretrained) / "config.json").exists():
         raise RunError(f"--pretrained={cfg.pretrained} is not a T5 checkpoint directory: download config.json, "
                        f"model.safetensors and spiece.model (see the README) and pass their directory")
-    env = dict(device=device, dtype=dtype, autocast=autocast, data_dir=data.ensure_data(cfg.data_dir or None))
+    env = dict(device=device, dtype=dtype, autocast=autocast, world=world, data_dir=None)
+    if rank() == 0:  # only rank 0 touches the run directory's settings, the data and the lock
+        env["data_dir"], env["lock"] = data.ensure_data(cfg.data_dir or None), open_run(cfg, run, preset)
+        print(f"preset {preset} | device {device} | {dtype} ({why}) | torch threads {torch.get_num_threads()} | "
+              f"processes {world} | run {run}")
+        print("config: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    if world > 1:
+        torch.distributed.barrier()  # the run directory is ready
+    done = read(run / "stages.json") if (run / "stages.json").exists() else {}
+    for stage in STAGES:
+        if stage in done:
+            print(f"[{stage}] done earlier ({done[stage]:.0f} s), skipped")
+            continue
+        if rank() > 0 and stage not in ("sft", "ppo"):  # a stage of rank 0 alone: the others wait for it
+            done = wait_for_stage(run, stage)
+            continue
+        print(f"[{stage}]")
+        t0 = time.time()
+        PIPELINE[stage](cfg, run, env)
+        done[stage] = time.time() - t0
+        write(run / "stages.json", done)
+        if rank() == 0:  # finished: its results supersede the checkpoint
+            (run / f"{stage}_ckpt.pt").unlink(missing_ok=True)
+        if device.type == "cuda":  # what the stage needed on the GPU
+            print(f"[{stage}] {done[stage]:.0f} s, peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+            torch.cuda.reset_peak_memory_stats()
+    print((run / "results.md").read_text() + "seconds per stage: " + ", ".join(f"{k} {s:.0f}" for k, s in done.items()))
+
+
+def open_run(cfg, run, preset):
+    """Rank 0: lock the run directory, refuse changed settings, reuse --from_run's stages, write config.json, and
+    drop a stage whose result was deleted with every stage after it. Returns the lock (held while it lives)."""
+    if run.exists() and not run.is_dir():
+        raise RunError(f"--out_dir={run} is a file; give a directory")
+    run.mkdir(parents=True, exist_ok=True)
+    lock = hold(run)
+    changed, first = changed_fields(read(run / "config.json"), cfg) if (run / "config.json").exists() else ({}, 0)
+    if changed:
+        raise RunError(f"{run} was made with other settings ({'; '.join(changed.values())}); use a new --out_dir, "
+                       f"with --from_run={run} to reuse its stages before '{first}'")
     if cfg.from_run and not (run / "stages.json").exists():
         reuse_stages(cfg, run, Path(cfg.from_run))
     write(run / "config.json", dataclasses.asdict(cfg))
     log(run, dict(stage="config", preset=preset, **dataclasses.asdict(cfg)))
-    print(f"preset {preset} | device {device} | {dtype} ({why}) | torch threads {torch.get_num_threads()} | run {run}")
-    print("config: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     done = read(run / "stages.json") if (run / "stages.json").exists() else {}
     for i, stage in enumerate(STAGES):
         if stage in done and not all((run / f).exists() for f in RESULTS[stage]):  # a result was deleted
@@ -480,19 +515,77 @@ def run_pipeline(cfg, preset):
                 done.pop(later, None)
                 for name in {Path(f).parts[0] for f in RESULTS[later]} | {f"{later}_ckpt.pt"}:
                     remove(run / name)
+            write(run / "stages.json", done)
+            break
+    return lock
+
+
+# ---------------------------------------------------------------- several processes: torchrun, data-parallel
+
+
+def start_processes(cfg):
+    """(device, number of processes). Under `torchrun --nproc_per_node=N` each process joins the group (NCCL on
+    CUDA, one GPU each; gloo on the CPU) and takes 1/N of every SFT batch and PPO iteration, so that the global
+    batch is the preset's. Only rank 0 prints and writes."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return device, 1
+    for name in ("sft_batch_size", "ppo_batch_size", "ppo_mini_batch_size"):
+        if getattr(cfg, name) % world:
+            raise RunError(f"--{name}={getattr(cfg, name)} does not divide among {world} processes: the global "
+                           f"batch is kept, so choose a multiple of {world}")
+    if cfg.algo != "ppo" and (cfg.ppo_batch_size // world) % cfg.rloo_k:
+        raise RunError(f"--algo={cfg.algo}: each of the {world} processes needs whole groups of rloo_k="
+                       f"{cfg.rloo_k} replies; make ppo_batch_size a multiple of {world * cfg.rloo_k}")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank() > 0:  # one voice: the others' prints go nowhere (their errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+    return device, world
+
+
+def shard(idx, world):
+    """This rank's contiguous share of a global batch's example indices (RLOO and GRPO groups stay whole). A short
+    last batch of an epoch may give a rank one example fewer, or, with fewer examples than ranks, its last one."""
+    n = -(-len(idx) // world)
+    return idx[rank() * n:(rank() + 1) * n] or idx[-1:]
+
+
+def broadcast(obj):
+    """Rank 0's object on every rank."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def data_parallel(model, env):
+    """The model wrapped for data-parallel steps under torchrun (gradients averaged across processes during
+    backward), or the model itself in one process. Every process starts from rank 0's weights."""
+    if env["world"] == 1:
+        return model
+    device_ids = [env["device"].index] if env["device"].type == "cuda" else None
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    torch.manual_seed(torch.initial_seed() + rank())  # each process its own dropout masks from here on
+    return wrapped
+
+
+def save_model(model, path):
+    if rank() == 0:
+        model.save_pretrained(path)
+
+
+def wait_for_stage(run, stage, poll_s=2.0):
+    """Ranks > 0 wait while rank 0 runs a stage alone, by reading stages.json rather than in a collective: a long
+    stage cannot trip the process group's timeout. Returns the finished stages."""
+    while True:
+        done = read(run / "stages.json") if (run / "stages.json").exists() else {}
         if stage in done:
-            print(f"[{stage}] done earlier ({done[stage]:.0f} s), skipped")
-            continue
-        print(f"[{stage}]")
-        t0 = time.time()
-        PIPELINE[stage](cfg, run, env)
-        done[stage] = time.time() - t0
-        write(run / "stages.json", done)
-        (run / f"{stage}_ckpt.pt").unlink(missing_ok=True)  # finished: its results supersede the checkpoint
-        if device.type == "cuda":  # what the stage needed on the GPU
-            print(f"[{stage}] {done[stage]:.0f} s, peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-            torch.cuda.reset_peak_memory_stats()
-    print((run / "results.md").read_text() + "seconds per stage: " + ", ".join(f"{k} {s:.0f}" for k, s in done.items()))
+            return done
+        time.sleep(poll_s)
 
 
 def main(argv):
@@ -518,10 +611,6 @@ def main(argv):
 # --------------------------------------------------------------------- the run directory: settings, reuse, files
 
 
-class RunError(Exception):
-    """A user-facing failure: printed as one line, no traceback."""
-
-
 def changed_fields(old, cfg):
     """{field: "field: old -> new"} for the fields outside the run section that differ from an earlier config,
     and the first stage they belong to (None if none)."""
@@ -544,103 +633,6 @@ def reuse_stages(cfg, run, source):
         done[stage] = source_done[stage]
     write(run / "stages.json", done)
     print(f"--from_run={source}: reusing {', '.join(done) or 'nothing'} ({'; '.join(changed.values()) or 'no change'})")
-
-
-def read(path, load=None):
-    """A file or model directory of the run, read by `load`; by default JSON, torch.load with weights_only (a tampered
-    file cannot run code) or T5.from_pretrained. A damaged one stops the run with one line saying what to do."""
-    path = Path(path)
-    try:
-        if load is None and path.suffix in (".pt", ".json"):
-            return (json.loads(path.read_text()) if path.suffix == ".json" else
-                    torch.load(path, map_location="cpu", weights_only=True))
-        return (load or T5.from_pretrained)(path)
-    except FileNotFoundError:
-        raise RunError(f"{path} is missing: rerun the same command; the stage that writes it is redone") from None
-    except OSError as e:
-        if isinstance(e, PermissionError) or e.errno in (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise  # the file system said no, not the file: main() names the file and the reason
-        why = e.strerror or str(e)  # e.g. torch's reader of a truncated file
-    except (ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:  # what a damaged file raises
-        why = str(e).removeprefix(f"{path}: ") if isinstance(e, ValueError) else type(e).__name__
-    raise RunError(f"{path} is damaged ({why}): delete it and rerun the same command; its stage is redone")
-
-
-def copy(source, dest):
-    """Copy a file or a model directory into the run whole or not at all, as every run file is written."""
-    if not source.is_dir():
-        return atomic_write(dest, source.read_bytes())
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    remove(tmp)
-    shutil.copytree(source, tmp)
-    remove(dest)
-    tmp.rename(dest)
-
-
-def remove(path):
-    """Delete a file or a directory of the run, if it is there."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def hold(run):
-    """Lock the run directory for this process, or refuse with one line if a live train.py holds it. The lock is
-    the kernel's (flock): it goes with the process, so a killed run leaves nothing stuck."""
-    f = open(run / "lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise RunError(f"{run} is in use by a running train.py (pid {f.read().strip() or '?'}): wait for it to end "
-                       f"or give another --out_dir") from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    return f  # held while this file object lives
-
-
-def write(path, obj):
-    """Write a file of the run whole or not at all (t5.atomic_write): JSON for .json, else torch.save."""
-    if path.suffix == ".json":
-        return atomic_write(path, json.dumps(obj, indent=1).encode())
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write(path, buf.getvalue())
-
-
-def log(run, record):  # log.jsonl is appended to: a line cut short by a kill is skipped when read
-    with open(run / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def save_checkpoint(path, parts, state):
-    """The loop state, every part's state (a torch.Generator's too) and torch's RNG: the CPU's, and the GPUs' when
-    CUDA is in use (dropout and sampling draw there), so a resumed run goes on instead of replaying draws."""
-    rng = dict(cpu=torch.get_rng_state())
-    if torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    write(path, dict(state=state, rng=rng, parts={
-        k: p.get_state() if isinstance(p, torch.Generator) else p.state_dict() for k, p in parts.items()}))
-
-
-def load_checkpoint(path, parts):
-    """Restore what save_checkpoint saved into `parts` and return the loop state; None without a checkpoint."""
-    if not path.exists():
-        return None
-    ck = read(path)
-    for k, p in parts.items():
-        if isinstance(p, torch.Generator):
-            p.set_state(ck["parts"][k])
-        else:
-            p.load_state_dict(ck["parts"][k])
-    rng = ck["rng"] if isinstance(ck["rng"], dict) else dict(cpu=ck["rng"])  # checkpoints before CUDA RNG was kept
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    print(f"{path.name}: resuming after step {ck['state']['step']}")
-    return ck["state"]
 
 
 def count_nonfinite(state, finite, cfg, what):

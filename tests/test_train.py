@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -51,8 +52,10 @@ def same_weights(a, b):
 
 
 def kill_during_ppo(cmd, out, after_step=3, timeout=240):
-    """Start cmd, SIGKILL it once PPO iteration `after_step` is logged."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start cmd, SIGKILL it (and the processes it started: torchrun's workers) once PPO iteration `after_step` is
+    logged."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline, log = time.time() + timeout, out / "log.jsonl"
     try:
         while not (log.exists() and f'"stage": "ppo", "step": {after_step},' in log.read_text()):
@@ -60,7 +63,8 @@ def kill_during_ppo(cmd, out, after_step=3, timeout=240):
             assert time.time() < deadline, "timed out waiting for PPO"
             time.sleep(0.1)
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", "--", f"--out_dir={out}"])  # torchrun's workers run in sessions of their own
         proc.wait()
 
 
@@ -102,6 +106,39 @@ def test_tiny_pipeline_runs_under_bfloat16_autocast_on_the_cpu(tmp_path):
     assert "| bfloat16 (--dtype) |" in p.stdout
     res = assert_finished_with_finite_metrics(tmp_path / "bf16")
     assert res["environment"]["dtype"] == "bfloat16"
+
+
+def test_torchrun_with_two_cpu_processes_keeps_one_beta_and_resumes(tmp_path):
+    """`torchrun --nproc_per_node=2 train.py --preset=tiny --device=cpu` (gloo) on made-up data: every stage to
+    finite metrics; one log line per PPO iteration (rank 0 alone writes); after every iteration both processes
+    hold the same β (the adaptive controller sees the global batch's KL). Killed during PPO, the same command
+    resumes from the checkpoint and ends. A batch that does not divide among the processes is refused."""
+    data_dir = write_synthetic_data(tmp_path / "data")
+
+    def torchrun(out, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(ROOT / "train.py"), "--preset=tiny", "--device=cpu", f"--data_dir={data_dir}", f"--out_dir={out}",
+                "--ppo_steps=6", *extra]
+    p = run(torchrun(tmp_path / "run"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert_finished_with_finite_metrics(tmp_path / "run")
+    assert "processes 2" in p.stdout
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    ppo_lines = [d for d in lines if d["stage"] == "ppo"]
+    assert [d["step"] for d in ppo_lines] == [1, 2, 3, 4, 5, 6]
+    assert all(len(d["beta_per_rank"]) == 2 and d["beta_per_rank"][0] == d["beta_per_rank"][1] for d in ppo_lines)
+    assert ppo_lines[-1]["beta_per_rank"][0] != 0.2  # β moved, and moved alike
+
+    killed = tmp_path / "killed"
+    kill_during_ppo(torchrun(killed), killed)
+    assert not (killed / "results.json").exists() and (killed / "ppo_ckpt.pt").exists()
+    p = run(torchrun(killed))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "ppo_ckpt.pt: resuming after step" in p.stdout
+    assert_finished_with_finite_metrics(killed)
+
+    p = run(torchrun(tmp_path / "odd", "--ppo_batch_size=6", "--ppo_mini_batch_size=3"))
+    assert p.returncode != 0 and "--ppo_mini_batch_size=3 does not divide among 2 processes" in p.stderr
 
 
 # ----------------------------------------------------------------------------------------------------
