@@ -19,7 +19,7 @@ Deviations from the authors' code (TRL 0.9.6); each one a fix for a failure seen
 - Rollouts sample the full softmax at temperature τ (no top-k), and every log-prob (policy, old policy,
   reference) is computed from the same τ-scaled logits with the same forced-minimum-length EOS mask, so the
   sampled distribution is exactly the scored one: the KL estimate is then a true KL estimate (>= 0 on
-  average) and the first ratio is exactly 1. Evaluation still decodes like the authors (top-k 20, τ 0.9).
+  average) and the first ratio is 1 up to rounding. Evaluation still decodes like the authors (top-k 20, τ 0.9).
 - Every reply token counts, the first included (TRL drops it for encoder-decoders).
 - Dropout is off in the policy during rollouts and updates (`ppo_dropout`), so the ratio measures the
   policy change and not dropout noise; the value head is zero-initialised.
@@ -101,8 +101,7 @@ def token_logprobs(logits, labels, mask):
     return logp * mask
 
 
-def unwrap(model):
-    """The model inside a DistributedDataParallel wrapper (torchrun), or the model itself."""
+def unwrap(model):  # the model inside a DistributedDataParallel wrapper (torchrun), or the model itself
     return getattr(model, "module", model)
 
 
@@ -164,9 +163,8 @@ def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generat
             idx = idx.to(roll["replies"].device)
             replies, mask = roll["replies"][idx], roll["mask"][idx]
             last = (i + 1) % cfg.ppo_grad_accum == 0 or i + 1 == len(minibatches)  # an optimizer step follows
-            # torchrun: gradients are averaged across processes on the last micro-step of an update only
-            sync = policy.no_sync() if hasattr(policy, "no_sync") and not last else nullcontext()
-            with autocast(), sync:
+            sync = policy.no_sync() if hasattr(policy, "no_sync") and not last else nullcontext()  # torchrun: the
+            with autocast(), sync:  # gradients are averaged across processes on an update's last micro-step only
                 decoder_input = unwrap(policy).model.shift_right(replies)
                 logits, values = policy(batch["ctx"][idx], batch["ctx_mask"][idx], decoder_input)
             logits = scored_logits(logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens)
@@ -210,10 +208,8 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     instead of GAE. Step 4 is the same clipped update with a per-token ratio, every token of a reply sharing its
     reply's advantage, so the three differ only in their advantage estimate, and in where GRPO puts the KL: into
     the loss as β·k3 per token (averaged like the policy loss), not into the reward.
-
-    Under torchrun (`policy` wrapped in DistributedDataParallel) each process holds its share of the batch; the
-    score moments, both whitenings and the KL that moves β are the global batch's, so every process holds the
-    same β; the other statistics are this process's."""
+    Under torchrun (`policy` in DistributedDataParallel) the score moments, the whitenings and the KL that moves β
+    are the global batch's, so every process holds the same β; the other statistics are this process's."""
     t0 = time.time()
     # 1. rollout: replies, their log-probs under π and π_ref, and V, all from the same τ-scaled logits
     roll = rollout(unwrap(policy), ref_model, batch, cfg, autocast)
@@ -343,8 +339,7 @@ def evaluate(model, identifiers, judge, tok, split, target_levels, device, cfg, 
     replies = generate_replies(model, split["ctx"], device, cfg.eval_batch_size, seed, autocast)
     ident_ctx = [c[-cfg.ident_ctx_tokens:] for c in split["ctx"]]
     levels, logits = identifier_levels(identifiers, ident_ctx, replies, device, cfg.eval_batch_size, autocast)
-    texts = [tok.decode(r) for r in replies]
-    references = [tok.decode(t) for t in split["tgt"]]
+    texts, references = [tok.decode(r) for r in replies], [tok.decode(t) for t in split["tgt"]]
     out = dict(texts=texts, levels=levels, targets=np.asarray(target_levels),
                judge_levels=judge.levels(texts), judge_targets=judge.levels(references))
     hyp, ref = [words(t) for t in texts], [words(t) for t in references]

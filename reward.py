@@ -22,12 +22,7 @@ Emp-F1 compares the levels of generated and target replies, per mechanism, with 
     F1_k = sum_c n_c F1_c / sum_c n_c        over levels present in either side                        [E2]
     Emp-F1 = 100 (F1_ER + F1_IP + F1_EX) / 3                                                           [E3]
 
-The independent judge (not in the paper) looks from outside: per mechanism, a class-balanced logistic regression on
-TF-IDF features of the reply text alone (words and bigrams), fit on EPITOME train. It shares nothing with the
-identifiers and no reward calls it, so PPO cannot shape its errors:
-
-    x_y = tfidf(y) / ||tfidf(y)||,  idf_w = log((1 + N) / (1 + df_w)) + 1     (V,)  terms in >= 2 replies    [J1]
-    q_k(. | y) = softmax(W_k x_y + b_k)                                         (C,)                          [J2]
+The independent judge that grades replies beside the identifiers, and never enters a reward, is in judge.py.
 
 Deviations from the authors' code:
 - The attention scores are scaled by 1/sqrt(D) (standard dot-product attention; their single head is
@@ -41,9 +36,7 @@ Masks: 1 = real token.
 """
 import json
 import math
-import re
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -194,80 +187,6 @@ def emp_f1(generated_levels, target_levels):
         out[f"acc_{mech}"] = 100 * m["acc"]
     out["emp_f1"] = float(np.mean([out[mech] for mech in data.MECHANISMS]))
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The independent judge [J1, J2]
-
-WORD = re.compile(r"[a-z0-9']+")
-
-
-def ngrams(text):
-    """The judge's terms of a text: its lower-cased words and word bigrams."""
-    words = WORD.findall(text.lower())
-    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
-
-
-class Judge:
-    """Per mechanism a TF-IDF logistic regression on the reply text. `state` = {mech: {terms, idf (V,),
-    weight (V, C), bias (C,), l2}}: plain tensors and strings, what the run directory stores (judge.pt)."""
-
-    def __init__(self, state):
-        self.state = state
-        self.index = {m: {t: j for j, t in enumerate(h["terms"])} for m, h in state.items()}
-
-    def features(self, mech, texts):
-        """[J1]: term counts x idf, L2-normalised; sparse (a reply holds a few dozen of the V terms).  -> (N, V)"""
-        pairs = [(i, self.index[mech][g]) for i, t in enumerate(texts) for g in ngrams(t) if g in self.index[mech]]
-        ij = torch.tensor(pairs, dtype=torch.long).view(-1, 2).T  # (2, nnz); coalesce sums a repeated term
-        x = torch.sparse_coo_tensor(ij, self.state[mech]["idf"][ij[1]], (len(texts), len(self.index[mech])),
-                                    check_invariants=True).coalesce()
-        norm = torch.zeros(len(texts)).index_add_(0, x.indices()[0], x.values() ** 2).sqrt()  # (N,)
-        return torch.sparse_coo_tensor(x.indices(), x.values() / norm[x.indices()[0]], x.shape, check_invariants=True)
-
-    def logits(self, mech, texts):
-        """[J2] before the softmax.  N texts -> (N, C)"""
-        return torch.sparse.mm(self.features(mech, texts), self.state[mech]["weight"]) + self.state[mech]["bias"]
-
-    def levels(self, texts):
-        """The judge's levels of N texts for ER, IP, EX: (N, 3) int array."""
-        return np.stack([self.logits(m, texts).argmax(-1).numpy() for m in data.MECHANISMS], axis=1)
-
-    @classmethod
-    def fit(cls, train, valid, l2s=(1e-4, 1e-3, 1e-2)):
-        """train, valid: {mech: (texts, levels)}. For each L2 strength, class-balanced cross-entropy + l2/2 ||W||^2
-        minimised by full-batch L-BFGS (deterministic); the fit with the best validation macro-F1 is kept."""
-        state = {}
-        for mech, (texts, y) in train.items():
-            df = Counter(g for t in texts for g in set(ngrams(t)))  # document frequency of each term
-            terms = sorted(g for g, n in df.items() if n >= 2)
-            idf = torch.tensor([math.log((1 + len(texts)) / (1 + df[g])) + 1 for g in terms])  # (V,)  [J1]
-            x = cls({mech: dict(terms=terms, idf=idf)}).features(mech, texts)  # (N, V)
-            fits = [dict(terms=terms, idf=idf, l2=l2, **fit_logistic_regression(x, torch.as_tensor(y), l2))
-                    for l2 in l2s]
-            f1 = [classification_metrics(valid[mech][1], cls({mech: h}).logits(mech, valid[mech][0]).argmax(-1))
-                  ["macro_f1"] for h in fits]
-            state[mech] = fits[int(np.argmax(f1))]  # ties: the first listed
-        return cls(state)
-
-
-def fit_logistic_regression(x, y, l2, steps=200):
-    """Multinomial logistic regression on features x (N, V) and levels y (N,), each level weighted N / (C n_c)
-    ("balanced", as the identifiers' class weights): {"weight": (V, C), "bias": (C,)}."""
-    counts = torch.bincount(y, minlength=NUM_LEVELS).clamp(min=1)
-    sample_w = (len(y) / (NUM_LEVELS * counts))[y] / len(y)  # (N,) sums to 1
-    w = torch.zeros(x.shape[1], NUM_LEVELS, requires_grad=True)
-    b = torch.zeros(NUM_LEVELS, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
-
-    def loss_fn():
-        opt.zero_grad()
-        ce = F.cross_entropy(torch.sparse.mm(x, w) + b, y, reduction="none")  # (N,)
-        loss = (sample_w * ce).sum() + 0.5 * l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-    opt.step(loss_fn)
-    return dict(weight=w.detach(), bias=b.detach())
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The run directory: every file written whole or not at all, read back with one clear message when damaged; the
-lock that keeps a second train.py out; checkpoints that resume where a run stopped, RNG included.
+lock that keeps a second train.py out; checkpoints that resume where a run stopped, RNG included; how the
+processes of a torchrun share it.
 
 Under torchrun only the main process (rank 0) writes: the other ranks hold the same numbers, and their
 write/log/save_checkpoint calls write nothing (save_checkpoint still gathers their RNG states)."""
@@ -10,6 +11,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -133,3 +135,20 @@ def load_checkpoint(path, parts):
         torch.cuda.set_rng_state_all(rng["cuda"])
     print(f"{path.name}: resuming after step {ck['state']['step']}")
     return ck["state"]
+
+
+def broadcast(obj):
+    """Rank 0's object on every rank."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wait_for_stage(run, stage, poll_s=2.0):
+    """Ranks > 0 wait while rank 0 runs a stage alone, by reading stages.json rather than in a collective: a long
+    stage cannot trip the process group's timeout. Returns the finished stages."""
+    while True:
+        done = read(run / "stages.json") if (run / "stages.json").exists() else {}
+        if stage in done:
+            return done
+        time.sleep(poll_s)

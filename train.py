@@ -26,7 +26,9 @@ import data
 import emprl
 import ppo
 import reward
-from rundir import RunError, copy, hold, rank, load_checkpoint, log, read, remove, save_checkpoint, write
+from judge import Judge
+from rundir import (RunError, broadcast, copy, hold, load_checkpoint, log, rank, read, remove, save_checkpoint,
+                    wait_for_stage, write)
 from t5 import T5, T5Config, CheckpointError, atomic_write
 
 
@@ -215,15 +217,12 @@ def bf16_matmul_speedup(n=512, repeats=5):
     """Best-of-`repeats` time of a float32 n x n matmul over a bfloat16 one, on the CPU (a tenth of a second)."""
     best = {}
     for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        best[dtype] = min(timed(lambda: a @ b) for _ in range(repeats))
+        a, b, best[dtype] = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype), float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best[dtype] = min(best[dtype], time.perf_counter() - t0)
     return best[torch.float32] / best[torch.bfloat16]
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 # --------------- the stages, in pipeline order; each reads what the earlier ones left in the run directory `run`
@@ -332,7 +331,7 @@ def stage_identifiers(cfg, run, env):
         models.append(model.cpu())
     reward.Identifiers(models).save(run / "identifiers")
     # the independent judge: another model family on the same EPITOME train split, never part of any reward
-    judge = reward.Judge.fit({m: t["train"] for m, t in texts.items()}, {m: t["valid"] for m, t in texts.items()})
+    judge = Judge.fit({m: t["train"] for m, t in texts.items()}, {m: t["valid"] for m, t in texts.items()})
     for i, (mech, t) in enumerate(texts.items()):
         j = table[mech]["judge"] = reward.classification_metrics(t["test"][1], judge.levels(t["test"][0])[:, i])
         print(f"judge {mech} (TF-IDF logistic regression, l2 {judge.state[mech]['l2']:g}): test macro-F1 "
@@ -375,7 +374,7 @@ def stage_ppo(cfg, run, env):
     torch.manual_seed(cfg.ppo_seed + rank())  # rollout sampling: each process draws its own
     parts = dict(policy=policy, optimizer=opt, scheduler=sched, kl_ctl=kl_ctl, moments=moments, generator=gen)
 
-    judge = reward.Judge(read(run / "judge.pt"))
+    judge = Judge(read(run / "judge.pt"))
 
     def validate(model):
         return emprl.evaluate(model, identifiers, judge, tok, encoded["valid"], labels["valid"].numpy(), device, cfg,
@@ -422,7 +421,7 @@ def stage_eval(cfg, run, env):
     results.json and results.md."""
     t0, tok, labels = time.time(), read(run / "spiece.model", data.Tokenizer), read(run / "labels.pt")
     test, identifiers = read(run / "encoded.pt")["test"], read(run / "identifiers", reward.Identifiers.load)
-    judge = reward.Judge(read(run / "judge.pt"))
+    judge = Judge(read(run / "judge.pt"))
     results, outputs = {}, {}
     for name in ("sft", "emprl"):
         results[name], outputs[name] = emprl.evaluate(read(run / name).to(env["device"]),
@@ -555,13 +554,6 @@ def shard(idx, world):
     return idx[rank() * n:(rank() + 1) * n] or idx[-1:]
 
 
-def broadcast(obj):
-    """Rank 0's object on every rank."""
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def data_parallel(model, env):
     """The model wrapped for data-parallel steps under torchrun (gradients averaged across processes during
     backward), or the model itself in one process. Every process starts from rank 0's weights."""
@@ -576,16 +568,6 @@ def data_parallel(model, env):
 def save_model(model, path):
     if rank() == 0:
         model.save_pretrained(path)
-
-
-def wait_for_stage(run, stage, poll_s=2.0):
-    """Ranks > 0 wait while rank 0 runs a stage alone, by reading stages.json rather than in a collective: a long
-    stage cannot trip the process group's timeout. Returns the finished stages."""
-    while True:
-        done = read(run / "stages.json") if (run / "stages.json").exists() else {}
-        if stage in done:
-            return done
-        time.sleep(poll_s)
 
 
 def main(argv):

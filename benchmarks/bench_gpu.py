@@ -29,6 +29,7 @@ import data  # noqa: E402
 import emprl  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
+from judge import Judge  # noqa: E402
 import train  # noqa: E402
 from t5 import T5, T5Config  # noqa: E402
 
@@ -159,7 +160,7 @@ def main():
     # evaluation: decode 30 tokens, label the replies, perplexity of the references
     n = steps * cfg.eval_batch_size // 2
     toy = (["so sorry", "what happened", "i see", "that is sad"] * 3, [0, 1, 2, 1] * 3)  # the judge's cost only
-    judge = reward.Judge.fit({m: toy for m in data.MECHANISMS}, {m: toy for m in data.MECHANISMS})
+    judge = Judge.fit({m: toy for m in data.MECHANISMS}, {m: toy for m in data.MECHANISMS})
     test = split(n, config.vocab_size, seed=2)
     with Clock(device) as clock:
         emprl.evaluate(model, identifiers, judge, _Tok(), test, np.zeros((n, 3), dtype=np.int64), device, cfg,

@@ -66,7 +66,7 @@ def parse_args(argv):
 
 # ---------------------------------------------------------------------------------------------- bag-of-words floor
 
-ngrams = reward.ngrams  # the judge's terms: words and word bigrams (the judge is this floor, fit by L-BFGS)
+from judge import ngrams  # noqa: E402 -- the judge's terms: words and word bigrams (the judge is this floor, fit by L-BFGS)
 
 
 def tfidf_fit(texts, min_df=2):

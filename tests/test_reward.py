@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import data
 import reward
+from judge import Judge
 import t5
 
 
@@ -232,7 +233,7 @@ def test_judge_features_are_l2_normalised_tfidf_of_words_and_bigrams():
     """[J1] by hand: counts of the known terms times their idf, divided by the row's norm; unknown terms drop."""
     terms = ["so", "so sorry", "sorry"]
     idf = torch.tensor([1.0, 2.0, 3.0])
-    judge = reward.Judge({"er": dict(terms=terms, idf=idf)})
+    judge = Judge({"er": dict(terms=terms, idf=idf)})
     x = judge.features("er", ["So sorry, so SORRY!", "nothing known", "sorry"]).to_dense()  # (3, V)
     raw = torch.tensor([2 * 1.0, 2 * 2.0, 2 * 3.0])  # "so" x2, "so sorry" x2, "sorry" x2 ("sorry so" unknown)
     assert torch.allclose(x[0], raw / raw.norm())
@@ -257,12 +258,12 @@ def test_judge_learns_cue_words_for_each_mechanism_and_survives_a_save():
             texts.append(" ".join(rng.permutation(words)))
         return {m: (texts, levels[m]) for m in cues}
     train, valid, test = split(300), split(60), split(100)
-    judge = reward.Judge.fit(train, valid)
+    judge = Judge.fit(train, valid)
     got = judge.levels(test["er"][0])  # (N, 3)
     for i, m in enumerate(data.MECHANISMS):
         assert (got[:, i] == np.array(test[m][1])).mean() > 0.9, m
     buf = io.BytesIO()
     torch.save(judge.state, buf)
     buf.seek(0)
-    again = reward.Judge(torch.load(buf, weights_only=True))
+    again = Judge(torch.load(buf, weights_only=True))
     assert np.array_equal(again.levels(test["er"][0]), got)
