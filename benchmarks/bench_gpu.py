@@ -86,7 +86,9 @@ def main():
     steps = args.steps or (20 if device.type == "cuda" else 3)
     cfg, _ = train.parse_args(["--preset=gpu"])
     dtype, why = train.choose_dtype(cfg, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
+    autocast = contextlib.nullcontext
+    if dtype == "bfloat16":
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
     torch.backends.cuda.matmul.allow_tf32 = True
     config = T5Config(**SIZES[args.size], dropout_rate=0.1)
     torch.manual_seed(0)
@@ -123,7 +125,8 @@ def main():
         loss.backward()
         emprl.optimizer_step(ident, opt)
     clock.stop()
-    per_epoch = math.ceil(EPITOME_TRAIN_PAIRS / cfg.ident_batch_size) + math.ceil(EPITOME_VALID_PAIRS / cfg.eval_batch_size)
+    per_epoch = (math.ceil(EPITOME_TRAIN_PAIRS / cfg.ident_batch_size) +
+                 math.ceil(EPITOME_VALID_PAIRS / cfg.eval_batch_size))
     rows.append(("identifiers", clock.seconds / steps, "step", clock.peak_gib, 3 * cfg.ident_epochs * per_epoch))
     del opt
 

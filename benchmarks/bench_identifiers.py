@@ -66,7 +66,8 @@ def parse_args(argv):
 
 # ---------------------------------------------------------------------------------------------- bag-of-words floor
 
-from judge import ngrams  # noqa: E402 -- the judge's terms: words and word bigrams (the judge is this floor, fit by L-BFGS)
+# the judge's terms: words and word bigrams (the judge is this floor, fit by L-BFGS)
+from judge import ngrams  # noqa: E402
 
 
 def tfidf_fit(texts, min_df=2):
@@ -207,7 +208,8 @@ def main(argv):
         if init is not None:
             candidates.append(("identifier (init)", lambda: reward.EmpathyIdentifier.from_t5(init), args.init_lr))
         for name, make_model, lr in candidates:
-            group = [{"mech": mech, "model": name, **run_identifier(args, make_model, lr, cw, ex, f"{mech} {name} cw={cw}")}
+            group = [{"mech": mech, "model": name,
+                      **run_identifier(args, make_model, lr, cw, ex, f"{mech} {name} cw={cw}")}
                      for cw in weightings]
             max(group, key=lambda r: r["valid_macro_f1"])["setting"] += " *"
             rows.extend(group)

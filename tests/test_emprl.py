@@ -176,7 +176,8 @@ def test_sft_loss_is_the_mean_token_cross_entropy():
              tgt=tgt, tgt_mask=(tgt != 0).long())
     loss, n = emprl.sft_loss(model, b)
     logits = model(b["ctx"], b["ctx_mask"], model.shift_right(tgt))
-    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tgt.reshape(-1).masked_fill(tgt.reshape(-1) == 0, -100))
+    labels = tgt.reshape(-1).masked_fill(tgt.reshape(-1) == 0, -100)
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels)
     assert n == 7 and torch.allclose(loss, ref, atol=1e-6)
 
 

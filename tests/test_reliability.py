@@ -252,7 +252,8 @@ class RunsCode:
 
 # (file, damage, the first stage to mark unfinished, so that the run reads the file)
 DAMAGE = [("config.json", "not_json", None), ("stages.json", "not_json", None),
-          ("spiece.model", "truncate", "sft"), ("encoded.pt", "truncate", "sft"), ("identifiers.json", "not_json", "eval"),
+          ("spiece.model", "truncate", "sft"), ("encoded.pt", "truncate", "sft"),
+          ("identifiers.json", "not_json", "eval"),
           ("sft/model.safetensors", "truncate", "ppo"), ("sft/config.json", "not_json", "ppo"),
           ("labels.pt", "truncate", "ppo"), ("labels.pt", "code", "ppo"), ("judge.pt", "truncate", "ppo"),
           ("identifiers/model.safetensors", "truncate", "labels"), ("emprl/model.safetensors", "truncate", "eval"),

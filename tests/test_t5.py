@@ -174,7 +174,8 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(model):
     """Same generator seed -> same sample; a different seed -> a different one; top_k=1 -> greedy."""
     ids, mask, _ = batch()
     def draw(seed, **kw):
-        return model.generate(ids, mask, max_new_tokens=15, do_sample=True, generator=torch.Generator().manual_seed(seed), **kw)
+        return model.generate(ids, mask, max_new_tokens=15, do_sample=True,
+                              generator=torch.Generator().manual_seed(seed), **kw)
     assert torch.equal(draw(42), draw(42))
     assert not torch.equal(draw(42), draw(43))
     assert torch.equal(draw(5, top_k=1, temperature=0.7), model.generate(ids, mask, max_new_tokens=15))
@@ -213,7 +214,8 @@ def test_min_new_tokens_suppresses_eos(model):
     m = eos_loving(model, 1e4)
     ids, mask, _ = batch()
     assert m.generate(ids, mask, max_new_tokens=10).tolist() == [[1]] * 3
-    out = m.generate(ids, mask, max_new_tokens=10, min_new_tokens=4, do_sample=True, generator=torch.Generator().manual_seed(0))
+    out = m.generate(ids, mask, max_new_tokens=10, min_new_tokens=4, do_sample=True,
+                     generator=torch.Generator().manual_seed(0))
     assert out.shape == (3, 5) and (out[:, :4] != 1).all() and (out[:, 4] == 1).all()
 
 
@@ -278,7 +280,8 @@ def test_config_fields_and_errors(tmp_path):
     with pytest.raises(TypeError, match="decoder_input_ids"):
         T5(T5Config(**TINY))(torch.ones(1, 3, dtype=torch.long))
     T5(T5Config(**TINY)).save_pretrained(tmp_path)  # a config.json with an unsupported FFN is a CheckpointError
-    (tmp_path / "config.json").write_text(json.dumps({**dataclasses.asdict(T5Config(**TINY)), "feed_forward_proj": "gelu"}))
+    config = {**dataclasses.asdict(T5Config(**TINY)), "feed_forward_proj": "gelu"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="feed_forward_proj"):
         T5.from_pretrained(tmp_path)
 
@@ -294,11 +297,13 @@ def test_safetensors_round_trip_all_dtypes(tmp_path):
     """Our writer and reader agree on every dtype, including bf16 and empty tensors, and the safetensors
     library reads our file."""
     tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2).bfloat16(),
-               "i64": torch.arange(6).view(2, 3), "u8": torch.arange(4, dtype=torch.uint8), "b": torch.tensor([True, False]),
+               "i64": torch.arange(6).view(2, 3), "u8": torch.arange(4, dtype=torch.uint8),
+               "b": torch.tensor([True, False]),
                "empty": torch.zeros(0, 3)}
     save_safetensors(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
     back = load_safetensors(tmp_path / "x.safetensors")
-    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)
+    assert back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)
     safetensors_torch = pytest.importorskip("safetensors.torch")
     assert all(torch.equal(v, tensors[k]) for k, v in safetensors_torch.load_file(tmp_path / "x.safetensors").items())
 

@@ -64,7 +64,7 @@ def kill_during_ppo(cmd, out, after_step=3, timeout=240):
             time.sleep(0.1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["pkill", "-9", "-f", "--", f"--out_dir={out}"])  # torchrun's workers run in sessions of their own
+        subprocess.run(["pkill", "-9", "-f", "--", f"--out_dir={out}"])  # torchrun's workers: sessions of their own
         proc.wait()
 
 
@@ -296,9 +296,19 @@ def test_dtype_auto_is_bfloat16_only_where_it_pays(monkeypatch, bf16, dtype):
     assert train.choose_dtype(train.parse_args(["--preset=tiny"])[0], torch.device("cpu"))[0] == "float32"
 
 
-def test_bench_gpu_runs_on_the_cpu_at_tiny_size_and_extrapolates_the_full_preset():
-    p = run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--size=tiny", "--device=cpu", "--steps=2"])
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+def test_gpu_smoke_dry_run_takes_every_step_at_tiny_size_on_the_cpu(tmp_path):
+    """`benchmarks/gpu_smoke.sh DATA OUT --dry-run` runs the GPU checks' steps on the CPU at tiny size, so the
+    script a lent GPU runs is known to work before its minutes start: bench_gpu.py (every stage timed, the full
+    `gpu` preset extrapolated), the `gpu` preset scaled down through every stage under bfloat16 on a random
+    checkpoint, and torchrun with one process."""
+    data_dir = write_synthetic_data(tmp_path / "data")
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_smoke.sh"), str(data_dir), str(tmp_path / "out"), "--dry-run"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**ENV, "PYTHON": sys.executable})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for stage in ("sft", "identifiers", "labels", "ppo", "eval"):
         assert f"| {stage} |" in p.stdout
     assert "rollout" in p.stdout and "**full `gpu` preset**" in p.stdout
+    assert_finished_with_finite_metrics(tmp_path / "out" / "run")
+    assert_finished_with_finite_metrics(tmp_path / "out" / "torchrun")
+    assert "processes 1" in p.stdout and p.stdout.rstrip().endswith("== gpu_smoke: all steps passed")
