@@ -457,6 +457,7 @@ def run_pipeline(cfg, preset):
     dtype, why = choose_dtype(cfg, device)
     if world > 1:  # every rank takes rank 0's choice (a timing decides it on the CPU)
         dtype, why = broadcast((dtype, why))
+    cfg = dataclasses.replace(cfg, dtype=dtype)  # what config.json keeps: a rerun or --from_run must resolve the same
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 on GPUs with TF32
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
     if cfg.pretrained and not (Path(cfg.pretrained) / "config.json").exists():
