@@ -8,6 +8,7 @@ not part of the comparison). Each size runs in its own process so that its peak 
     python benchmarks/bench_ppo.py                       # every size
     python benchmarks/bench_ppo.py --size=tiny --steps=2
     python benchmarks/bench_ppo.py --sizes=tiny,t5-small-gated --trl_python=/path/to/trl-env/bin/python
+    python benchmarks/bench_ppo.py --sizes=t5-small-gated --dtypes=float32,bfloat16   # our bfloat16 autocast too
 
 Sizes: `t5-small-gated` is t5-small's dimensions with T5 v1.1's gated-GELU and untied embeddings (89.5M
 parameters), the architecture of the TRL 0.9.6 figure below; `t5-small` is T5 v1.0 (ReLU, tied, 60.5M).
@@ -46,7 +47,7 @@ class RandomScore:
         return torch.rand(replies.shape[0])
 
 
-def one_size(size, steps, grad_accum):
+def one_size(size, steps, grad_accum, dtype="float32"):
     torch.manual_seed(0)
     config = T5Config(**SIZES[size])
     ref = T5(config).eval().requires_grad_(False)
@@ -59,13 +60,16 @@ def one_size(size, steps, grad_accum):
     batch = dict(ctx=ids, ctx_mask=torch.ones_like(ids), ident_ctx=ids, ident_ctx_mask=torch.ones_like(ids),
                  levels=torch.zeros(32, 3, dtype=torch.long))
     gen = torch.Generator().manual_seed(0)
+    autocast = contextlib.nullcontext
+    if dtype == "bfloat16":  # the autocast train.py uses; the TRL baseline stays float32
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     times, parts = [], []
     for step in range(steps + 1):  # the first iteration warms up and is not counted
         t0 = time.perf_counter()
-        roll = emprl.rollout(policy, ref, batch, cfg, contextlib.nullcontext)
+        roll = emprl.rollout(policy, ref, batch, cfg, autocast)
         t1 = time.perf_counter()
         stats, _ = emprl.ppo_iteration(policy, ref, RandomScore(), opt, sched, ppo.KLController(0.2, adaptive=False),
-                                       ppo.RunningMoments(), batch, cfg, contextlib.nullcontext, gen)
+                                       ppo.RunningMoments(), batch, cfg, autocast, gen)
         t2 = time.perf_counter()
         assert roll["replies"].shape[1] == 30
         if step:
@@ -74,10 +78,11 @@ def one_size(size, steps, grad_accum):
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
     with FlopCounterMode(display=False) as counter:  # the matmul FLOPs of one more iteration (counted, not timed)
         emprl.ppo_iteration(policy, ref, RandomScore(), opt, sched, ppo.KLController(0.2, adaptive=False),
-                            ppo.RunningMoments(), batch, cfg, contextlib.nullcontext, gen)
+                            ppo.RunningMoments(), batch, cfg, autocast, gen)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     matmul_s = min(timed(lambda: a @ b) for _ in range(5))
-    return dict(size=size, params_m=sum(p.numel() for p in ref.parameters()) / 1e6, seconds_per_step=min(times),
+    return dict(size=size, dtype=dtype, params_m=sum(p.numel() for p in ref.parameters()) / 1e6,
+                seconds_per_step=min(times),
                 rollout_seconds=min(parts), peak_rss_gb=peak_gb, threads=torch.get_num_threads(),
                 updates=sched.last_epoch // (steps + 2),  # optimizer updates per iteration
                 tflop=counter.get_total_flops() / 1e12, matmul_gflops=2 * 2048 ** 3 / matmul_s / 1e9)
@@ -96,27 +101,32 @@ def main():
     p.add_argument("--grad_accum", type=int, default=4, help="minibatches per optimizer update (authors: 4)")
     p.add_argument("--sizes", default=",".join(SIZES), help="the sizes of the table, a comma list")
     p.add_argument("--trl_python", default="", help="a Python with trl 0.9.6: time TRL's PPOTrainer beside ours")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtypes", default="float32", help="ours in each of these (a comma list), one process each")
     args = p.parse_args()
     if args.size:
-        print(json.dumps(one_size(args.size, args.steps, args.grad_accum)))
+        print(json.dumps(one_size(args.size, args.steps, args.grad_accum, args.dtype)))
         return
     rows, trl = [], {}
     for size in args.sizes.split(","):
-        out = subprocess.run([sys.executable, __file__, f"--size={size}", f"--steps={args.steps}",
-                              f"--grad_accum={args.grad_accum}"], capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        for dtype in args.dtypes.split(","):
+            out = subprocess.run([sys.executable, __file__, f"--size={size}", f"--steps={args.steps}",
+                                  f"--grad_accum={args.grad_accum}", f"--dtype={dtype}"],
+                                 capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
         if args.trl_python:  # the same work in TRL, right after ours (the machine's speed drifts over minutes)
             out = subprocess.run([args.trl_python, str(Path(__file__).parent / "trl_ppo.py"), json.dumps(SIZES[size]),
                                   str(args.steps)], capture_output=True, text=True, check=True).stdout
             trl[size] = json.loads(out.strip().splitlines()[-1])
     print(f"torch {torch.__version__}, {rows[0]['threads']} threads, best of {args.steps} iterations, "
           f"{rows[0]['updates']} optimizer updates per iteration\n")
-    print("| model | params | s / PPO iteration | of which rollout | update | peak RSS | TFLOP / iteration | "
+    print("| model | dtype | params | s / PPO iteration | of which rollout | update | peak RSS | TFLOP / iteration | "
           "achieved / fp32 matmul rate |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rate = r["tflop"] * 1e3 / r["seconds_per_step"]
-        print(f"| {r['size']} | {r['params_m']:.1f}M | {r['seconds_per_step']:.2f} | {r['rollout_seconds']:.2f} | "
+        print(f"| {r['size']} | {r['dtype']} | {r['params_m']:.1f}M | {r['seconds_per_step']:.2f} | "
+              f"{r['rollout_seconds']:.2f} | "
               f"{r['seconds_per_step'] - r['rollout_seconds']:.2f} | {r['peak_rss_gb']:.2f} GB | {r['tflop']:.2f} | "
               f"{rate:.0f} / {r['matmul_gflops']:.0f} GFLOP/s ({100 * rate / r['matmul_gflops']:.0f} %) |")
     if trl:
@@ -124,6 +134,8 @@ def main():
               "TRL peak RSS |")
         print("|---|---|---|---|---|---|")
         for r in rows:
+            if r["dtype"] != "float32":  # like for like: TRL runs in float32
+                continue
             t = trl[r["size"]]
             print(f"| {r['size']} | {r['seconds_per_step']:.2f} | {t['seconds_per_step']:.2f} | "
                   f"{t['seconds_per_step'] / r['seconds_per_step']:.2f}x | {r['peak_rss_gb']:.2f} GB | "
