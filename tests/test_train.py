@@ -111,17 +111,19 @@ def test_tiny_pipeline_runs_under_bfloat16_autocast_on_the_cpu(tmp_path):
 def test_torchrun_with_two_cpu_processes_keeps_one_beta_and_resumes(tmp_path):
     """`torchrun --nproc_per_node=2 train.py --preset=tiny --device=cpu` (gloo) on made-up data: every stage to
     finite metrics; one log line per PPO iteration (rank 0 alone writes); after every iteration both processes
-    hold the same β (the adaptive controller sees the global batch's KL). Killed during PPO, the same command
-    resumes from the checkpoint and ends. A batch that does not divide among the processes is refused."""
+    hold the same β (the adaptive controller sees the global batch's KL). --dtype=auto is decided once (rank 0's
+    choice) and config.json keeps the resolved dtype. Killed during PPO, the same command resumes from the
+    checkpoint and ends. A batch that does not divide among the processes is refused."""
     data_dir = write_synthetic_data(tmp_path / "data")
 
     def torchrun(out, *extra):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 str(ROOT / "train.py"), "--preset=tiny", "--device=cpu", f"--data_dir={data_dir}", f"--out_dir={out}",
                 "--ppo_steps=6", *extra]
-    p = run(torchrun(tmp_path / "run"))
+    p = run(torchrun(tmp_path / "run", "--dtype=auto"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert_finished_with_finite_metrics(tmp_path / "run")
+    res = assert_finished_with_finite_metrics(tmp_path / "run")
+    assert res["config"]["dtype"] == res["environment"]["dtype"] in ("float32", "bfloat16")
     assert "processes 2" in p.stdout
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     ppo_lines = [d for d in lines if d["stage"] == "ppo"]
