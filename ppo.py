@@ -55,8 +55,7 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     """whiten(x) = (x - mean_m(x)) / sqrt(var_m(x) + eps) [+ mean_m(x) when not shift_mean], times m.
 
     shift_mean=False keeps the mean and only rescales (TRL's reward whitening). Padding stays 0. Under torchrun
-    mean_m and var_m (unbiased) are the global batch's: sums over every process's share.
-    """
+    mean_m and var_m (unbiased) are the global batch's: sums over every process's share."""
     m = mask.to(x.dtype)
     n = all_sum(m.sum())
     if n < 2:  # Bessel's correction divides by n - 1
@@ -69,9 +68,7 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     return whitened * m
 
 
-# the global batch: under torchrun each process holds 1/N of an iteration's rollouts; in one process these are
-# the identity
-
+# the global batch: under torchrun each process holds 1/N of an iteration's rollouts (the identity in one process)
 def all_sum(x):
     """x summed over every process (x itself in one process)."""
     if not dist.is_initialized():
