@@ -11,7 +11,8 @@ not part of the comparison). Each size runs in its own process so that its peak 
     python benchmarks/bench_ppo.py --sizes=t5-small-gated --dtypes=float32,bfloat16   # our bfloat16 autocast too
 
 Sizes: `t5-small-gated` is t5-small's dimensions with T5 v1.1's gated-GELU and untied embeddings (89.5M
-parameters), the architecture of the TRL 0.9.6 figure below; `t5-small` is T5 v1.0 (ReLU, tied, 60.5M).
+parameters), the architecture of the TRL 0.9.6 figure below; `t5-small` is T5 v1.0 (ReLU, tied, 60.5M); `cpu` is
+the `cpu` preset's 7.6M model.
 `--trl_python=PATH` also runs TRL 0.9.6's PPOTrainer on the same work in that interpreter (benchmarks/trl_ppo.py; an
 environment with trl 0.9.6 and transformers 4.44.2, see docs/speed.md), one size after the other in the same run,
 and prints both and the ratio.
@@ -38,6 +39,7 @@ SIZES = {
     "t5-small-gated": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
                            feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
+    "cpu": dict(vocab_size=8000, d_model=256, d_kv=32, d_ff=1024, num_layers=3, num_heads=8),  # the cpu preset's T5
     "tiny": dict(vocab_size=8000, d_model=128, d_kv=32, d_ff=512, num_layers=2, num_heads=4),
 }
 
