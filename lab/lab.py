@@ -354,7 +354,11 @@ def read_json(path, what):
 
 
 def lookup(record, key):
-    """The value at a dotted path ("emprl.emp_f1", "samples.0.sft") of a JSON record; None where there is none."""
+    """The value at a dotted path ("emprl.emp_f1", "samples.0.sft") of a JSON record, or the difference of two
+    ("emprl.emp_f1 - majority.emp_f1"); None where there is none."""
+    if " - " in key:
+        a, b = (lookup(record, part) for part in key.split(" - ", 1))
+        return a - b if is_number(a) and is_number(b) else None
     value = record
     for part in key.split("."):
         if isinstance(value, dict) and part in value:

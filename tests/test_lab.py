@@ -424,6 +424,22 @@ def test_check_run_passes_a_copy_of_the_reference_and_fails_a_perturbed_metric(t
     assert code == 1 and "1 of 4 metrics out of range" in out.out
 
 
+def test_check_run_compares_a_margin_between_two_metrics(tmp_path, capsys):
+    """A key "a - b" compares a margin, e.g. Emp-F1 over the majority constant of the same run, whose identifiers
+    set both: a run whose identifiers lift every Emp-F1 by 10 points is in range on the margin."""
+    ref = {**json.loads(json.dumps(RESULTS)), "majority": {"emp_f1": 52.0}}
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    (tmp_path / "run").mkdir()
+    lifted = json.loads(json.dumps(ref))
+    lifted["emprl"]["emp_f1"], lifted["majority"]["emp_f1"] = 64.48, 62.0
+    (tmp_path / "run" / "results.json").write_text(json.dumps(lifted))
+    (tmp_path / "tol.json").write_text(json.dumps({"emprl.emp_f1 - majority.emp_f1": 1.0}))
+    code = lab.main(["check-run", str(tmp_path / "run"), f"--reference={tmp_path / 'ref.json'}",
+                     f"--tolerances={tmp_path / 'tol.json'}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "in range     emprl.emp_f1 - majority.emp_f1      2.480" in out, out
+
+
 @pytest.mark.parametrize("damage", ["missing run", "damaged run", "missing tolerances", "tolerance not a number",
                                     "key not in the reference"])
 def test_check_run_on_a_missing_or_damaged_file_is_one_error_line(tmp_path, capsys, damage):
