@@ -1,19 +1,22 @@
 """What each part of EmpRL buys: PPO/RLOO reruns of one finished `cpu` run, one row per change, and their table.
 
 Every row reuses the base run's tokenizer, SFT model, identifiers and labels (`--from_run`), so only the RL stage
-and the evaluation run again (about 12 minutes a row on 2 CPU cores). The base run itself is the EmpRL row.
+and the evaluation run again (15-25 minutes a row at one thread, with another row on the second core). The base
+run itself is the EmpRL row.
 
-    python train.py --preset=cpu --data_dir=$EMPRL_DATA --out_dir=runs/cpu        # the base run (~40 min)
+    python train.py --preset=cpu --data_dir=$EMPRL_DATA --out_dir=runs/cpu        # the base run (~1.5 h)
     python benchmarks/ablations.py run --base=runs/cpu --data_dir=$EMPRL_DATA     # every row not yet done
     python benchmarks/ablations.py run --base=runs/cpu --rows=no_kl,rloo          # some rows
-    python benchmarks/ablations.py report --base=runs/cpu                         # markdown table + figure
+    python benchmarks/ablations.py report --base=runs/cpu                         # markdown tables (+ --figure)
 
 A row's run directory is runs/cpu_<row> beside the base; a finished row is skipped, an interrupted one resumes.
-`--seed=1` runs the rows (and the base's PPO stage, as row `emprl`) with PPO seed 1 into runs/cpu_<row>_s1.
+`--seed=1` runs the rows (and the base's PPO stage, as row `emprl`) with PPO seed 1 into runs/cpu_<row>_s1;
+`report` shows PPO seeds 0 to 2.
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +37,6 @@ ROWS = {
     "grpo": ("GRPO, 4 replies per context, group-standardised scores, β·k3 in the loss",
              ["--algo=grpo", "--rloo_k=4"]),
 }
-COLUMNS = ["emp_f1", "emp_f1_judge", "emp_f1_er", "emp_f1_ip", "emp_f1_ex", "reward", "dist_2", "ppl", "length",
-           "unique_frac"]
-
-
 def row_dir(base, row, seed):
     if row == "emprl" and seed == 0:
         return base
@@ -62,51 +61,63 @@ def run_rows(args):
         (out / "peak_rss.json").write_text(json.dumps({"peak_rss_gb": usage.ru_maxrss / 2**20}))
 
 
-def ppo_seconds(out):
-    """Median seconds per RL iteration from the run's log (validation evaluations not included)."""
-    recs = [json.loads(line) for line in open(out / "log.jsonl") if line.startswith('{"stage": "ppo", "step"')]
-    secs = sorted(r["seconds"] for r in recs if "seconds" in r)
-    return secs[len(secs) // 2] if secs else float("nan")
+def ppo_log(out):
+    """The run's PPO iteration lines (validation evaluations are separate lines)."""
+    return [json.loads(line) for line in open(out / "log.jsonl") if line.startswith('{"stage": "ppo", "step"')]
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2] if values else float("nan")
+
+
+def interval(d):
+    return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+
+
+def parts(m, key):
+    """Emp-F1 and its ER / IP / EX parts, by the identifiers (key "emp_f1") or the judge ("emp_f1_judge")."""
+    return f"{m[key]:.2f} ({m[key + '_er']:.1f} / {m[key + '_ip']:.1f} / {m[key + '_ex']:.1f})"
 
 
 def report(args):
+    """Markdown: one line per finished (row, PPO seed) with both labellers, the paired-bootstrap interval of the
+    row over SFT, what the identifiers cannot see (perplexity, distinct replies, length, the KL), and the median
+    seconds per iteration; then mean ± SD for rows with several seeds, and every row's replies to three dialogues."""
     base = Path(args.base)
-    print("| row | what changes | " + " | ".join(COLUMNS) + " | s / iteration | peak RSS GB |")
-    print("|---" * (len(COLUMNS) + 4) + "|")
+    print("| row | PPO seed | what changes | Emp-F1 (ER / IP / EX) | − SFT [95 % CI] | judge (ER / IP / EX) | "
+          "judge − SFT [95 % CI] | reward | PPL | distinct | length | summed KL, last 20 iterations | s / iteration |")
+    print("|---" * 13 + "|")
     sft = json.loads((base / "results.json").read_text())["sft"]
-    print("| SFT | no RL | " + " | ".join(f"{sft[c]:.2f}" for c in COLUMNS) + " | | |")
-    emp_f1 = {}  # (row, seed) -> test Emp-F1
+    print(f"| SFT | | no RL | {parts(sft, 'emp_f1')} | | {parts(sft, 'emp_f1_judge')} | | {sft['reward']:.3f} | "
+          f"{sft['ppl']:.1f} | {sft['unique_frac']:.2f} | {sft['length']:.1f} | 0 | |")
+    finished = {}  # row -> [results.json of each finished seed]
     for row, (what, _) in ROWS.items():
-        for seed in (0, 1):
-            path = row_dir(base, row, seed) / "results.json"
-            if path.exists():
-                emp_f1[row, seed] = json.loads(path.read_text())["emprl"]["emp_f1"]
-        out = row_dir(base, row, args.seed)
-        if not (out / "results.json").exists():
-            print(f"| {row} | {what} | " + " | ".join("" for _ in COLUMNS) + " | not run | |")
-            continue
-        m = {"emp_f1_judge": float("nan"), **json.loads((out / "results.json").read_text())["emprl"]}
-        # the base run was not started by this script (no peak RSS, other threads): time its seed-1 rerun instead
-        timed = row_dir(base, row, 1) if out == base and (row_dir(base, row, 1) / "peak_rss.json").exists() else out
-        rss = (timed / "peak_rss.json").exists() and json.loads((timed / "peak_rss.json").read_text())["peak_rss_gb"]
-        print(f"| {row} | {what} | " + " | ".join(f"{m[c]:.2f}" for c in COLUMNS) +
-              f" | {ppo_seconds(timed):.1f} | {f'{rss:.2f}' if rss else '?'} |")
-    print("\nEmp-F1 by PPO seed (a second seed runs where seed 0 lies within 1.5 of EmpRL's):\n")
-    print("| row | seed 0 | seed 1 | mean | difference of the seeds | mean − EmpRL's mean |")
+        for seed in (0, 1, 2):
+            out = row_dir(base, row, seed)
+            if not (out / "results.json").exists():
+                if seed == 0:
+                    print(f"| {row} | | {what} | not run |" + " |" * 9)
+                continue
+            r = json.loads((out / "results.json").read_text())
+            finished.setdefault(row, []).append(r)
+            m, d, its = r["emprl"], r["difference"], ppo_log(out)
+            kl = sum(i["kl"] for i in its[-20:]) / max(len(its[-20:]), 1)
+            print(f"| {row} | {seed} | {what} | {parts(m, 'emp_f1')} | {interval(d['emp_f1'])} | "
+                  f"{parts(m, 'emp_f1_judge')} | {interval(d['emp_f1_judge'])} | {m['reward']:.3f} | {m['ppl']:.1f} | "
+                  f"{m['unique_frac']:.2f} | {m['length']:.1f} | {kl:.2f} | "
+                  f"{median(i['seconds'] for i in its if 'seconds' in i):.1f} |")
+    print("\nRows with several PPO seeds, mean ± SD over the n seeds:\n")
+    print("| row | n | Emp-F1 | − SFT | judge − SFT | PPL |")
     print("|---|---|---|---|---|---|")
-    ref = [emp_f1[k] for k in (("emprl", 0), ("emprl", 1)) if k in emp_f1]
-    for row in ROWS:
-        f1 = [emp_f1[row, s] for s in (0, 1) if (row, s) in emp_f1]
-        if not f1:
-            continue
-        todo = len(f1) == 1 and ref and abs(f1[0] - ref[0]) <= 1.5
-        seeds = [f"{emp_f1[row, s]:.2f}" if (row, s) in emp_f1 else ("to run" if todo else "") for s in (0, 1)]
-        spread = f"{abs(f1[0] - f1[1]):.2f}" if len(f1) == 2 else ""
-        gap = f"{sum(f1) / len(f1) - sum(ref) / len(ref):+.2f}" if ref and row != "emprl" else ""
-        print(f"| {row} | {seeds[0]} | {seeds[1]} | {sum(f1) / len(f1):.2f} | {spread} | {gap} |")
-    samples = {row: json.loads((row_dir(base, row, args.seed) / "results.json").read_text())["samples"]
-               for row in ROWS if (row_dir(base, row, args.seed) / "results.json").exists()}
-    print("\nThe first three test dialogues of results.json, every row's reply:")
+    for row, rs in finished.items():
+        if len(rs) > 1:
+            cols = [[r["emprl"]["emp_f1"] for r in rs], [r["difference"]["emp_f1"]["mean"] for r in rs],
+                    [r["difference"]["emp_f1_judge"]["mean"] for r in rs], [r["emprl"]["ppl"] for r in rs]]
+            print(f"| {row} | {len(rs)} | " + " | ".join(f"{statistics.mean(c):{sign}.2f} ± {statistics.stdev(c):.2f}"
+                                                          for c, sign in zip(cols, ["", "+", "+", ""])) + " |")
+    print("\nThe first three test dialogues of results.json, every row's reply (PPO seed 0):")
+    samples = {row: rs[0]["samples"] for row, rs in finished.items()}
     for i, sample in enumerate(samples["emprl"][:3] if "emprl" in samples else []):
         print(f"\n{i + 1}. *{sample['context']}*\n   - human: {sample['reference']}\n   - SFT: {sample['sft']}")
         print("\n".join(f"   - {row}: {s[i]['emprl']}" for row, s in samples.items()))

@@ -230,7 +230,7 @@ def test_ablation_runner_reruns_only_the_rl_stage_of_a_row_and_reports_it(tiny_r
     p = run([sys.executable, script, "report", f"--base={out}"])
     assert p.returncode == 0, p.stderr[-3000:]
     f1 = json.loads((row / "results.json").read_text())["emprl"]["emp_f1"]
-    assert f"| no_er | the reward without ER | {f1:.2f} |" in p.stdout and "| no_kl | β = 0" in p.stdout
+    assert f"| no_er | 0 | the reward without ER | {f1:.2f} (" in p.stdout and "| no_kl | | β = 0" in p.stdout
 
 
 def test_reply_command_answers_with_the_identifiers_levels(tiny_run):
