@@ -1,12 +1,14 @@
 """How a run's test replies look to the identifiers: does the policy earn its reward by matching the human reply's
 empathy levels, or by saying whatever the identifiers like? For each run (and the SFT model of the first), on the
-first n ED test dialogues decoded as in the evaluation: the share of each level the identifiers give the replies
-beside the share in the human replies, accuracy per mechanism, the share of questions, and the most repeated replies.
+first n ED test dialogues decoded as in the evaluation (its seed and dtype): the share of each level the
+identifiers give the replies beside the share in the human replies, accuracy per mechanism, the share of
+questions, and the most repeated replies.
 
     python benchmarks/replies.py runs/cpu runs/cpu_no_kl --n=1000
 """
 import argparse
 import collections
+import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -44,10 +46,14 @@ def main():
         test = {k: v[:args.n] for k, v in torch.load(run / "encoded.pt")["test"].items()}
         human = torch.load(run / "labels.pt")["test"].numpy()[:args.n]
         ident_ctx = [c[-cfg["ident_ctx_tokens"]:] for c in test["ctx"]]
+        results = run / "results.json"  # the dtype the run resolved (bfloat16 autocast or float32), as evaluated
+        dtype = json.loads(results.read_text())["environment"]["dtype"] if results.exists() else cfg["dtype"]
+        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
         models = [(f"{run} SFT", T5.from_pretrained(run / "sft").eval())] if i == 0 else []
         for name, m in models + [(f"{run} {which}", model)]:
-            replies = emprl.generate_replies(m, test["ctx"], "cpu", cfg["eval_batch_size"], args.seed, nullcontext)
-            levels, _ = emprl.identifier_levels(identifiers, ident_ctx, replies, "cpu", cfg["eval_batch_size"])
+            replies = emprl.generate_replies(m, test["ctx"], "cpu", cfg["eval_batch_size"], args.seed, autocast)
+            levels, _ = emprl.identifier_levels(identifiers, ident_ctx, replies, "cpu", cfg["eval_batch_size"],
+                                                  autocast)
             describe(name, [tok.decode(r) for r in replies], levels, human)
 
 

@@ -233,6 +233,16 @@ def test_ablation_runner_reruns_only_the_rl_stage_of_a_row_and_reports_it(tiny_r
     assert f"| no_er | 0 | the reward without ER | {f1:.2f} (" in p.stdout and "| no_kl | | β = 0" in p.stdout
 
 
+def test_replies_script_describes_the_sft_and_the_rl_replies_of_a_run(tiny_run):
+    """`benchmarks/replies.py RUN` decodes test dialogues with the SFT model and the policy and prints, for each,
+    the level shares beside the human replies' and the per-mechanism accuracy."""
+    out, _ = tiny_run
+    p = run([sys.executable, str(ROOT / "benchmarks" / "replies.py"), str(out), "--n=8"], timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"{out} SFT:" in p.stdout and f"{out} emprl:" in p.stdout
+    assert p.stdout.count("accuracy") == 6 and "human" in p.stdout
+
+
 def test_reply_command_answers_with_the_identifiers_levels(tiny_run):
     """`python emprl.py --run=RUN "message"` prints a reply and its ER / IP / EX levels."""
     out, _ = tiny_run
