@@ -105,15 +105,19 @@ def main():
     p.add_argument("--trl_python", default="", help="a Python with trl 0.9.6: time TRL's PPOTrainer beside ours")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--dtypes", default="float32", help="ours in each of these (a comma list), one process each")
+    p.add_argument("--flush_denormal", action="store_true",
+                   help="ours with torch.set_flush_denormal(True): tiny float32 values become 0 (a diagnosis)")
     args = p.parse_args()
     if args.size:
+        torch.set_flush_denormal(args.flush_denormal)
         print(json.dumps(one_size(args.size, args.steps, args.grad_accum, args.dtype)))
         return
     rows, trl = [], {}
     for size in args.sizes.split(","):
         for dtype in args.dtypes.split(","):
             out = subprocess.run([sys.executable, __file__, f"--size={size}", f"--steps={args.steps}",
-                                  f"--grad_accum={args.grad_accum}", f"--dtype={dtype}"],
+                                  f"--grad_accum={args.grad_accum}", f"--dtype={dtype}",
+                                  *(["--flush_denormal"] if args.flush_denormal else [])],
                                  capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
         if args.trl_python:  # the same work in TRL, right after ours (the machine's speed drifts over minutes)
@@ -121,7 +125,8 @@ def main():
                                   str(args.steps)], capture_output=True, text=True, check=True).stdout
             trl[size] = json.loads(out.strip().splitlines()[-1])
     print(f"torch {torch.__version__}, {rows[0]['threads']} threads, best of {args.steps} iterations, "
-          f"{rows[0]['updates']} optimizer updates per iteration\n")
+          f"{rows[0]['updates']} optimizer updates per iteration" +
+          (", ours with denormals flushed to zero\n" if args.flush_denormal else "\n"))
     print("| model | dtype | params | s / PPO iteration | of which rollout | update | peak RSS | TFLOP / iteration | "
           "achieved / fp32 matmul rate |")
     print("|---|---|---|---|---|---|---|---|---|")
