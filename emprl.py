@@ -87,10 +87,11 @@ def reply_mask(ids, eos_id=1):
 def scored_logits(logits, temperature=1.0, min_new_tokens=0, eos_id=1):
     """The distribution replies are sampled from: logits / τ, with </s> forbidden for the first
     `min_new_tokens` positions (as `T5.generate` does). Every log-prob of a sampled token goes through here."""
-    logits = logits.float() / temperature
-    if min_new_tokens > 0:
-        logits = logits.clone()
-        logits[:, :min_new_tokens, eos_id] = float("-inf")
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature  # x / 1 would only copy
+    if min_new_tokens > 0:  # + -inf, not written in place: the backward pass then passes the gradient on uncopied
+        forbid = torch.zeros_like(logits[0])  # (T, V)
+        forbid[:min_new_tokens, eos_id] = float("-inf")
+        logits = logits + forbid
     return logits
 
 
@@ -132,7 +133,8 @@ def optimizer_step(model, optimizer, max_grad_norm=MAX_GRAD_NORM):
 @torch.no_grad()
 def rollout(policy, ref_model, batch, cfg, autocast):
     """Step 1: sample one reply per context, then score it (no grad, dropout off) under the policy,
-    the value head and the frozen reference, all with the same temperature-scaled logits."""
+    the value head and the frozen reference, all with the same temperature-scaled logits. Also the entropy of the
+    distribution each token was drawn from (a statistic of step 5, computed here once instead of per minibatch)."""
     policy.eval()
     ctx, ctx_mask = batch["ctx"], batch["ctx_mask"]
     with autocast():
@@ -142,10 +144,10 @@ def rollout(policy, ref_model, batch, cfg, autocast):
         decoder_input = policy.model.shift_right(replies)
         logits, values = policy(ctx, ctx_mask, decoder_input)
         ref_logits = ref_model(ctx, ctx_mask, decoder_input)
-    logprobs = token_logprobs(scored_logits(logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens), replies, mask)
+    logits = scored_logits(logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens)  # (B, T, V)
     ref_logprobs = token_logprobs(scored_logits(ref_logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens), replies, mask)
-    return dict(replies=replies, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
-                values=values.float() * mask)
+    return dict(replies=replies, mask=mask, logprobs=token_logprobs(logits, replies, mask), ref_logprobs=ref_logprobs,
+                values=values.float() * mask, entropy=ppo.entropy_from_logits(logits))
 
 
 def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generator, kl_coef=0.0):
@@ -184,9 +186,7 @@ def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generat
                     loss = loss + kl_coef * ppo.masked_mean(kl, mask)
                 (loss / cfg.ppo_grad_accum).backward()
                 accumulated += 1
-                entropy = ppo.masked_mean(ppo.entropy_from_logits(logits.detach()), mask)
-                stats.append(dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), entropy=entropy,
-                                  **pg_stats, **vf_stats))
+                stats.append(dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), **pg_stats, **vf_stats))
             if accumulated and last:
                 if wild and hasattr(policy, "no_sync"):  # the micro-step that was to average the gradients was
                     for p in policy.parameters():  # skipped: average them here
@@ -250,13 +250,13 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
 
     # 5. statistics; the KL is the raw, unclamped estimate summed over the reply, as the β controller expects
     kl = ppo.all_gather(((roll["logprobs"] - roll["ref_logprobs"]) * mask).sum(1)).mean().item()  # global batch
-    stats = dict(score=all_scores.mean().item(), kl=kl, beta=kl_ctl.value)
+    stats = dict(score=all_scores.mean().item(), kl=kl, beta=kl_ctl.value,
+                 entropy=ppo.masked_mean(roll["entropy"], mask).item())  # of the policy that sampled the replies
     kl_ctl.update(kl, len(all_scores))
-    for key in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy", "ratio"):
+    for key in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "ratio"):
         stats[key] = torch.stack([s[key] for s in mb_stats]).float().mean().item() if mb_stats else float("nan")
     stats["explained_var"] = float(ppo.explained_variance(roll["values"], returns, mask))
-    stats["length"] = mask.sum(1).float().mean().item()
-    stats["lr"] = scheduler.get_last_lr()[0]
+    stats.update(length=mask.sum(1).float().mean().item(), lr=scheduler.get_last_lr()[0])
     stats["skipped_ratio"], stats["skipped_nonfinite"] = skipped["ratio"], skipped["nonfinite"]
     stats["seconds"] = time.time() - t0
     return stats, roll

@@ -1,8 +1,9 @@
 """Seconds per full PPO iteration of emprl, split into rollout and update, and peak memory.
 
-One iteration = rollout of 32 replies of exactly 30 tokens from 64-token contexts (KV-cached sampling),
-policy + value + reference log-probs, then 4 PPO epochs over minibatches of 8 with gradient accumulation 4 (one
-optimizer update per epoch: the authors' TRL 0.9.6 schedule). The reward is a random score (the identifiers are
+One iteration = rollout of 32 replies of exactly 30 tokens from 64-token contexts (KV-cached sampling from the full
+softmax at temperature 1, as the TRL baseline samples), policy + value + reference log-probs, then 4 PPO epochs
+over minibatches of 8 with gradient accumulation 4 (one optimizer update per epoch: the authors' TRL 0.9.6
+schedule). The reward is a random score (the identifiers are
 not part of the comparison). Each size runs in its own process so that its peak RSS is its own.
 
     python benchmarks/bench_ppo.py                       # every size
@@ -15,7 +16,8 @@ parameters), the architecture of the TRL 0.9.6 figure below; `t5-small` is T5 v1
 the `cpu` preset's 7.6M model.
 `--trl_python=PATH` also runs TRL 0.9.6's PPOTrainer on the same work in that interpreter (benchmarks/trl_ppo.py; an
 environment with trl 0.9.6 and transformers 4.44.2, see docs/speed.md), one size after the other in the same run,
-and prints both and the ratio.
+and prints both and the ratio. `--flush_denormal` runs both with float32 denormals flushed to zero (docs/speed.md
+says why that matters for these random models); `--profile=N` also prints the N costliest operators of ours.
 """
 import argparse
 import contextlib
@@ -49,15 +51,16 @@ class RandomScore:
         return torch.rand(replies.shape[0])
 
 
-def one_size(size, steps, grad_accum, dtype="float32"):
+def one_size(size, steps, grad_accum, dtype="float32", profile=0):
     torch.manual_seed(0)
     config = T5Config(**SIZES[size])
     ref = T5(config).eval().requires_grad_(False)
     policy = emprl.PolicyWithValue(T5(config))
     policy.model.load_state_dict(ref.state_dict())
-    opt = torch.optim.Adam(policy.parameters(), lr=1e-5)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-5, fused=True)  # as train.py makes it
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    cfg = train.Config(ppo_grad_accum=grad_accum, ppo_min_new_tokens=30, ppo_max_new_tokens=30)  # authors' PPO
+    # the authors' PPO schedule; replies sampled from the full softmax at τ = 1, as trl_ppo.py has TRL sample them
+    cfg = train.Config(ppo_grad_accum=grad_accum, ppo_min_new_tokens=30, ppo_max_new_tokens=30, ppo_temperature=1.0)
     ids = torch.randint(3, config.vocab_size, (32, 64))
     batch = dict(ctx=ids, ctx_mask=torch.ones_like(ids), ident_ctx=ids, ident_ctx_mask=torch.ones_like(ids),
                  levels=torch.zeros(32, 3, dtype=torch.long))
@@ -78,15 +81,22 @@ def one_size(size, steps, grad_accum, dtype="float32"):
             times.append(t2 - t1)
             parts.append(t1 - t0)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+    updates = sched.last_epoch // (steps + 1)  # optimizer updates per iteration
     with FlopCounterMode(display=False) as counter:  # the matmul FLOPs of one more iteration (counted, not timed)
         emprl.ppo_iteration(policy, ref, RandomScore(), opt, sched, ppo.KLController(0.2, adaptive=False),
                             ppo.RunningMoments(), batch, cfg, autocast, gen)
+    if profile:  # where one more iteration's time goes, by operator and input shape
+        with torch.profiler.profile(record_shapes=True) as prof:
+            emprl.ppo_iteration(policy, ref, RandomScore(), opt, sched, ppo.KLController(0.2, adaptive=False),
+                                ppo.RunningMoments(), batch, cfg, autocast, gen)
+        for e in sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:profile]:
+            print(f"  {e.self_cpu_time_total / 1e6:6.2f} s {e.count:5d} calls  {e.key} {e.input_shapes}")
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     matmul_s = min(timed(lambda: a @ b) for _ in range(5))
     return dict(size=size, dtype=dtype, params_m=sum(p.numel() for p in ref.parameters()) / 1e6,
                 seconds_per_step=min(times),
                 rollout_seconds=min(parts), peak_rss_gb=peak_gb, threads=torch.get_num_threads(),
-                updates=sched.last_epoch // (steps + 2),  # optimizer updates per iteration
+                updates=updates,
                 tflop=counter.get_total_flops() / 1e12, matmul_gflops=2 * 2048 ** 3 / matmul_s / 1e9)
 
 
@@ -105,28 +115,34 @@ def main():
     p.add_argument("--trl_python", default="", help="a Python with trl 0.9.6: time TRL's PPOTrainer beside ours")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--dtypes", default="float32", help="ours in each of these (a comma list), one process each")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also print the N operators (by input shape) that took the most time in one more iteration")
     p.add_argument("--flush_denormal", action="store_true",
-                   help="ours with torch.set_flush_denormal(True): tiny float32 values become 0 (a diagnosis)")
+                   help="torch.set_flush_denormal(True) in ours and in TRL: tiny float32 values become 0")
     args = p.parse_args()
     if args.size:
         torch.set_flush_denormal(args.flush_denormal)
-        print(json.dumps(one_size(args.size, args.steps, args.grad_accum, args.dtype)))
+        print(json.dumps(one_size(args.size, args.steps, args.grad_accum, args.dtype, args.profile)))
         return
     rows, trl = [], {}
     for size in args.sizes.split(","):
         for dtype in args.dtypes.split(","):
             out = subprocess.run([sys.executable, __file__, f"--size={size}", f"--steps={args.steps}",
                                   f"--grad_accum={args.grad_accum}", f"--dtype={dtype}",
-                                  *(["--flush_denormal"] if args.flush_denormal else [])],
+                                  f"--profile={args.profile}", *(["--flush_denormal"] if args.flush_denormal else [])],
                                  capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            *profile, result = out.rstrip().splitlines()
+            rows.append(json.loads(result))
+            if args.profile:
+                print(f"{size} {dtype}, the operators that took longest (self time, profiled):", *profile, sep="\n")
         if args.trl_python:  # the same work in TRL, right after ours (the machine's speed drifts over minutes)
             out = subprocess.run([args.trl_python, str(Path(__file__).parent / "trl_ppo.py"), json.dumps(SIZES[size]),
-                                  str(args.steps)], capture_output=True, text=True, check=True).stdout
+                                  str(args.steps), str(int(args.flush_denormal))],
+                                 capture_output=True, text=True, check=True).stdout
             trl[size] = json.loads(out.strip().splitlines()[-1])
     print(f"torch {torch.__version__}, {rows[0]['threads']} threads, best of {args.steps} iterations, "
           f"{rows[0]['updates']} optimizer updates per iteration" +
-          (", ours with denormals flushed to zero\n" if args.flush_denormal else "\n"))
+          (", denormals flushed to zero\n" if args.flush_denormal else "\n"))
     print("| model | dtype | params | s / PPO iteration | of which rollout | update | peak RSS | TFLOP / iteration | "
           "achieved / fp32 matmul rate |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -6,7 +6,7 @@ a random T5 of the given size (policy with TRL's value head and a reference copy
 replies of exactly 30 sampled tokens generated in one batch of 32, a random score per reply, then `step`: 4 PPO
 epochs over minibatches of 8 with gradient accumulation 4, adaptive KL from 0.2. Prints one JSON line.
 
-    /path/to/trl-env/bin/python benchmarks/trl_ppo.py '{"vocab_size": 8000, ...}' STEPS
+    /path/to/trl-env/bin/python benchmarks/trl_ppo.py '{"vocab_size": 8000, ...}' STEPS [FLUSH_DENORMAL: 0|1]
 """
 import json
 import resource
@@ -20,7 +20,8 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGene
 from trl import AutoModelForSeq2SeqLMWithValueHead, PPOConfig, PPOTrainer
 
 
-def main(size, steps):
+def main(size, steps, flush_denormal=False):
+    torch.set_flush_denormal(flush_denormal)
     torch.manual_seed(0)
     config = T5Config(**size, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     with tempfile.TemporaryDirectory() as d:  # TRL's wrappers load from a directory
@@ -53,4 +54,4 @@ def main(size, steps):
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]), int(sys.argv[2]))
+    main(json.loads(sys.argv[1]), int(sys.argv[2]), len(sys.argv) > 3 and sys.argv[3] == "1")
