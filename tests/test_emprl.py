@@ -167,6 +167,26 @@ def test_reference_model_gets_no_gradient_from_a_ppo_iteration():
     assert any(not torch.equal(a, b) for a, b in zip(pol_before, policy.parameters()))
 
 
+def test_logged_entropy_is_that_of_the_policy_that_sampled_the_replies():
+    """The iteration's `entropy` is the masked mean entropy of the rollout's τ-scaled, EOS-masked distribution,
+    computed before any update (so it is finite although </s> has probability 0 before the minimum length)."""
+    policy, ref, opt, sched, kl_ctl, moments = setup()
+    policy2, ref2, *_ = setup()  # the same weights, kept as they are before the update
+    cfg, b = ppo_cfg(ppo_temperature=0.7), batch()
+    torch.manual_seed(3)
+    stats, roll = emprl.ppo_iteration(policy, ref, SubsetReward(), opt, sched, kl_ctl, moments, b, cfg, _nullctx,
+                                      torch.Generator().manual_seed(0))
+    assert math.isfinite(stats["entropy"]) and stats["entropy"] > 0
+    torch.manual_seed(3)  # the same rollout again
+    again = emprl.rollout(policy2, ref2, b, cfg, _nullctx)
+    assert torch.equal(again["replies"], roll["replies"])
+    with torch.no_grad():
+        logits, _ = policy2(b["ctx"], b["ctx_mask"], policy2.model.shift_right(roll["replies"]))
+    scored = emprl.scored_logits(logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens)
+    expected = ppo.masked_mean(ppo.entropy_from_logits(scored), roll["mask"]).item()
+    assert stats["entropy"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_sft_loss_is_the_mean_token_cross_entropy():
     """sft_loss equals F.cross_entropy over the real target tokens (padding excluded)."""
     torch.manual_seed(0)
