@@ -137,7 +137,7 @@ def normalize_scores(scores, moments, eps=1e-8):
 
 
 def per_token_kl(logprobs, ref_logprobs, mask, kl_min=0.0, kl_max=10.0, estimator="k1"):
-    """Per-token KL estimate at the sampled tokens a_t ~ π, clamped to [kl_min, kl_max], (B, T):
+    """Per-token KL estimate at the sampled tokens a_t ~ π, clamped to [kl_min, kl_max], and 0 on padding, (B, T):
 
       k1:  KL_t = log π(a_t) - log π_ref(a_t)               (TRL's "kl"; unbiased, either sign)
       k3:  KL_t = (ρ_t - 1) - log ρ_t,  ρ_t = π_ref(a_t) / π(a_t)   (unbiased and >= 0 per token)
@@ -145,7 +145,7 @@ def per_token_kl(logprobs, ref_logprobs, mask, kl_min=0.0, kl_max=10.0, estimato
     Both average to KL(π || π_ref) under samples from π. k1 clamped at 0 is biased upwards to first order
     in the policy change (E[max(k1, 0)] ~ E|k1| / 2): a cost per token even where KL ~ 0, i.e. a push to
     shorter replies. k3 is non-negative per token and second order, so its clamp only bounds the top.
-    None disables a side of the clamp.
+    None disables a side of the clamp. Differentiable in logprobs (GRPO's loss); the inputs are left unchanged.
     """
     log_ratio = logprobs - ref_logprobs                                      # log π - log π_ref
     if estimator == "k1":
@@ -162,7 +162,7 @@ def per_token_kl(logprobs, ref_logprobs, mask, kl_min=0.0, kl_max=10.0, estimato
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_min=0.0, kl_max=10.0, estimator="k1"):
     """r_t = -β·KL_t + s·[t = last real token of the row], (B, T); padding gets 0.
 
-    scores (B,) are the (normalised) sequence scores; rows with no real token get nothing.
+    scores (B,) are the (normalised) sequence scores; rows with no real token get nothing; inputs left unchanged.
     """
     kl = per_token_kl(logprobs, ref_logprobs, mask, kl_min, kl_max, estimator)  # (B, T)
     rewards = -kl_coef * kl                                                  # -β·KL_t
@@ -183,7 +183,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
       δ_t = r_t + γ·V_{t+1}·m_{t+1} - V_t
       A_t = (δ_t + γλ·A_{t+1}) · m_t          (A_T = 0; equals Σ_l (γλ)^l δ_{t+l} on a prefix mask)
       R_t = (A_t + V_t) · m_t
-    No whitening here: whiten rewards before and advantages after, in the caller.
+    No whitening here: whiten rewards before and advantages after, in the caller. The inputs are left unchanged.
     """
     mask = mask.to(values.dtype)
     values, rewards = values * mask, rewards * mask     # nothing from beyond EOS enters δ
@@ -212,15 +212,15 @@ def groups(rewards, k, name):
 def rloo_advantages(rewards, k):
     """RLOO (Ahmadian et al. 2024) in place of GAE: each reply's sequence reward minus the mean reward of the
     other k - 1 replies to the same context, A_i = r_i - 1/(k-1) Σ_{j≠i} r_j. A baseline from the same
-    context's samples, no value head. rewards (N,) hold k consecutive replies per context -> (N,)."""
+    context's samples, no value head. rewards (N,) hold k consecutive replies per context -> (N,), left unchanged."""
     r = groups(rewards, k, "rloo_advantages")                                # (N/k, k)
     return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)             # r_i - mean of the others
 
 
 def grpo_advantages(rewards, k, eps=1e-4):
     """GRPO (Shao et al. 2024, DeepSeekMath): each reply's reward standardised within the k replies to its context,
-    A_i = (r_i - mean_j r_j) / (std_j r_j + ε), std with k - 1 (as TRL's GRPOTrainer), the reply itself included
-    in both. No value head; the KL to the reference goes into the loss, not the reward. (N,) -> (N,)."""
+    A_i = (r_i - mean_j r_j) / (std_j r_j + ε): the group's std with k - 1 (as TRL's GRPOTrainer), ε added to it (not
+    under the root), the reply itself in both. No value head; the KL goes into the loss. (N,) -> (N,), rewards kept."""
     r = groups(rewards, k, "grpo_advantages")                                # (N/k, k)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
@@ -228,8 +228,8 @@ def grpo_advantages(rewards, k, eps=1e-4):
 # ----------------------------------------------------------------------------- 4. losses
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
-    """Clipped surrogate: ρ_t = exp(log π - log π_old),
-    L_pg = mean_m(max(-A·ρ, -A·clip(ρ, 1-c, 1+c))).
+    """Clipped surrogate: ρ_t = exp(log π - log π_old), L_pg = mean_m(max(-A·ρ, -A·clip(ρ, 1-c, 1+c))), ρ differentiable
+    in both terms (d/dlog π: -A·ρ/n where the unclipped term is the larger, else 0); the inputs are left unchanged.
 
     stats (detached 0-dim tensors): ratio = mean_m(ρ); clipfrac = mean_m([-A·clip(ρ) > -A·ρ]);
     approx_kl = ½·mean_m((log π - log π_old)²); approx_kl_k3 = mean_m((ρ - 1) - log ρ).
@@ -250,8 +250,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
 
 
 def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
-    """Clipped value loss: V^clip = clip(V, V_old - c, V_old + c),
-    L_v = ½·mean_m(max((V - R)², (V^clip - R)²)); stats vf_clipfrac = mean_m([(V^clip-R)² > (V-R)²]).
+    """Clipped value loss: V^clip = clip(V, V_old - c, V_old + c), L_v = ½·mean_m(max((V - R)², (V^clip - R)²)),
+    V differentiable in both terms; stats (detached) vf_clipfrac = mean_m([(V^clip-R)² > (V-R)²]); inputs unchanged.
     """
     values_clipped = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)  # V^clip
     vf_losses = (values - returns) ** 2

@@ -100,7 +100,7 @@ def reward_from_logits(logits, targets):
     """Reward [R1]: product over mechanisms of the probability of the target level. logits (B, M, C), targets (B, M).
 
     prod_k softmax(l_k)[y*_k] = exp(sum_k log_softmax(l_k)[y*_k]) = exp(-(CE_ER + CE_IP + CE_EX)), the
-    authors' form. Leaving a mechanism out (ablation) = leaving its column out of both arguments."""
+    authors' form. Leaving a mechanism out (ablation) = leaving its column out of both arguments. Inputs unchanged."""
     probs = logits.float().softmax(dim=-1)  # (B, M, C)
     p_target = probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # (B, M)
     return p_target.prod(dim=-1)  # (B,)  [R1]
