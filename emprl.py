@@ -16,10 +16,11 @@ The method (Ma et al., IEEE TAFFC 2025), in the order this file implements it:
     evaluate   Emp-F1, Dist-n, BLEU-n, PPL, reward, length                     -> evaluate
 
 Deviations from the authors' code (TRL 0.9.6); each one a fix for a failure seen without it (docs/emprl.md):
-- Rollouts sample the full softmax at temperature τ (no top-k), and every log-prob (policy, old policy,
-  reference) is computed from the same τ-scaled logits with the same forced-minimum-length EOS mask, so the
-  sampled distribution is exactly the scored one: the KL estimate is then a true KL estimate (>= 0 on
-  average) and the first ratio is 1 up to rounding. Evaluation still decodes like the authors (top-k 20, τ 0.9).
+- Rollouts sample the full softmax at temperature τ (no top-k), and every log-prob (sampling, policy, old policy,
+  reference) comes from the same attention code, a float32 LM head and the same τ-scaled, EOS-masked logits: the
+  sampled distribution is the scored one (equal in float32; under bfloat16 within 6e-4 nats a token at t5-small
+  size, as matmuls of other shapes round differently; tested < 5e-3), the KL estimate is a true KL estimate (>= 0
+  on average) and the first ratio is 1 up to rounding. Evaluation still decodes like the authors (top-k 20, τ 0.9).
 - Every reply token counts, the first included (TRL drops it for encoder-decoders).
 - Dropout is off in the policy during rollouts and updates (`ppo_dropout`), so the ratio measures the
   policy change and not dropout noise; the value head is zero-initialised.
@@ -132,9 +133,8 @@ def optimizer_step(model, optimizer, max_grad_norm=MAX_GRAD_NORM):
 
 @torch.no_grad()
 def rollout(policy, ref_model, batch, cfg, autocast):
-    """Step 1: sample one reply per context, then score it (no grad, dropout off) under the policy,
-    the value head and the frozen reference, all with the same temperature-scaled logits. Also the entropy of the
-    distribution each token was drawn from (a statistic of step 5, computed here once instead of per minibatch)."""
+    """Step 1: sample one reply per context, then score it (no grad, dropout off) under the policy, the value head and
+    the frozen reference, all with the same τ-scaled logits; and the entropy each token was drawn with (for step 5)."""
     policy.eval()
     ctx, ctx_mask = batch["ctx"], batch["ctx_mask"]
     with autocast():
@@ -151,19 +151,22 @@ def rollout(policy, ref_model, batch, cfg, autocast):
 
 
 def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generator, kl_coef=0.0):
-    """Step 4: `ppo_epochs` passes over shuffled minibatches of clipped policy + value losses; the gradients of
-    `ppo_grad_accum` minibatches make one optimizer update. The minibatch order is drawn from `generator`, on its
-    device. Returns per-minibatch statistics (0-dim tensors, read once at the end) and the counts of skipped
-    minibatches and updates. One host sync per minibatch: the mean ratio is read to decide whether to skip it.
-    kl_coef > 0 (GRPO) adds kl_coef · mean_m(k3_t) of the current policy against the reference to the loss."""
+    """Step 4: `ppo_epochs` passes over shuffled minibatches (order drawn from `generator`, on its device) of clipped
+    policy + value losses; the gradients of `ppo_grad_accum` minibatches make one optimizer update. Returns
+    per-minibatch statistics (0-dim tensors) and the counts of skipped minibatches and updates. A minibatch whose
+    mean ratio exceeds RATIO_THRESHOLD (TRL's) gets a zero-weighted backward (every process still joins the gradient
+    averaging); an update of only such minibatches is not made. kl_coef > 0 (GRPO) adds kl_coef · k3_t against the
+    reference to the loss; GRPO averages each reply's tokens, then the replies (DeepSeekMath; grpo_loss="token":
+    all tokens alike)."""
     policy.train(cfg.ppo_dropout)  # dropout off by default: the ratio should only see the update
-    n = roll["replies"].shape[0]
-    stats, skipped, accumulated = [], {"ratio": 0, "nonfinite": 0}, 0
+    n, per_reply = roll["replies"].shape[0], cfg.algo == "grpo" and cfg.grpo_loss == "reply"
+    stats, skipped, kept = [], {"ratio": 0, "nonfinite": 0}, 0
     for _ in range(cfg.ppo_epochs):
         minibatches = torch.randperm(n, generator=generator, device=generator.device).split(cfg.ppo_mini_batch_size)
         for i, idx in enumerate(minibatches):
             idx = idx.to(roll["replies"].device)
             replies, mask = roll["replies"][idx], roll["mask"][idx]
+            weight = mask / mask.sum(1, keepdim=True).clamp(min=1) if per_reply else mask  # of each token in mean_m
             last = (i + 1) % cfg.ppo_grad_accum == 0 or i + 1 == len(minibatches)  # an optimizer step follows
             sync = policy.no_sync() if hasattr(policy, "no_sync") and not last else nullcontext()  # torchrun: the
             with autocast(), sync:  # gradients are averaged across processes on an update's last micro-step only
@@ -172,30 +175,26 @@ def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generat
             logits = scored_logits(logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens)
             logprobs = token_logprobs(logits, replies, mask)
             pg_loss, pg_stats = ppo.policy_loss(logprobs, roll["logprobs"][idx], roll["advantages"][idx],
-                                                mask, cfg.ppo_clip_range)
+                                                weight, cfg.ppo_clip_range)
             vf_loss, vf_stats = ppo.value_loss(values.float() * mask, roll["values"][idx], roll["returns"][idx],
                                                mask, VALUE_CLIP)
-            wild = ppo.all_mean(pg_stats["ratio"]) > RATIO_THRESHOLD  # decided alike on every process
-            if wild:  # a wild minibatch (TRL's ratio_threshold): skip it
-                skipped["ratio"] += 1
-            else:
-                vf_coef = cfg.ppo_vf_coef if cfg.algo == "ppo" else 0.0  # RLOO and GRPO have no value head
-                loss = pg_loss + vf_coef * vf_loss  # L = L_pg + c_v L_v
-                if kl_coef:  # GRPO: + β mean_m((π_ref/π - 1) - log(π_ref/π)), unclamped
-                    kl = ppo.per_token_kl(logprobs, roll["ref_logprobs"][idx], mask, None, None, "k3")
-                    loss = loss + kl_coef * ppo.masked_mean(kl, mask)
-                (loss / cfg.ppo_grad_accum).backward()
-                accumulated += 1
+            vf_coef = cfg.ppo_vf_coef if cfg.algo == "ppo" else 0.0  # RLOO and GRPO have no value head
+            loss = pg_loss + vf_coef * vf_loss  # L = L_pg + c_v L_v
+            if kl_coef:  # GRPO: + β mean_m((π_ref/π - 1) - log(π_ref/π)), unclamped
+                kl = ppo.per_token_kl(logprobs, roll["ref_logprobs"][idx], mask, None, None, "k3")
+                loss = loss + kl_coef * ppo.masked_mean(kl, weight)
+            wild = bool(ppo.all_mean(pg_stats["ratio"]) > RATIO_THRESHOLD)  # decided alike on every process
+            ((0.0 if wild else 1.0) * loss / cfg.ppo_grad_accum).backward()
+            skipped["ratio"], kept = skipped["ratio"] + wild, kept + (not wild)
+            if not wild:
                 stats.append(dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), **pg_stats, **vf_stats))
-            if accumulated and last:
-                if wild and hasattr(policy, "no_sync"):  # the micro-step that was to average the gradients was
-                    for p in policy.parameters():  # skipped: average them here
-                        p.grad = ppo.all_mean(p.grad) if p.grad is not None else None
-                if optimizer_step(policy, optimizer, MAX_GRAD_NORM):
-                    scheduler.step()
-                else:
-                    skipped["nonfinite"] += 1
-                accumulated = 0
+            if last and not kept:  # every minibatch of this update was wild: no step (Adam would move on momentum)
+                optimizer.zero_grad(set_to_none=True)
+            elif last and optimizer_step(policy, optimizer, MAX_GRAD_NORM):
+                scheduler.step()
+            elif last:  # a non-finite gradient: optimizer_step left the weights as they were
+                skipped["nonfinite"] += 1
+            kept = 0 if last else kept
     return stats, skipped
 
 
@@ -207,9 +206,9 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
     algo="rloo" or "grpo": the batch holds rloo_k copies of each context in a row and step 3 is RLOO or GRPO
     instead of GAE. Step 4 is the same clipped update with a per-token ratio, every token of a reply sharing its
     reply's advantage, so the three differ only in their advantage estimate, and in where GRPO puts the KL: into
-    the loss as β·k3 per token (averaged like the policy loss), not into the reward.
-    Under torchrun (`policy` in DistributedDataParallel) the score moments, the whitenings and the KL that moves β
-    are the global batch's, so every process holds the same β; the other statistics are this process's."""
+    the loss as β·k3 per token (averaged like the policy loss), not into the reward. An adaptive β moves by the
+    summed k1 KL of step 5 under every algo (GRPO's loss uses k3). Under torchrun the score moments, whitenings
+    and that KL are the global batch's (every process holds the same β); the other statistics are this process's."""
     t0 = time.time()
     # 1. rollout: replies, their log-probs under π and π_ref, and V, all from the same τ-scaled logits
     roll = rollout(unwrap(policy), ref_model, batch, cfg, autocast)
@@ -250,11 +249,12 @@ def ppo_iteration(policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, 
 
     # 5. statistics; the KL is the raw, unclamped estimate summed over the reply, as the β controller expects
     kl = ppo.all_gather(((roll["logprobs"] - roll["ref_logprobs"]) * mask).sum(1)).mean().item()  # global batch
-    stats = dict(score=all_scores.mean().item(), kl=kl, beta=kl_ctl.value,
-                 entropy=ppo.masked_mean(roll["entropy"], mask).item())  # of the policy that sampled the replies
+    stats = dict(score=all_scores.mean().item(), kl=kl, beta=kl_ctl.value,  # entropy: of the sampling policy
+                 entropy=ppo.masked_mean(roll["entropy"], mask).item())
     kl_ctl.update(kl, len(all_scores))
     for key in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "ratio"):
         stats[key] = torch.stack([s[key] for s in mb_stats]).float().mean().item() if mb_stats else float("nan")
+    stats["ratio_first"] = mb_stats[0]["ratio"].item() if mb_stats else float("nan")  # before any update: ≈ 1
     stats["explained_var"] = float(ppo.explained_variance(roll["values"], returns, mask))
     stats.update(length=mask.sum(1).float().mean().item(), lr=scheduler.get_last_lr()[0])
     stats["skipped_ratio"], stats["skipped_nonfinite"] = skipped["ratio"], skipped["nonfinite"]

@@ -219,8 +219,9 @@ def predict(model, split, batch_size, device, autocast=nullcontext):
 
 
 def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weights, device, seed, patience=3,
-                     log=print):
-    """Train one identifier with cross-entropy and AdamW on splits {ctx, resp, level}.
+                     log=print, autocast=nullcontext):
+    """Train one identifier with cross-entropy and AdamW on splits {ctx, resp, level}, forward passes under
+    `autocast` (the run's: the identifiers are trained and selected in the dtype they later label and reward in).
 
     Keeps the state with the best validation macro-F1 (the mean over levels: rare levels count as much as
     "no"), stops after `patience` epochs without improvement, and loads the best state into the model.
@@ -240,7 +241,7 @@ def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weigh
     lengths = [len(c) for c in train["ctx"]]
 
     def evaluate(epoch, train_loss, seconds):
-        logits = predict(model, valid, batch_size, device)  # (N, C)
+        logits = predict(model, valid, batch_size, device, autocast)  # (N, C), float32
         loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_valid)).item()  # unweighted
         return {"epoch": epoch, "train_loss": train_loss, "valid_loss": loss,
                 **classification_metrics(y_valid, logits.argmax(-1)), "seconds": seconds}
@@ -254,8 +255,9 @@ def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weigh
         total, n = 0.0, 0
         for idx in data.batch_indices(lengths, batch_size, shuffle=True, seed=seed + epoch, bucket=True):
             batch = data.make_batch(train, idx, device)
-            loss = F.cross_entropy(logits_of(model, batch), batch["level"],  # logits (B, C)
-                                   weight=None if weight is None else weight.to(device))
+            with autocast():
+                loss = F.cross_entropy(logits_of(model, batch), batch["level"],  # logits (B, C)
+                                       weight=None if weight is None else weight.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -277,3 +279,17 @@ def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weigh
     if best_state is not None:
         model.load_state_dict(best_state)
     return {"best_epoch": best["epoch"], "valid": best, "history": history, "seconds": time.time() - t_start}
+
+
+def train_and_test(model, ex, cfg, device, autocast=nullcontext, log=print):
+    """Train one identifier on EPITOME splits {train, valid, test} with the run's ident_* settings (validation
+    patience 2), then score it on test beside the majority level: its row of identifiers.json."""
+    t0 = time.time()
+    hist = train_identifier(model, ex["train"], ex["valid"], epochs=cfg.ident_epochs, batch_size=cfg.ident_batch_size,
+                            lr=cfg.ident_lr, class_weights=cfg.ident_class_weights, device=device, seed=cfg.seed,
+                            patience=2, log=log, autocast=autocast)
+    y = np.array(ex["test"]["level"])
+    pred = predict(model, ex["test"], cfg.eval_batch_size, device, autocast).argmax(-1)
+    majority = np.full_like(y, np.bincount(ex["train"]["level"], minlength=NUM_LEVELS).argmax())
+    return dict(**classification_metrics(y, pred), seconds=time.time() - t0,
+                majority=classification_metrics(y, majority), epochs_run=len(hist["history"]) - 1)

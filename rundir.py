@@ -10,7 +10,10 @@ import io
 import json
 import os
 import pickle
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -135,6 +138,20 @@ def load_checkpoint(path, parts):
         torch.cuda.set_rng_state_all(rng["cuda"])
     print(f"{path.name}: resuming after step {ck['state']['step']}")
     return ck["state"]
+
+
+def code_version():
+    """What made a run, for its results.json: the git commit of this code, whether tracked files had uncommitted
+    changes (None for both outside a git checkout), and the command line."""
+    def git(*args):
+        try:
+            p = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=30)
+            return p.stdout.strip() if p.returncode == 0 else None
+        except OSError:  # no git
+            return None
+    commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    return dict(commit=commit, dirty=None if commit is None else bool(changes),
+                command=shlex.join(["python", Path(sys.argv[0]).name, *sys.argv[1:]]))
 
 
 def broadcast(obj):

@@ -141,13 +141,10 @@ class Attention(nn.Module):
                 if source is None and "k" in cache:  # self-attention: append to the past keys/values
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, H, past + L, K)
                 cache["k"], cache["v"] = k, v
-        if cache is None:  # full sequences (training, scoring, encoding): one code path, so that a no-grad pass
-            scores = q @ k.transpose(-1, -2)  # and a training pass of the same batch give the same numbers
-            weights = (scores if mask is None else scores + mask).softmax(dim=-1)  # (B, H, L, L_keys); no 1/sqrt(K)
-            y = self.dropout(weights) @ v  # (B, H, L, K)
-        else:  # one new token a step while generating: fused attention over the cached keys
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
-                                               dropout_p=self.dropout.p if self.training else 0.0)  # (B, H, L, K)
+        # one written-out path for full passes and cached decoding alike: a sampled token's log-prob is the scored one
+        scores = q @ k.transpose(-1, -2)  # (B, H, L, L_keys); no 1/sqrt(K)
+        weights = (scores if mask is None else scores + mask).softmax(dim=-1)
+        y = self.dropout(weights) @ v  # (B, H, L, K)
         B, _, L, _ = y.shape
         return self.o(y.transpose(1, 2).reshape(B, L, self.H * self.K))  # (B, L, D)
 
@@ -296,9 +293,12 @@ class T5(nn.Module):
         return self.decoder(decoder_input_ids, encoder_hidden=encoder_hidden, encoder_mask=attention_mask)
 
     def lm_logits(self, decoder_hidden):
-        if self.config.tie_word_embeddings:  # the tied table is N(0, 1)-scaled; bring outputs back to logit scale
-            decoder_hidden = decoder_hidden * self.config.d_model ** -0.5
-        return self.lm_head(decoder_hidden)  # (B, T, V)
+        """Logits (B, T, V) from a float32 matmul, autocast or not: sampling, scoring and the losses read them."""
+        with torch.autocast(decoder_hidden.device.type, enabled=False):
+            decoder_hidden = decoder_hidden.float()
+            if self.config.tie_word_embeddings:  # the tied table is N(0, 1)-scaled: back to logit scale
+                decoder_hidden = decoder_hidden * self.config.d_model ** -0.5
+            return self.lm_head(decoder_hidden)  # (B, T, V)
 
     def forward(self, input_ids, attention_mask, decoder_input_ids):
         """Logits (B, T, V) for decoder_input_ids (B, T) (e.g. shift_right(labels)) given the source (B, S)."""
@@ -320,7 +320,7 @@ class T5(nn.Module):
         out = [token[:, :0]]  # (B, 0), so that max_new_tokens=0 returns an empty (B, 0) tensor
         for step in range(max_new_tokens):
             hidden = self.decoder(token, encoder_hidden=encoder_hidden, encoder_mask=attention_mask, cache=cache)
-            logits = self.lm_logits(hidden[:, -1]).float()  # (B, V)
+            logits = self.lm_logits(hidden[:, -1])  # (B, V), float32
             if step < min_new_tokens:
                 logits[:, cfg.eos_token_id] = float("-inf")
             token = sample_next(logits, do_sample, temperature, top_k, generator)[:, None]  # (B, 1)

@@ -4,11 +4,11 @@
     python train.py --preset=tiny --out_dir=runs/tiny  # any --key=value overrides a field of Config
     python train.py --preset=cpu --out_dir=runs/seed1 --from_run=runs/cpu --ppo_seed=1
 
-Every stage writes its results into the run directory and is skipped when the command is rerun; SFT and PPO
-resume from their last periodic checkpoint. Every field of Config belongs to one stage (FIELDS_OF_STAGE) and changes
-that stage and every later one. So a rerun with changed fields is refused, and --from_run=DIR copies DIR's results
-of the stages before the first changed one. One train.py at a time holds a run directory."""
+Every stage writes its results into the run directory and is skipped when the command is rerun; SFT and PPO resume
+from their last checkpoint. Every field of Config belongs to one stage (FIELDS_OF_STAGE) and changes it and every
+later one: a rerun with changed fields is refused, --from_run=DIR copies DIR's results of the stages before."""
 import dataclasses
+import datetime
 import errno
 import os
 import platform
@@ -27,8 +27,8 @@ import emprl
 import ppo
 import reward
 from judge import Judge
-from rundir import (RunError, broadcast, copy, hold, load_checkpoint, log, rank, read, remove, save_checkpoint,
-                    wait_for_stage, write)
+from rundir import (RunError, broadcast, code_version, copy, hold, load_checkpoint, log, rank, read, remove,
+                    save_checkpoint, wait_for_stage, write)
 from t5 import T5, T5Config, CheckpointError, atomic_write
 
 
@@ -39,6 +39,7 @@ class Config:
     data_dir: str = ""  # ED + EPITOME; "" = $EMPRL_DATA, else ~/.cache/emprl/data (downloaded if absent)
     from_run: str = ""  # an earlier run directory whose still-valid stages are copied instead of recomputed
     device: str = "auto"  # auto | cpu | cuda
+    dist_timeout_min: int = 30  # torchrun: how long a collective waits, e.g. for rank 0's checkpoint or download
     max_nonfinite: int = 20  # SFT steps or PPO iterations in a row with non-finite numbers before the run stops
     # --- tokenizer stage: data, vocabulary, the starting checkpoint
     seed: int = 1337  # tokenizer, model init, SFT data order, EPITOME split, identifiers
@@ -76,6 +77,7 @@ class Config:
     # --- ppo stage
     ppo_steps: int = 200  # iterations, each of `ppo_batch_size` rollouts
     algo: str = "ppo"  # ppo (value head + GAE) | rloo (leave-one-out baseline) | grpo (group-standardised scores)
+    grpo_loss: str = "reply"  # GRPO's loss: reply (mean over each reply's tokens, then over replies) | token
     rloo_k: int = 4  # RLOO and GRPO: replies sampled per context (ppo_batch_size / rloo_k contexts an iteration)
     ppo_seed: int = 0  # rollouts and minibatch order; vary it to measure the spread
     ppo_batch_size: int = 32  # rollouts per iteration
@@ -132,20 +134,20 @@ PRESETS = {
 }
 
 CHOICES = dict(dtype=("auto", "float32", "bfloat16"), ident_init=("sft", "pretrained", "scratch"),
-               kl_estimator=("k1", "k3"), algo=("ppo", "rloo", "grpo"))  # never float16: T5 overflows
+               kl_estimator=("k1", "k3"), algo=("ppo", "rloo", "grpo"), grpo_loss=("reply", "token"))
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 STAGES = ("tokenizer", "sft", "identifiers", "labels", "ppo", "eval")
 # The stage each field belongs to: changing it changes that stage's results and every later stage's. "run" fields
 # change no result and are never compared. A field of Config missing here, or named twice, stops the import.
 FIELDS_OF_STAGE = {
-    "run": "out_dir data_dir from_run device max_nonfinite",
+    "run": "out_dir data_dir from_run device dist_timeout_min max_nonfinite",
     "tokenizer": "seed pretrained vocab_size max_context_tokens max_target_tokens limit_train limit_valid limit_test",
     "sft": "dtype d_model d_ff num_layers num_heads dropout_rate sft_epochs sft_batch_size sft_lr sft_warmup_steps "
            "sft_eval_every sft_limit_valid",
     "identifiers": "ident_init ident_ctx_tokens ident_resp_tokens ident_epochs ident_batch_size ident_lr "
                    "ident_class_weights ident_limit_pairs",
     "labels": "label_limit_train",
-    "ppo": "ppo_steps algo rloo_k ppo_seed ppo_batch_size ppo_mini_batch_size ppo_grad_accum ppo_epochs ppo_lr "
+    "ppo": "ppo_steps algo grpo_loss rloo_k ppo_seed ppo_batch_size ppo_mini_batch_size ppo_grad_accum ppo_epochs ppo_lr "
            "ppo_lr_decay_steps ppo_clip_range ppo_vf_coef ppo_lam init_kl_coef adaptive_kl kl_target kl_horizon "
            "kl_estimator kl_min kl_max score_norm whiten_rewards reward_mechanisms ppo_temperature ppo_min_new_tokens "
            "ppo_max_new_tokens ppo_dropout ppo_eval_every ppo_limit_valid",
@@ -169,7 +171,8 @@ def parse_args(argv):
     if positional := [a for a in argv if not a.startswith("--")]:
         raise RunError(f"unexpected argument {positional[0]!r}: use --key=value (see Config in train.py)")
     kv = dict(arg[2:].split("=", 1) if "=" in arg else (arg[2:], "true") for arg in argv)  # --flag = --flag=true
-    preset, show_help = kv.pop("preset", "gpu" if torch.cuda.is_available() else "cpu"), kv.pop("help", None)
+    gpu = torch.cuda.is_available() and kv.get("device", "auto") != "cpu"  # --device=cpu: the cpu preset
+    preset, show_help = kv.pop("preset", "gpu" if gpu else "cpu"), kv.pop("help", None)
     if preset not in PRESETS:
         raise RunError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     cfg = Config(**PRESETS[preset])
@@ -208,9 +211,9 @@ def choose_dtype(cfg, device):
         if speedup >= 2.0:
             return "bfloat16", f"bfloat16 matmuls run {speedup:.1f}x float32's on this CPU"
         return "float32", f"bfloat16 matmuls run {speedup:.1f}x float32's on this CPU, under 2x"
-    if torch.cuda.is_bf16_supported():
+    if torch.cuda.is_bf16_supported(including_emulation=False):  # emulated bfloat16 (V100, T4) is slow
         return "bfloat16", f"{torch.cuda.get_device_name(device)} supports bfloat16"
-    return "float32", f"{torch.cuda.get_device_name(device)} has no bfloat16 and T5 overflows in float16; TF32 matmuls"
+    return "float32", f"{torch.cuda.get_device_name(device)} has no bfloat16 and T5 overflows in float16"
 
 
 def bf16_matmul_speedup(n=512, repeats=5):
@@ -314,16 +317,7 @@ def stage_identifiers(cfg, run, env):
         else:  # both encoders from a T5 that has read text: our SFT model, or the pretrained checkpoint
             model = reward.EmpathyIdentifier.from_t5(read(run / "sft") if cfg.ident_init == "sft" else
                                                      T5.from_pretrained(cfg.pretrained))
-        t0 = time.time()
-        hist = reward.train_identifier(model.to(device), ex["train"], ex["valid"], epochs=cfg.ident_epochs,
-                                       batch_size=cfg.ident_batch_size, lr=cfg.ident_lr,
-                                       class_weights=cfg.ident_class_weights, device=device, seed=cfg.seed,
-                                       patience=2, log=tqdm.write)
-        y = np.array(ex["test"]["level"])
-        pred = reward.predict(model, ex["test"], cfg.eval_batch_size, device, env["autocast"]).argmax(-1)
-        majority = np.full_like(y, np.bincount(ex["train"]["level"], minlength=3).argmax())
-        table[mech] = dict(**reward.classification_metrics(y, pred), seconds=time.time() - t0,
-                           majority=reward.classification_metrics(y, majority), epochs_run=len(hist["history"]) - 1)
+        table[mech] = reward.train_and_test(model.to(device), ex, cfg, device, env["autocast"], log=tqdm.write)
         log(run, dict(stage="identifiers", mechanism=mech, **table[mech]))
         print(f"identifier {mech} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, train / valid "
               f"/ test pairs {' / '.join(str(len(e['level'])) for e in ex.values())}): test macro-F1 "
@@ -433,7 +427,8 @@ def stage_eval(cfg, run, env):
     results["difference"] = emprl.paired_bootstrap(outputs["sft"], outputs["emprl"], seed=cfg.eval_seed)
     results["environment"] = dict(torch=torch.__version__, threads=torch.get_num_threads(),
                                   cpu_capability=torch.backends.cpu.get_cpu_capability(), device=str(env["device"]),
-                                  dtype=env["dtype"], machine=platform.machine(), python=platform.python_version())
+                                  dtype=env["dtype"], machine=platform.machine(), python=platform.python_version(),
+                                  flush_denormal=env["flush_denormal"], **code_version())
     results.update(identifiers=read(run / "identifiers.json"), config=dataclasses.asdict(cfg),
                    time_s={**read(run / "stages.json"), "eval": time.time() - t0}, n_test=len(test["ctx"]))
     results["samples"] = [dict(context=tok.decode(test["ctx"][i]), reference=tok.decode(test["tgt"][i]),
@@ -459,15 +454,18 @@ def run_pipeline(cfg, preset):
         dtype, why = broadcast((dtype, why))
     cfg = dataclasses.replace(cfg, dtype=dtype)  # what config.json keeps: a rerun or --from_run must resolve the same
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 on GPUs with TF32
+    tf32 = " with TF32 matmuls" if device.type == "cuda" and dtype == "float32" else ""  # Ampere and newer
+    # denormal float32 numbers are flushed to 0 on the CPU: they slow matmuls many times and change no result here
+    flush = device.type == "cpu" and torch.set_flush_denormal(True)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
     if cfg.pretrained and not (Path(cfg.pretrained) / "config.json").exists():
         raise RunError(f"--pretrained={cfg.pretrained} is not a T5 checkpoint directory: download config.json, "
                        f"model.safetensors and spiece.model (see the README) and pass their directory")
-    env = dict(device=device, dtype=dtype, autocast=autocast, world=world, data_dir=None)
+    env = dict(device=device, dtype=dtype, autocast=autocast, world=world, data_dir=None, flush_denormal=flush)
     if rank() == 0:  # only rank 0 touches the run directory's settings, the data and the lock
         env["data_dir"], env["lock"] = data.ensure_data(cfg.data_dir or None), open_run(cfg, run, preset)
-        print(f"preset {preset} | device {device} | {dtype} ({why}) | torch threads {torch.get_num_threads()} | "
-              f"processes {world} | run {run}")
+        print(f"preset {preset} | device {device} | {dtype}{tf32} ({why}) | torch threads {torch.get_num_threads()}"
+              f" | denormals flushed {flush} | processes {world} | run {run}")
         print("config: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     if world > 1:
         torch.distributed.barrier()  # the run directory is ready
@@ -480,10 +478,12 @@ def run_pipeline(cfg, preset):
             done = wait_for_stage(run, stage)
             continue
         print(f"[{stage}]")
-        t0 = time.time()
+        t0, load = time.time(), os.getloadavg()[0]  # the machine's 1-minute load average, at the start and the end
         PIPELINE[stage](cfg, run, env)
         done[stage] = time.time() - t0
         write(run / "stages.json", done)
+        log(run, dict(stage="timing", name=stage, seconds=done[stage], threads=torch.get_num_threads(),
+                      load_1min=[load, os.getloadavg()[0]]))
         if rank() == 0:  # finished: its results supersede the checkpoint
             (run / f"{stage}_ckpt.pt").unlink(missing_ok=True)
         if device.type == "cuda":  # what the stage needed on the GPU
@@ -542,7 +542,8 @@ def start_processes(cfg):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(minutes=cfg.dist_timeout_min))
     if rank() > 0:  # one voice: the others' prints go nowhere (their errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
     return device, world
@@ -623,7 +624,8 @@ def count_nonfinite(state, finite, cfg, what):
     state["nonfinite"] = 0 if finite else state["nonfinite"] + 1
     if state["nonfinite"] >= cfg.max_nonfinite:
         raise RunError(f"{state['nonfinite']} {what} in a row with non-finite losses, rewards or gradients: the run "
-                       f"is diverging (lower the learning rate, or use --dtype=float32)")
+                       f"is diverging (lower the learning rate, or use --dtype=float32; on Ampere or newer GPUs its "
+                       f"matmuls run in TF32)")
 
 
 def linear_schedule(optimizer, total_steps, warmup_steps=0):

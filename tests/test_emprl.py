@@ -25,7 +25,7 @@ class SubsetReward:
 
 
 def ppo_cfg(**kw):
-    cfg = dict(algo="ppo", rloo_k=4, ppo_mini_batch_size=8, ppo_grad_accum=1, ppo_epochs=4, ppo_clip_range=0.2,
+    cfg = dict(algo="ppo", grpo_loss="reply", rloo_k=4, ppo_mini_batch_size=8, ppo_grad_accum=1, ppo_epochs=4, ppo_clip_range=0.2,
                ppo_vf_coef=0.1, ppo_lam=0.95, kl_min=0.0, kl_max=10.0, kl_estimator="k1", score_norm=True,
                whiten_rewards=True, ppo_temperature=1.0, ppo_min_new_tokens=3, ppo_max_new_tokens=8,
                ppo_dropout=False, reward_mechanisms="er,ip,ex")
@@ -90,9 +90,11 @@ def test_rloo_learns_to_raise_the_reward_without_a_value_head():
     assert all(h["vf_loss"] == 0.0 for h in hist)
 
 
-def test_grpo_learns_to_raise_the_reward_with_its_kl_in_the_loss():
-    """GRPO (group-standardised scores, no value head, β·k3 in the loss) learns the toy task as PPO does."""
-    hist = train(40, beta=0.05, algo="grpo")
+@pytest.mark.parametrize("grpo_loss", ["reply", "token"])
+def test_grpo_learns_to_raise_the_reward_with_its_kl_in_the_loss(grpo_loss):
+    """GRPO (group-standardised scores, no value head, β·k3 in the loss) learns the toy task as PPO does, with its
+    loss averaged per reply then over replies (DeepSeekMath) or over all tokens alike."""
+    hist = train(40, beta=0.05, algo="grpo", grpo_loss=grpo_loss)
     first, last = hist[0]["score"], sum(h["score"] for h in hist[-5:]) / 5
     assert first < 0.4 and last > 0.85, (first, last)
 
@@ -247,9 +249,10 @@ def test_paired_bootstrap_is_zero_for_equal_models_and_brackets_a_real_differenc
 
 def test_first_ratio_is_one_up_to_rounding_under_bfloat16_autocast():
     """The rollout's scoring pass (no grad, whole batch) and the update's pass (grad, a minibatch) run the same
-    attention code, so under CPU bfloat16 autocast — the code a GPU runs — every token's first ratio is 1 up to
-    rounding (|log ratio| < 1e-3; with no-grad fused attention in the scoring pass it was up to 0.03 here), and
-    the update loop's first minibatch clips nothing."""
+    attention code and float32 LM head, so under CPU bfloat16 autocast — the code a GPU runs — every token's first
+    ratio is 1 up to rounding: |log ratio| < 1e-4 (measured 0 here; batches of other shapes may round differently on
+    other CPUs; with no-grad fused attention in the scoring pass it was up to 0.03), and the first minibatch clips
+    nothing."""
     policy, ref, opt, sched, kl_ctl, moments = setup()
     b, cfg = batch(), ppo_cfg(ppo_temperature=0.7, ppo_epochs=1)
 
@@ -261,7 +264,7 @@ def test_first_ratio_is_one_up_to_rounding_under_bfloat16_autocast():
         logits, _ = policy(b["ctx"][mb], b["ctx_mask"][mb], policy.model.shift_right(roll["replies"][mb]))
     lp = emprl.token_logprobs(emprl.scored_logits(logits.float(), cfg.ppo_temperature, cfg.ppo_min_new_tokens),
                               roll["replies"][mb], roll["mask"][mb])
-    assert ((lp - roll["logprobs"][mb]) * roll["mask"][mb]).abs().max() < 1e-3
+    assert ((lp - roll["logprobs"][mb]) * roll["mask"][mb]).abs().max() < 1e-4
     roll.update(advantages=torch.randn_like(roll["logprobs"]) * roll["mask"], returns=torch.zeros_like(roll["mask"]))
     mb_stats, _ = emprl.ppo_update(policy, opt, sched, roll, b, cfg, bf16, torch.Generator().manual_seed(0))
-    assert abs(mb_stats[0]["ratio"] - 1.0) < 1e-3 and mb_stats[0]["clipfrac"] == 0.0, mb_stats[0]
+    assert abs(mb_stats[0]["ratio"] - 1.0) < 1e-4 and mb_stats[0]["clipfrac"] == 0.0, mb_stats[0]
