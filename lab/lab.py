@@ -3,9 +3,9 @@ code in words they understand, and check a finished run against the reference nu
 
     python lab/lab.py new DIR --blank=gae,rloo_advantages    # a student copy: these bodies replaced by a raise
     python lab/lab.py new DIR --blank=all                     # every exercise
-    python lab/lab.py check DIR                               # PASS / FAIL per function, then a short PPO run
+    python lab/lab.py check DIR                               # PASS / FAIL per function, then a training check
     python lab/lab.py check DIR --no-run                      # the checks only (seconds)
-    python lab/lab.py check-run RUN_DIR [--reference=docs/runs/cpu/results.json] [--tolerances=lab/tolerances.json]
+    python lab/lab.py check-run RUN_DIR                       # a finished run against the records in docs/runs
 
 `new` copies the repository (the top-level .py files, README.md, requirements*.txt, tests/, benchmarks/, docs/,
 lab/; not .venv, runs or .git) into DIR and, in the copy, replaces the body of each named function by
@@ -14,19 +14,24 @@ equations) stay. Names are bare (`gae`) or qualified (`ppo.gae`); DIR/.lab.json 
 the keys of EXERCISES below: reward.reward_from_logits, ppo.per_token_kl, ppo.kl_penalized_rewards, ppo.gae,
 ppo.rloo_advantages, ppo.policy_loss, ppo.value_loss, and ppo.grpo_advantages where ppo.py has it.
 
-`check` runs the lab checks of each recorded function (every exercise when none is recorded) in DIR, as
-`python -m pytest lab/checks/test_<function>.py ...`, and prints one line per function:
+`check` runs the lab checks of each recorded function (every exercise when none is recorded) on the code in DIR
+and prints one line per function:
 
     PASS ppo.gae
     FAIL ppo.rloo_advantages: The baseline of reply i is the mean reward of the *other* k - 1 replies ... —
          advantages: at [0] it is -1, the definition gives -2
 
-The checks compare each function with its definition written out in float64 (Python loops over random tensors and
-reply masks that end early), so any correct implementation passes, loops included, and the usual mistakes fail:
-GAE without λ or bootstrapping past </s>, an RLOO baseline that includes the reply itself, a KL of the wrong sign
-or unclamped, a ratio against the wrong log-probs, a value loss without its clip. When every function passes,
-`check` trains the tiny preset on a small made-up data set (`tests/synthetic.py`) with the student's code, about
-20 s on 2 CPU cores, and reports the score over the iterations and the reward before and after PPO.
+The checks are the grader's own (lab/checks next to this file), never DIR's: a student may read them, and editing
+the copy's checks changes nothing. Only ppo.py and reward.py are imported from DIR. The checks compare each function
+with its definition written out in float64 (Python loops over random tensors and reply masks that end early), so
+any correct implementation passes, loops included, and the usual mistakes fail: GAE without λ or bootstrapping past
+</s>, an RLOO baseline that includes the reply itself, a KL of the wrong sign or unclamped, a ratio against the wrong
+log-probs, a value loss without its clip. They also differentiate the losses (autograd against the definition's
+gradient, in float64), and require detached statistics and inputs left unchanged. When every function passes,
+`check` runs the training check (training_check below): the tiny preset on a small made-up data set
+(`tests/synthetic.py`), twice, in float32 with the same seeds, once with the student's functions and once with
+this repository's, and compares the two runs (about 30 s on 2 CPU cores per algorithm; RLOO and GRPO too when
+their advantages are exercises).
 
 `check-run` compares a run's results.json with a reference results.json, metric by metric, within the absolute
 tolerances of a JSON table {"emprl.emp_f1": 1.5, "difference.emp_f1.mean": 2.0, ...} whose keys are dotted paths
@@ -66,10 +71,27 @@ COPIED_FILES = ["*.py", "README.md", "requirements*.txt", ".gitignore"]  # top-l
 COPIED_DIRS = ["tests", "benchmarks", "docs", "lab"]
 LAB_FILE = ".lab.json"  # in a student copy: {"blanked": [exercise, ...]}
 CHECK_TIMEOUT = 120  # seconds for all the checks (an endless loop in a student's function ends here)
-RUN_TIMEOUT = 300  # seconds for the PPO run
-# the PPO run of `check`: the tiny preset, identifiers trained long enough to give a signal, 40 iterations
-RUN_FLAGS = ["--preset=tiny", "--ident_epochs=4", "--ident_lr=1e-3", "--ppo_steps=40", "--ppo_lr=1e-3",
-             "--ppo_eval_every=40"]
+RUN_TIMEOUT = 300  # seconds for one training run
+# the training check of `check`: the tiny preset (float32 on every machine) with the same seeds, identifiers trained
+# long enough to give a signal, 40 iterations; run with the student's functions and with the reference's
+RUN_FLAGS = ["--preset=tiny", "--dtype=float32", "--seed=1337", "--ppo_seed=0", "--ident_epochs=4",
+             "--ident_lr=1e-3", "--ppo_steps=40", "--ppo_lr=1e-3", "--ppo_eval_every=40"]
+# The training check compares two things. (1) The first iteration: both runs sample the same replies from the same
+# SFT model, so its logged statistics (the update's losses, ratio, approx_KL, clip fractions, and the rollout's
+# score, KL, entropy, length) differ only by float32 rounding when the functions are correct, and visibly when a
+# gradient is missing or halved (the update moves the policy by another amount). Measured (tests/test_lab.py):
+# correct implementations written other ways agree to about 1e-6 relative; a value loss on values.detach() moves
+# approx_kl by 0.5 %, a policy loss with its unclipped term detached by 50 %.
+FIRST_FIELDS = ["score", "kl", "pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "ratio", "explained_var",
+                "entropy", "length"]
+FIRST_RTOL, FIRST_ATOL = 5e-4, 1e-6  # |yours - reference| <= ATOL + RTOL·|reference|
+# (2) The end of the run, as a check that learning did not break: means over the last LAST iterations and the test
+# reward of the trained policy. Once one sampled token differs the runs part like two PPO seeds, so these tolerances
+# are the spread of the reference over PPO seeds 0-3 on this data (about twice the largest difference between two
+# seeds): they catch a run that stops learning or blows up, not a subtle mistake (that is (1)'s job).
+LAST = 10
+FINAL_TOLERANCE = {"score": 0.04, "kl": 2.5, "vf_loss": 2.0, "entropy": 0.5, "length": 5.0}  # log fields
+FINAL_RESULTS_TOLERANCE = {"reward": 0.06}  # numbers of EmpRL on the made-up test split, results.json
 
 
 class LabError(Exception):
@@ -227,15 +249,25 @@ def describe_failure(row, exercise):
 
 
 def run_checks(directory, exercises):
-    """Run the checks of the exercises in one pytest process in directory; {exercise: None (pass) or reason}."""
-    files = [EXERCISES[e] for e in exercises]
+    """Run the checks of the exercises in one pytest process on the code in directory; {exercise: None (pass) or
+    reason}.
+
+    The checks are this repository's (ROOT/lab/checks), never the copy's: a student may read them, but editing
+    the copy's lab/checks changes nothing. The code under test (ppo.py, reward.py) is imported from directory:
+    lab/checks/conftest.py puts LAB_CODE first on sys.path. pytest runs in an empty folder with an empty
+    configuration, so no pytest.ini or conftest.py of the copy takes part."""
+    files = [str(ROOT / EXERCISES[e]) for e in exercises]
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.jsonl"  # lab/checks/conftest.py writes one JSON line per check here
-        env = {**os.environ, "LAB_REPORT": str(report), "PYTHONDONTWRITEBYTECODE": "1"}
+        config = Path(tmp) / "pytest.ini"
+        config.write_text("[pytest]\n", encoding="utf-8")
+        env = {**os.environ, "LAB_REPORT": str(report), "LAB_CODE": str(Path(directory).resolve()),
+               "PYTHONDONTWRITEBYTECODE": "1"}
         env.setdefault("OMP_NUM_THREADS", "1")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(config),
+               f"--rootdir={ROOT / 'lab' / 'checks'}", f"--confcutdir={ROOT / 'lab' / 'checks'}", *files]
         try:
-            p = subprocess.run(cmd, cwd=directory, env=env, capture_output=True, text=True, timeout=CHECK_TIMEOUT)
+            p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=CHECK_TIMEOUT)
         except subprocess.TimeoutExpired:
             return {e: f"the checks did not finish within {CHECK_TIMEOUT} s (an endless loop?)" for e in exercises}
         rows = []
@@ -263,49 +295,111 @@ def load_module(path, name):
     return module
 
 
-def ppo_run(directory):
-    """Train the tiny preset on made-up data with the code in directory; print one PASS / FAIL line; True if it
-    finished with finite numbers. The score going up is reported, not required: 40 iterations are noisy."""
-    print(f"PPO with your code: train.py {' '.join(RUN_FLAGS)} on a small made-up data set (about 20 s) ...",
-          flush=True)
+def reference_copy(directory, exercises, out):
+    """A copy of the student's code (the top-level .py files of directory) in out, with each exercise function
+    replaced by this repository's: the run that differs from the student's in those functions only."""
+    out.mkdir(parents=True)
+    for path in sorted(Path(directory).glob("*.py")):
+        shutil.copy2(path, out / path.name)
+    for exercise in exercises:
+        module, name = exercise.split(".")
+        ours = (ROOT / f"{module}.py").read_text(encoding="utf-8")
+        node = find_function(ours, name, f"{module}.py")
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        function = "".join(ours.splitlines(keepends=True)[first - 1:node.end_lineno])
+        path = out / f"{module}.py"
+        path.write_text(replace_function(path.read_text(encoding="utf-8"), name, function, path), encoding="utf-8")
+    return out
+
+
+def train(code, data_dir, run, algo):
+    """train.py of the code in `code` on the made-up data: (log lines, results) or a FAIL reason (a string)."""
+    cmd = [sys.executable, "train.py", *RUN_FLAGS, f"--algo={algo}", f"--data_dir={data_dir}", f"--out_dir={run}"]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for name in ("LAB_REPORT", "LAB_CODE"):
+        env.pop(name, None)
+    try:
+        p = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return f"train.py did not finish within {RUN_TIMEOUT} s"
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or p.stdout.strip().splitlines() or ["no output"])[-1]
+        return f"train.py stopped with exit status {p.returncode}: {last}"
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    return records, json.loads((run / "results.json").read_text(encoding="utf-8"))
+
+
+def close(a, b, rtol, atol):
+    """a and b agree within atol + rtol·|b|; two nans agree (explained variance without a value head)."""
+    if math.isnan(a) and math.isnan(b):
+        return True
+    return math.isfinite(a) and abs(a - b) <= atol + rtol * abs(b)
+
+
+def compare_runs(yours, theirs):
+    """The lines that say how the run with the student's functions differs from the reference's; [] if it does not.
+    yours and theirs are (log lines, results) of train()."""
+    bad = []
+    iterations = [[r for r in run[0] if r.get("stage") == "ppo" and "score" in r] for run in (yours, theirs)]
+    if not iterations[0] or len(iterations[0]) != len(iterations[1]):
+        return [f"{len(iterations[0])} PPO iterations logged with your functions, {len(iterations[1])} with the "
+                f"reference's"]
+    first = [its[0] for its in iterations]
+    for key in FIRST_FIELDS:
+        a, b = first[0][key], first[1][key]
+        if not close(a, b, FIRST_RTOL, FIRST_ATOL):
+            bad.append(f"iteration 1 {key}: {a:.6g} with your functions, {b:.6g} with the reference's (the same "
+                       f"replies were sampled: they may differ by rounding only, {FIRST_RTOL:g} relative)")
+    for key, tolerance in FINAL_TOLERANCE.items():
+        a, b = (sum(r[key] for r in its[-LAST:]) / len(its[-LAST:]) for its in iterations)
+        if not close(a, b, 0.0, tolerance):
+            bad.append(f"{key}, mean of the last {LAST} iterations: {a:.4g} with your functions, {b:.4g} with the "
+                       f"reference's (tolerance ±{tolerance:g}, the spread of PPO seeds)")
+    for key, tolerance in FINAL_RESULTS_TOLERANCE.items():
+        a, b = yours[1]["emprl"][key], theirs[1]["emprl"][key]
+        if not close(a, b, 0.0, tolerance):
+            bad.append(f"test {key} of the trained policy: {a:.4g} with your functions, {b:.4g} with the "
+                       f"reference's (tolerance ±{tolerance:g}, the spread of PPO seeds)")
+    return bad
+
+
+def training_check(directory, exercises):
+    """Train the tiny preset on made-up data twice, in float32 with the same seeds: with the student's functions
+    and with this repository's (everything else the student's), and compare (compare_runs). With rloo_advantages
+    or grpo_advantages among the exercises that algorithm is trained too (PPO does not call them). Prints one
+    PASS / FAIL line per algorithm, and what differs; True if every algorithm passes."""
+    algos = ["ppo"] + [a for a in ("rloo", "grpo") if f"ppo.{a}_advantages" in exercises]
+    ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        synthetic = load_module(Path(directory) / "tests" / "synthetic.py", "lab_synthetic_data")
-        data_dir = synthetic.write_synthetic_data(Path(tmp) / "data")
-        run = Path(tmp) / "run"
-        cmd = [sys.executable, "train.py", *RUN_FLAGS, f"--data_dir={data_dir}", f"--out_dir={run}"]
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env.pop("LAB_REPORT", None)
-        t0 = time.time()
-        try:
-            p = subprocess.run(cmd, cwd=directory, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            print(f"FAIL ppo run: train.py did not finish within {RUN_TIMEOUT} s")
-            return False
-        seconds = time.time() - t0
-        if p.returncode != 0:
-            last = (p.stderr.strip().splitlines() or p.stdout.strip().splitlines() or ["no output"])[-1]
-            print(f"FAIL ppo run: train.py stopped with exit status {p.returncode}: {last}")
-            return False
-        records = [json.loads(line) for line in (run / "log.jsonl").read_text(encoding="utf-8").splitlines()]
-        results = json.loads((run / "results.json").read_text(encoding="utf-8"))
-    iterations = [r for r in records if r.get("stage") == "ppo" and "score" in r]
-    numbers = {f"iteration {r['step']} {key}": r[key] for r in iterations
-               for key in ("score", "kl", "pg_loss", "vf_loss")}
-    numbers.update({f"test {model} {key}": value for model in ("sft", "emprl")
-                    for key, value in results[model].items() if isinstance(value, (int, float))})
-    bad = [name for name, value in numbers.items() if not math.isfinite(value)]
-    if bad or not iterations:
-        print(f"FAIL ppo run: not finite: {', '.join(bad[:5]) or 'no PPO iteration logged'}")
-        return False
-    scores = [r["score"] for r in iterations]
-    n = max(1, len(scores) // 4)
-    first, last = sum(scores[:n]) / n, sum(scores[-n:]) / n
-    went = "went up" if last > first else "did not go up (a short run is noisy)"
-    print(f"PASS ppo run: {len(scores)} iterations in {seconds:.0f} s, every number finite; the score {went}: "
-          f"{first:.3f} (first {n} iterations) -> {last:.3f} (last {n}); "
-          f"test reward SFT {results['sft']['reward']:.3f} -> EmpRL {results['emprl']['reward']:.3f}")
-    return True
+        tmp = Path(tmp)
+        synthetic = load_module(ROOT / "tests" / "synthetic.py", "lab_synthetic_data")  # the grader's data
+        data_dir = synthetic.write_synthetic_data(tmp / "data")
+        reference = reference_copy(directory, exercises, tmp / "reference")
+        for algo in algos:
+            print(f"training check ({algo}): train.py {' '.join(RUN_FLAGS)} --algo={algo} on a small made-up data "
+                  f"set, with your functions and with the reference's (about 30 s) ...", flush=True)
+            t0 = time.time()
+            yours = train(directory, data_dir, tmp / f"yours_{algo}", algo)
+            theirs = train(reference, data_dir, tmp / f"reference_{algo}", algo) if not isinstance(yours, str) else 0
+            if isinstance(yours, str) or isinstance(theirs, str):
+                whose = "your code" if isinstance(yours, str) else "the reference functions (in your copy)"
+                print(f"FAIL training check ({algo}): with {whose}, {yours if isinstance(yours, str) else theirs}")
+                ok = False
+                continue
+            bad = compare_runs(yours, theirs)
+            if bad:
+                print(f"FAIL training check ({algo}): your functions pass each check but train differently from the "
+                      f"reference's; look for a gradient that is missing, halved or detached:")
+                for line in bad:
+                    print(f"     {line}")
+                ok = False
+                continue
+            print(f"PASS training check ({algo}) in {time.time() - t0:.0f} s: iteration 1 as the reference's, the "
+                  f"last {LAST} iterations within the spread of PPO seeds; test reward SFT "
+                  f"{yours[1]['sft']['reward']:.3f} -> EmpRL {yours[1]['emprl']['reward']:.3f} (reference "
+                  f"{theirs[1]['emprl']['reward']:.3f})")
+    return ok
 
 
 def cmd_check(args):
@@ -322,10 +416,10 @@ def cmd_check(args):
     if unknown:
         raise LabError(f"{directory / LAB_FILE}: unknown exercises {unknown}")
     exercises = recorded or available_exercises(directory)
-    missing = [EXERCISES[e] for e in exercises if not (directory / EXERCISES[e]).exists()]
-    if missing or not exercises:
-        raise LabError(f"{directory} lacks the lab checks {', '.join(missing) or 'lab/checks/'}: is it a copy made "
-                       f"by `lab.py new`?")
+    if not exercises:
+        modules = sorted({exercise_file("", e).name for e in EXERCISES})
+        raise LabError(f"{directory} has none of the exercises' functions (in {', '.join(modules)}): is it a copy "
+                       f"made by `lab.py new`?")
     results = run_checks(directory, exercises)
     for exercise in exercises:
         if results[exercise] is None:
@@ -334,9 +428,9 @@ def cmd_check(args):
             print(f"FAIL {exercise}: {results[exercise]}")
     ok = all(reason is None for reason in results.values())
     if ok and not args.no_run:
-        ok = ppo_run(directory)
+        ok = training_check(directory, exercises)
     elif not ok and not args.no_run:
-        print("(the PPO run starts once every function passes)")
+        print("(the training check starts once every function passes)")
     return 0 if ok else 1
 
 

@@ -150,6 +150,90 @@ def reward_from_logits(logits, targets):
 ''',
 }
 
+# Correct implementations written a third way (tensor code, but not the reference's: a matrix for GAE, log-softmax
+# for the reward, std_mean for GRPO, ...). With LOOPS and the repository's own functions: three per exercise.
+VECTOR = {
+    "ppo.gae": """
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    \"\"\"A = δ @ W with W[s, t] = (γλ)^(s - t) for s >= t.\"\"\"
+    m = mask.to(rewards.dtype)
+    v = values * m
+    next_v = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)
+    delta = (rewards + gamma * next_v - v) * m
+    s = torch.arange(rewards.shape[1])[:, None]
+    t = torch.arange(rewards.shape[1])[None, :]
+    W = (gamma * lam) ** (s - t).clamp(min=0).to(rewards.dtype) * (s >= t)
+    advantages = (delta @ W) * m
+    return advantages, (advantages + v) * m
+""",
+    "ppo.rloo_advantages": """
+def rloo_advantages(rewards, k):
+    \"\"\"r_i - mean of the others = k/(k-1) · (r_i - mean of all).\"\"\"
+    r = rewards.reshape(-1, k)
+    return (k / (k - 1) * (r - r.mean(dim=1, keepdim=True))).reshape(-1)
+""",
+    "ppo.grpo_advantages": """
+def grpo_advantages(rewards, k, eps=1e-4):
+    \"\"\"std_mean with Bessel's correction per group.\"\"\"
+    r = rewards.reshape(-1, k)
+    std, mean = torch.std_mean(r, dim=1, keepdim=True, correction=1)
+    return ((r - mean) / (std + eps)).reshape(-1)
+""",
+    "ppo.per_token_kl": """
+def per_token_kl(logprobs, ref_logprobs, mask, kl_min=0.0, kl_max=10.0, estimator="k1"):
+    \"\"\"k3 from the reversed log-ratio; padding by torch.where.\"\"\"
+    reverse = ref_logprobs - logprobs
+    kl = -reverse if estimator == "k1" else torch.exp(reverse) - 1 - reverse
+    if kl_min is not None:
+        kl = torch.maximum(kl, torch.full_like(kl, kl_min))
+    if kl_max is not None:
+        kl = torch.minimum(kl, torch.full_like(kl, kl_max))
+    return torch.where(mask.bool(), kl, torch.zeros_like(kl))
+""",
+    "ppo.kl_penalized_rewards": """
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_min=0.0, kl_max=10.0, estimator="k1"):
+    \"\"\"The score put on index (length - 1) of every row that has a token.\"\"\"
+    rewards = -kl_coef * per_token_kl(logprobs, ref_logprobs, mask, kl_min, kl_max, estimator)
+    lengths = mask.sum(dim=1).long()
+    rows = torch.nonzero(lengths > 0).flatten()
+    rewards = rewards.clone()
+    rewards[rows, lengths[rows] - 1] += scores[rows].to(rewards.dtype)
+    return rewards
+""",
+    "ppo.policy_loss": """
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
+    \"\"\"-min(A·ρ, A·clip(ρ)) averaged with masked_select.\"\"\"
+    real = mask.bool()
+    log_ratio = (logprobs - old_logprobs).masked_select(real)
+    ratio = log_ratio.exp()
+    a = advantages.masked_select(real)
+    gain, gain_clipped = a * ratio, a * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = -torch.minimum(gain, gain_clipped).mean()
+    r, lr = ratio.detach(), log_ratio.detach()
+    stats = {"ratio": r.mean(), "clipfrac": (gain_clipped < gain).detach().to(r.dtype).mean(),
+             "approx_kl": (lr * lr).mean() / 2, "approx_kl_k3": (r - 1 - lr).mean()}
+    return loss, stats
+""",
+    "ppo.value_loss": """
+def value_loss(values, old_values, returns, mask, clip_range_value=0.2):
+    \"\"\"Over the real tokens only, selected first.\"\"\"
+    real = mask.bool()
+    v, v_old, r = values[real], old_values[real], returns[real]
+    v_clip = v_old + (v - v_old).clamp(-clip_range_value, clip_range_value)
+    error, error_clip = (v - r).square(), (v_clip - r).square()
+    with torch.no_grad():
+        clipfrac = (error_clip > error).to(v.dtype).mean()
+    return torch.maximum(error, error_clip).mean() / 2, {"vf_clipfrac": clipfrac}
+""",
+    "reward.reward_from_logits": """
+def reward_from_logits(logits, targets):
+    \"\"\"exp of the summed log-softmax at the targets.\"\"\"
+    log_p = torch.log_softmax(logits.double(), dim=-1)
+    return log_p.gather(-1, targets.long()[..., None])[..., 0].sum(dim=-1).exp()
+""",
+}
+
+
 # The usual mistakes, each a one-line change of the loop version above: (exercise, mistake, the check that must
 # fail, the correct text, the wrong text).
 MUTANTS = [
@@ -192,6 +276,101 @@ MUTANTS = [
     ("reward.reward_from_logits", "a sum of probabilities, not a product",
      "test_reward_is_the_product_of_the_target_levels_probabilities", "torch.stack(probs).prod()",
      "torch.stack(probs).sum()"),
+    # the mistakes that change learning but not a value, and side effects (issue 25)
+    ("ppo.policy_loss", "unclipped term detached (same value, gradient halved at ρ = 1)",
+     "test_gradient_at_ratio_1_is_minus_the_advantage",
+     "unclipped = -advantages[b, t] * ratio", "unclipped = -advantages[b, t] * ratio.detach()"),
+    ("ppo.policy_loss", "clipped term detached", "test_gradient_at_ratio_1_is_minus_the_advantage",
+     "clip = -advantages[b, t] * torch.clamp(ratio,", "clip = -advantages[b, t] * torch.clamp(ratio.detach(),"),
+    ("ppo.policy_loss", "statistics still attached to the graph", "test_statistics_are_detached",
+     "ratios.append(ratio.detach())", "ratios.append(ratio)"),
+    ("ppo.policy_loss", "approx_kl without the ½", "test_approx_kl_is_half_the_mean_squared_log_ratio",
+     "kl.append(0.5 * log_ratio.detach() ** 2)", "kl.append(log_ratio.detach() ** 2)"),
+    ("ppo.policy_loss", "zeroes the padding of the caller's advantages in place",
+     "test_policy_loss_leaves_its_inputs_unchanged",
+     "    losses, ratios, clipped, kl, kl3 = [], [], [], [], []",
+     "    advantages *= mask\n    losses, ratios, clipped, kl, kl3 = [], [], [], [], []"),
+    ("ppo.value_loss", "computed on values.detach() (the value head never learns)",
+     "test_the_value_head_gets_the_gradient_of_the_definition",
+     "    losses, clipped = [], []", "    values = values.detach()\n    losses, clipped = [], []"),
+    ("ppo.value_loss", "statistics still attached to the graph", "test_statistics_are_detached",
+     '{"vf_clipfrac": torch.stack(clipped).mean()}', '{"vf_clipfrac": torch.stack(clipped).mean() + 0 * values.sum()}'),
+    ("ppo.value_loss", "zeroes the padding of the caller's returns in place",
+     "test_value_loss_leaves_its_inputs_unchanged",
+     "    losses, clipped = [], []", "    returns *= mask\n    losses, clipped = [], []"),
+    ("ppo.gae", "zeroes the padding of the caller's values in place", "test_gae_leaves_its_inputs_unchanged",
+     "    advantages, returns = torch.zeros_like(rewards), torch.zeros_like(rewards)",
+     "    values *= mask\n    advantages, returns = torch.zeros_like(rewards), torch.zeros_like(rewards)"),
+    ("ppo.gae", "γ left out of δ", "test_gae_uses_gamma",
+     "delta = rewards[b, t] + gamma * next_value - values[b, t]", "delta = rewards[b, t] + next_value - values[b, t]"),
+    ("ppo.gae", "returns without the values", "test_gae_returns_are_advantages_plus_values",
+     "returns[b, t] = next_advantage + values[b, t]", "returns[b, t] = next_advantage"),
+    ("ppo.gae", "returns with the values after </s>", "test_gae_puts_nothing_after_eos",
+     "advantages, returns = torch.zeros_like(rewards), torch.zeros_like(rewards)",
+     "advantages, returns = torch.zeros_like(rewards), values.clone()"),
+    ("ppo.gae", "returns only the advantages", "test_gae_returns_advantages_and_returns_of_shape_b_t",
+     "    return advantages, returns", "    return advantages"),
+    ("ppo.grpo_advantages", "ε under the square root, sqrt(var + ε)",
+     "test_epsilon_is_added_to_the_std_not_under_the_root",
+     "(x - mean) / (std + eps)", "(x - mean) / math.sqrt(std ** 2 + eps)"),
+    ("ppo.grpo_advantages", "one std over the whole batch", "test_grpo_std_is_the_groups_not_the_batchs",
+     "std = math.sqrt(sum((x - mean) ** 2 for x in group) / (k - 1))", "std = rewards.std().item()"),
+    ("ppo.grpo_advantages", "shifts the caller's rewards in place", "test_grpo_leaves_its_inputs_unchanged",
+     "    advantages = torch.zeros_like(rewards)",
+     "    rewards -= rewards.mean()\n    advantages = torch.zeros_like(rewards)"),
+    ("ppo.grpo_advantages", "one advantage per context", "test_grpo_gives_one_advantage_per_reply",
+     "    return advantages", "    return advantages.view(-1, k).mean(1)"),
+    ("ppo.rloo_advantages", "shifts the caller's rewards in place", "test_rloo_leaves_its_inputs_unchanged",
+     "    advantages = torch.zeros_like(rewards)",
+     "    rewards -= rewards.mean()\n    advantages = torch.zeros_like(rewards)"),
+    ("ppo.rloo_advantages", "one advantage per context", "test_rloo_gives_one_advantage_per_reply",
+     "    return advantages", "    return advantages.view(-1, k).mean(1)"),
+    ("ppo.rloo_advantages", "baseline divided by k, not k - 1", "test_rloo_baseline_leaves_the_reply_itself_out",
+     "group[i] - others / (k - 1)", "group[i] - others / k"),
+    ("ppo.per_token_kl", "no gradient (computed on detached log-probs)",
+     "test_kl_gradient_flows_to_the_policy_log_probs",
+     "d = logprobs[b, t] - ref_logprobs[b, t]", "d = (logprobs[b, t] - ref_logprobs[b, t]).detach()"),
+    ("ppo.per_token_kl", "zeroes the padding of the caller's log-probs in place",
+     "test_per_token_kl_leaves_its_inputs_unchanged",
+     "    kl = torch.zeros_like(logprobs)", "    logprobs[mask == 0] = 0\n    kl = torch.zeros_like(logprobs)"),
+    ("ppo.per_token_kl", "k3 with the ratio inverted", "test_k3_estimator",
+     "x = torch.exp(-d) - 1 + d", "x = torch.exp(d) - 1 - d"),
+    ("ppo.per_token_kl", "clamp to [0, 10] whatever kl_min and kl_max say", "test_kl_clamp_follows_kl_min_and_kl_max",
+     "x = torch.clamp(x, min=kl_min, max=kl_max)", "x = torch.clamp(x, min=0.0, max=10.0)"),
+    ("ppo.kl_penalized_rewards", "zeroes the padding of the caller's log-probs in place",
+     "test_kl_penalized_rewards_leave_their_inputs_unchanged",
+     "    rewards = -kl_coef * per_token_kl(", "    logprobs.mul_(mask)\n    rewards = -kl_coef * per_token_kl("),
+    ("ppo.kl_penalized_rewards", "the penalty's sign flipped", "test_every_real_token_pays_beta_times_kl",
+     "rewards = -kl_coef * per_token_kl(", "rewards = kl_coef * per_token_kl("),
+    ("ppo.kl_penalized_rewards", "the KL settings not passed on", "test_the_kl_settings_are_passed_on",
+     "per_token_kl(logprobs, ref_logprobs, mask, kl_min, kl_max, estimator)",
+     "per_token_kl(logprobs, ref_logprobs, mask)"),
+    ("ppo.kl_penalized_rewards", "the score also after </s>", "test_score_lands_on_the_last_real_token",
+     "            rewards[b, real[-1]] += scores[b]",
+     "            rewards[b, real[-1]:] += scores[b]"),
+    ("ppo.kl_penalized_rewards", "the penalty also after </s>", "test_rewards_are_0_after_eos",
+     "per_token_kl(logprobs, ref_logprobs, mask, kl_min,",
+     "per_token_kl(logprobs, ref_logprobs, mask * 0 + 1, kl_min,"),
+    ("reward.reward_from_logits", "shifts the caller's logits in place (a stable softmax on the input)",
+     "test_reward_leaves_its_inputs_unchanged",
+     "    rewards = []", "    logits -= logits.max(dim=-1, keepdim=True).values\n    rewards = []"),
+    ("reward.reward_from_logits", "one reward per mechanism", "test_reward_gives_one_number_per_reply",
+     "rewards.append(torch.stack(probs).prod())", "rewards.append(torch.stack(probs))"),
+    ("ppo.value_loss", "min of the two errors, not max", "test_value_loss_clips_the_value_update",
+     "torch.maximum(error, error_clip)", "torch.minimum(error, error_clip)"),
+    ("ppo.value_loss", "always the clipped error", "test_value_loss_takes_the_larger_error",
+     "torch.maximum(error, error_clip)", "error_clip"),
+    ("ppo.policy_loss", "unclipped term detached outside the clip range",
+     "test_gradient_on_the_clipped_and_unclipped_sides",
+     "unclipped = -advantages[b, t] * ratio",
+     "unclipped = -advantages[b, t] * (ratio if 1 - clip_range <= ratio <= 1 + clip_range else ratio.detach())"),
+    ("ppo.policy_loss", "ρ = exp(log π_old - log π) only in the statistics", "test_ratio_is_1_before_the_first_update",
+     "ratios.append(ratio.detach())", "ratios.append(ratio.detach() + 1)"),
+    ("ppo.policy_loss", "clipped tokens still pushed", "test_clipped_tokens_get_no_gradient",
+     "losses.append(torch.maximum(unclipped, clip))",
+     "losses.append(torch.maximum(unclipped, clip.detach() + unclipped - unclipped.detach()))"),
+    ("ppo.policy_loss", "returns a per-token loss", "test_policy_loss_returns_a_scalar_loss_and_its_statistics",
+     "    return mean(losses), {", "    return torch.stack(losses), {"),
 ]
 
 
@@ -227,10 +406,21 @@ def failing_checks(exercise, function, monkeypatch):
 AVAILABLE = lab.available_exercises(ROOT)  # ppo.grpo_advantages only where ppo.py has it
 
 
+def reference_function(exercise):
+    module, name = exercise.split(".")
+    return getattr({"ppo": ppo, "reward": reward}[module], name)
+
+
+@pytest.mark.parametrize("style", ["loops", "vector", "reference"])
 @pytest.mark.parametrize("exercise", [e for e in LOOPS if e in AVAILABLE])
-def test_correct_loop_implementations_pass_every_check(exercise, monkeypatch):
-    """An implementation written another way (Python loops instead of tensor ops) passes all of its checks."""
-    assert failing_checks(exercise, compile_function(exercise, LOOPS[exercise]), monkeypatch) == {}
+def test_correct_implementations_pass_every_check(exercise, style, monkeypatch):
+    """Three correct implementations of each exercise pass all of its checks: Python loops, tensor code other than
+    the reference's (VECTOR), and the repository's own function."""
+    if style == "reference":
+        function = reference_function(exercise)
+    else:
+        function = compile_function(exercise, {"loops": LOOPS, "vector": VECTOR}[style][exercise])
+    assert failing_checks(exercise, function, monkeypatch) == {}
 
 
 @pytest.mark.parametrize("exercise, mistake, check, correct, wrong", [m for m in MUTANTS if m[0] in AVAILABLE],
@@ -242,6 +432,31 @@ def test_each_usual_mistake_fails_the_check_that_names_it(exercise, mistake, che
     failures = failing_checks(exercise, compile_function(exercise, mutant(exercise, correct, wrong)), monkeypatch)
     assert failures, f"{mistake}: every check passed"
     assert next(iter(failures)) == check, f"{mistake}: the first check to fail is not {check}: {failures}"
+
+
+# The catch-all checks ("... matches the definition"), whose message is the numbers that differ: every mistake that
+# reaches them is caught earlier by a check that names it, so no planted mistake fails them first.
+CATCH_ALL = {"test_gae_matches_the_definition", "test_rloo_matches_the_definition",
+             "test_kl_matches_the_definition", "test_kl_penalized_rewards_match_the_definition",
+             "test_policy_loss_and_statistics_match_the_definition", "test_value_loss_matches_the_definition",
+              "test_reward_matches_the_definition",
+              "test_grpo_advantages_are_the_rewards_centred_and_scaled_per_context",
+             "test_equal_rewards_give_zero_advantages_not_nan",  # the no-ε mutant names it
+             "test_padding_is_ignored",  # the unmasked mutants of policy_loss and value_loss name it
+             "test_rloo_advantages_sum_to_zero_per_context", "test_reward_lies_in_0_1_and_is_1_for_certain_identifiers",
+             }
+
+
+def test_every_check_is_the_first_to_fail_on_a_planted_mistake():
+    """Each check of lab/checks (but the catch-all comparisons with the definition) is the first to fail on at least
+    one mistake of MUTANTS, so its message is tested against the mistake that triggers it; the parametrized test
+    above asserts that it does fail first."""
+    checks = set()
+    for exercise in AVAILABLE:
+        module = load(ROOT / lab.EXERCISES[exercise], f"lab_check_list_{exercise.split('.')[1]}")
+        checks |= {name for name in vars(module) if name.startswith("test_")}
+    named = {m[2] for m in MUTANTS if m[0] in AVAILABLE}
+    assert checks - named - CATCH_ALL == set(), "checks no planted mistake fails first"
 
 
 def test_a_caller_passing_the_reference_log_probs_as_old_log_probs_is_told_so(monkeypatch):
@@ -373,9 +588,10 @@ def test_a_syntax_error_in_the_students_code_fails_each_of_its_functions(tmp_pat
         assert "SyntaxError" in verdicts(p.stdout)[exercise]
 
 
-def test_loop_based_gae_and_rloo_pass_and_ppo_with_them_learns(tmp_path):
+def test_loop_based_gae_and_rloo_pass_and_train_as_the_reference(tmp_path):
     """A student's correct GAE and RLOO written with Python loops pass their checks; then `check` trains the tiny
-    preset on made-up data with that code, and the run finishes with finite numbers (the one test with the run)."""
+    preset on made-up data with that code and with the reference functions, with PPO and with RLOO (rloo_advantages
+    is an exercise), and both runs agree: PASS for each algorithm."""
     copy = new_copy(tmp_path / "student", "gae", "rloo_advantages")
     source = (copy / "ppo.py").read_text(encoding="utf-8")
     for exercise in ("ppo.gae", "ppo.rloo_advantages"):
@@ -385,7 +601,69 @@ def test_loop_based_gae_and_rloo_pass_and_ppo_with_them_learns(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     lines = verdicts(p.stdout)
     assert lines["ppo.gae"] == "PASS ppo.gae" and lines["ppo.rloo_advantages"] == "PASS ppo.rloo_advantages"
-    assert "PASS ppo run: 40 iterations" in p.stdout and "every number finite" in p.stdout
+    assert "PASS training check (ppo)" in p.stdout and "PASS training check (rloo)" in p.stdout, p.stdout
+    assert "training check (grpo)" not in p.stdout
+
+
+def test_the_copys_own_checks_are_not_used(tmp_path):
+    """`check` grades with the grader's lab/checks: a copy whose lab/checks files are all emptied (or deleted) still
+    fails a GAE without λ, with the grader's message."""
+    copy = new_copy(tmp_path / "student", "gae")
+    for path in (copy / "lab" / "checks").glob("*.py"):
+        path.write_text("", encoding="utf-8")
+    (copy / "lab" / "checks" / "conftest.py").write_text("import pytest\npytest.skip('no checks', "
+                                                         "allow_module_level=True)\n", encoding="utf-8")
+    exercise, _, _, correct, wrong = MUTANTS[0]
+    text = (copy / "ppo.py").read_text(encoding="utf-8")
+    source = lab.replace_function(text, "gae", mutant(exercise, correct, wrong))
+    (copy / "ppo.py").write_text(source, encoding="utf-8")
+    p = check(copy, "--no-run")
+    assert p.returncode == 1
+    assert verdicts(p.stdout)["ppo.gae"].startswith("FAIL ppo.gae: λ weighs the later TD errors"), p.stdout
+    for path in (copy / "lab" / "checks").glob("*.py"):
+        path.unlink()
+    p = check(copy, "--no-run")
+    assert p.returncode == 1 and verdicts(p.stdout)["ppo.gae"].startswith("FAIL ppo.gae: λ weighs"), p.stdout
+
+
+def reference_source(exercise):
+    module, name = exercise.split(".")
+    text = (ROOT / f"{module}.py").read_text(encoding="utf-8")
+    node = lab.find_function(text, name)
+    return "".join(text.splitlines(keepends=True)[node.lineno - 1:node.end_lineno])
+
+
+def test_the_training_check_fails_a_value_loss_on_detached_values(tmp_path, capsys):
+    """A value loss computed on values.detach() has the right value, so only a gradient check sees it in a unit
+    test; the training check sees it too: the first iteration's statistics move beyond rounding (the shared decoder
+    gets no value gradient), and it says so. (The unit checks are skipped here to reach the training check.)"""
+    copy = new_copy(tmp_path / "student", "value_loss")
+    wrong = reference_source("ppo.value_loss").replace("vf_losses = (values - returns)",
+                                                       "vf_losses = (values.detach() - returns)")
+    wrong = wrong.replace("torch.clamp(values,", "torch.clamp(values.detach(),")
+    assert wrong.count("detach()") == 2
+    source = lab.replace_function((copy / "ppo.py").read_text(encoding="utf-8"), "value_loss", wrong)
+    (copy / "ppo.py").write_text(source, encoding="utf-8")
+    capsys.readouterr()
+    assert lab.training_check(copy, ["ppo.value_loss"]) is False
+    out = capsys.readouterr().out
+    assert "FAIL training check (ppo)" in out and "iteration 1 " in out, out
+
+
+def test_compare_runs_tolerates_rounding_and_names_what_differs():
+    """compare_runs: identical runs and runs that differ by float32 rounding agree; a first iteration whose
+    approx_kl moved by 1 % is named, and so is a final score beyond the seeds' spread; nan agrees with nan only."""
+    line = {"stage": "ppo", **{key: 1.0 for key in lab.FIRST_FIELDS}}
+    run = ([dict(line, step=i) for i in range(1, 21)], {"emprl": {"reward": 0.1}})
+    assert lab.compare_runs(run, run) == []
+    rounded = ([dict(r, approx_kl=r["approx_kl"] * (1 + 1e-6)) for r in run[0]], run[1])
+    assert lab.compare_runs(rounded, run) == []
+    moved = ([dict(run[0][0], approx_kl=1.01)] + run[0][1:], run[1])
+    assert [line.split(":")[0] for line in lab.compare_runs(moved, run)] == ["iteration 1 approx_kl"]
+    stuck = ([dict(r, score=r["score"] - 0.5) if r["step"] > 10 else r for r in run[0]], run[1])
+    assert [line.split(",")[0] for line in lab.compare_runs(stuck, run)] == ["score"]
+    nan = ([dict(r, explained_var=math.nan) for r in run[0]], run[1])
+    assert lab.compare_runs(nan, nan) == [] and lab.compare_runs(nan, run) != []
 
 
 # ---------------------------------------------------------------------------------------- check-run

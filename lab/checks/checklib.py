@@ -55,3 +55,35 @@ def assert_close(got, want, what, rtol=1e-5, atol=1e-6, expected="the definition
 def masked_mean(x, mask):
     """mean over the real tokens, Σ x·m / Σ m, written out (float64)."""
     return (x * mask).sum() / mask.sum()
+
+
+def call_keeping_inputs(function, what, *args, **kwargs):
+    """function(*args, **kwargs), then an AssertionError naming the first tensor argument the call changed in place
+    (`what` names the arguments in order: "rewards, values, mask")."""
+    names = [name.strip() for name in what.split(",")]
+    before = [a.detach().clone() if isinstance(a, torch.Tensor) else None for a in args]
+    out = function(*args, **kwargs)
+    for name, arg, copy in zip(names, args, before):
+        if copy is not None and not torch.equal(arg.detach(), copy):
+            raise AssertionError(f"the call changed its argument {name} in place (e.g. `{name} *= mask` or "
+                                 f"`{name}[...] = ...`): the caller still needs it; compute on a new tensor")
+    return out
+
+
+def assert_detached(stats, what="stats"):
+    """Every value of the dict stats is a tensor with no graph attached (requires_grad False)."""
+    for name, value in stats.items():
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            raise AssertionError(f"{what}['{name}'] is still attached to the autograd graph: return it detached "
+                                 f"(.detach() or under torch.no_grad()), else every minibatch's graph stays in memory")
+
+
+def gradient(loss, x, what):
+    """d loss / d x as a float64 tensor; an AssertionError in words when no gradient reaches x."""
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        raise AssertionError(f"no gradient reaches {what}: the loss is not a function of it in autograd (computed "
+                             f"on .detach()ed tensors, under torch.no_grad(), or through .item()?)")
+    (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    if grad is None:
+        raise AssertionError(f"no gradient reaches {what}: the loss does not depend on it in autograd (detached?)")
+    return grad.detach().to(F64)

@@ -1,7 +1,11 @@
-"""The lab checks: the repository root and this folder on sys.path (for ppo, reward, checklib), and, when
+"""The lab checks: the code under test and this folder on sys.path (for ppo, reward, checklib), and, when
 `lab.py check` asks for it through the environment variable LAB_REPORT, one JSON line per check in that file: its
 test id, outcome, docstring, and the exception that failed it. Without LAB_REPORT (a plain pytest run) they are
-ordinary tests."""
+ordinary tests.
+
+The code under test is the student copy named by the environment variable LAB_CODE (`lab.py check DIR` sets it
+to DIR), else the repository these checks belong to. The checks themselves always come from the grader's
+repository: `lab.py check` runs its own lab/checks, never the copy's, so editing the copy's checks changes nothing."""
 import json
 import os
 import re
@@ -10,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # ppo, reward
+CODE = Path(os.environ.get("LAB_CODE") or Path(__file__).resolve().parents[2]).resolve()
+sys.path.insert(0, str(CODE))  # ppo, reward: the student's (LAB_CODE) or this repository's
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # checklib, whatever pytest's import mode
 
 

@@ -5,7 +5,7 @@
 import torch
 
 import ppo
-from checklib import LENGTHS, T, assert_close, junk_after_eos, prefix_mask, rand, tensor
+from checklib import LENGTHS, T, assert_close, call_keeping_inputs, junk_after_eos, prefix_mask, rand, tensor
 
 F64 = torch.float64
 
@@ -45,6 +45,13 @@ def test_gae_returns_advantages_and_returns_of_shape_b_t():
     advantages, returns = call(rewards, values, mask, 1.0, 0.95)
     for name, x in (("advantages", advantages), ("returns", returns)):
         assert x.shape == rewards.shape, f"{name} has shape {tuple(x.shape)}, expected {tuple(rewards.shape)}"
+
+
+def test_gae_leaves_its_inputs_unchanged():
+    """gae changes none of its arguments in place (no `values *= mask`): the caller keeps the rollout's values for
+    the value loss's clip and the statistics."""
+    rewards, values, mask = batch(200)
+    call_keeping_inputs(ppo.gae, "rewards, values, mask", rewards, values, mask, 1.0, 0.95)
 
 
 def test_gae_puts_nothing_after_eos():

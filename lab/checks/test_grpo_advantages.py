@@ -2,13 +2,14 @@
 
     A_i = (r_i - mean_g(r)) / (std_g(r) + ε)     over the k consecutive replies i of one context g
 
-std_g with k - 1 (unbiased, as TRL's GRPOTrainer); the checks allow any ε up to about 1e-3.
+std_g with k - 1 (unbiased, as TRL's GRPOTrainer), over the group's k rewards only, ε added to the std (not
+under the square root). Most checks allow any default ε up to about 1e-3; the small-spread check passes ε = 1e-4.
 """
 import pytest
 import torch
 
 import ppo
-from checklib import assert_close, rand, tensor
+from checklib import assert_close, call_keeping_inputs, rand, tensor
 
 if not hasattr(ppo, "grpo_advantages"):
     pytest.skip("ppo.py has no grpo_advantages", allow_module_level=True)
@@ -24,6 +25,25 @@ def test_grpo_gives_one_advantage_per_reply():
     """grpo_advantages(rewards (N,), k) returns one advantage per reply, shape (N,)."""
     advantages = call(rand(12, 0), 4)
     assert advantages.shape == (12,), f"advantages have shape {tuple(advantages.shape)}, expected (12,)"
+
+
+def test_grpo_leaves_its_inputs_unchanged():
+    """grpo_advantages changes none of its arguments in place: the scores stay as they were."""
+    call_keeping_inputs(ppo.grpo_advantages, "rewards", rand(12, 9), 4)
+
+
+def test_grpo_std_is_the_groups_not_the_batchs():
+    """Each context's advantages are divided by the std of *its own* k rewards, not by one std over the whole
+    batch: contexts with rewards around 0 (std about 1), 100 (std about 10) and -5 (std about 1)."""
+    rewards = torch.cat([rand(4, 11), rand(4, 12, scale=10.0, shift=100.0), rand(4, 13, shift=-5.0)])
+    advantages = call(rewards, 4).view(3, 4)
+    r = rewards.view(3, 4)
+    centred = r - r.mean(1, keepdim=True)
+    scales = (advantages * centred).sum(1) / (centred * centred).sum(1)  # A = scale_g · (r - mean) per context
+    if scales.max() / scales.min() < 1.05:  # the contexts' stds differ tenfold; their scales should too
+        raise AssertionError(f"every context's centred rewards are divided by the same number (1 / "
+                             f"{1 / scales.mean().item():.4g}): one std over the whole batch; divide each context by "
+                             f"the std of its own k rewards")
 
 
 def test_grpo_advantages_are_the_rewards_centred_and_scaled_per_context():
@@ -46,3 +66,19 @@ def test_equal_rewards_give_zero_advantages_not_nan():
     """A context whose k replies all earn the same reward gets advantage 0 (finite: ε keeps 0/0 away)."""
     advantages = call(torch.full((6,), 0.25, dtype=F64), 3)
     assert_close(advantages, torch.zeros(6, dtype=F64), "advantages of equal rewards", atol=1e-5)
+
+
+def test_epsilon_is_added_to_the_std_not_under_the_root():
+    """A_i = (r_i - mean) / (std + ε) with ε = 1e-4 passed in: a context whose rewards spread by about 1e-3 (std
+    ≈ 1e-3) tells std + ε (advantages of about ±0.9) from sqrt(var + ε) (about ±0.1)."""
+    rewards = torch.tensor([0.500, 0.501, 0.499, 0.5015, 0.2, 0.4, 0.6, 0.8], dtype=F64)
+    advantages = tensor(ppo.grpo_advantages(rewards.clone(), 4, eps=1e-4), "advantages")
+    r = rewards.view(2, 4)
+    centred = r - r.mean(1, keepdim=True)
+    want = (centred / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+    under_root = (centred / (r.var(1, keepdim=True) + 1e-4).sqrt()).view(-1)
+    if torch.allclose(advantages, under_root, rtol=1e-4, atol=1e-6):
+        raise AssertionError(f"advantages of the small-spread context are {advantages[:4].tolist()}, the "
+                             f"definition gives {want[:4].tolist()}: ε is under the square root, sqrt(var + ε), "
+                             f"instead of added to the std, std + ε")
+    assert_close(advantages, want, "advantages (a context with std ≈ 1e-3, ε = 1e-4)", rtol=1e-4)

@@ -5,7 +5,7 @@
 import torch
 
 import ppo
-from checklib import LENGTHS, T, assert_close, junk_after_eos, prefix_mask, rand
+from checklib import LENGTHS, T, assert_close, call_keeping_inputs, junk_after_eos, prefix_mask, rand
 from test_per_token_kl import definition as kl_definition
 
 F64 = torch.float64
@@ -38,12 +38,11 @@ def test_score_lands_on_the_last_real_token():
     assert_close(rewards, definition(scores, logprobs, ref_logprobs, mask, 0.0), "rewards with β = 0")
 
 
-def test_every_real_token_pays_beta_times_kl():
-    """With scores 0 the reward is -β·KL_t on every real token (KL_t clamped to [0, 10] as per_token_kl)."""
-    _, logprobs, ref_logprobs, mask = rollout(10)
-    zeros = torch.zeros(len(LENGTHS), dtype=F64)
-    rewards = ppo.kl_penalized_rewards(zeros, logprobs, ref_logprobs, mask, 0.3)
-    assert_close(rewards, definition(zeros, logprobs, ref_logprobs, mask, 0.3), "rewards with scores 0, β = 0.3")
+def test_kl_penalized_rewards_leave_their_inputs_unchanged():
+    """kl_penalized_rewards changes none of its arguments in place (the scores and log-probs are used again)."""
+    scores, logprobs, ref_logprobs, mask = rollout(70)
+    call_keeping_inputs(ppo.kl_penalized_rewards, "scores, logprobs, ref_logprobs, mask", scores, logprobs,
+                        ref_logprobs, mask, 0.2)
 
 
 def test_rewards_are_0_after_eos():
@@ -51,6 +50,14 @@ def test_rewards_are_0_after_eos():
     scores, logprobs, ref_logprobs, mask = rollout(20)
     rewards = ppo.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, 0.2)
     assert_close(rewards * (1 - mask), torch.zeros_like(mask), "rewards after </s>")
+
+
+def test_every_real_token_pays_beta_times_kl():
+    """With scores 0 the reward is -β·KL_t on every real token (KL_t clamped to [0, 10] as per_token_kl)."""
+    _, logprobs, ref_logprobs, mask = rollout(10)
+    zeros = torch.zeros(len(LENGTHS), dtype=F64)
+    rewards = ppo.kl_penalized_rewards(zeros, logprobs, ref_logprobs, mask, 0.3)
+    assert_close(rewards, definition(zeros, logprobs, ref_logprobs, mask, 0.3), "rewards with scores 0, β = 0.3")
 
 
 def test_the_kl_settings_are_passed_on():

@@ -9,7 +9,7 @@ import math
 import torch
 
 import ppo
-from checklib import LENGTHS, T, assert_close, junk_after_eos, prefix_mask, rand
+from checklib import LENGTHS, T, assert_close, call_keeping_inputs, gradient, junk_after_eos, prefix_mask, rand
 
 F64 = torch.float64
 
@@ -52,6 +52,12 @@ def test_kl_is_log_pi_minus_log_pi_ref():
     assert_close(ppo.per_token_kl(logprobs, ref_logprobs, mask), [[0.5, 1.0, 2.5, 0.25]], "KL")
 
 
+def test_per_token_kl_leaves_its_inputs_unchanged():
+    """per_token_kl changes none of its arguments in place (the rollout's log-probs are used again)."""
+    logprobs, ref_logprobs, mask = logprobs_pair(70)
+    call_keeping_inputs(ppo.per_token_kl, "logprobs, ref_logprobs, mask", logprobs, ref_logprobs, mask)
+
+
 def test_kl_is_clamped_to_0_10_by_default():
     """By default the estimate is clamped to [kl_min, kl_max] = [0, 10]: a token the policy likes less than the
     reference gives 0 (not a bonus), and no token costs more than 10 nats."""
@@ -63,7 +69,8 @@ def test_kl_is_clamped_to_0_10_by_default():
 
 
 def test_kl_is_0_after_eos():
-    """KL_t is 0 after </s> (where the mask is 0), whatever log-probs lie there."""
+    """KL_t is 0 on the padding after </s> (where the mask is 0), whatever log-probs lie there: multiply by the
+    mask."""
     logprobs, ref_logprobs, mask = logprobs_pair(0)
     kl = ppo.per_token_kl(logprobs, ref_logprobs, mask)
     assert_close(kl * (1 - mask), torch.zeros_like(mask), "KL after </s>")
@@ -91,3 +98,23 @@ def test_kl_matches_the_definition():
         logprobs, ref_logprobs, mask = logprobs_pair(seed, spread=4.0)
         kl = ppo.per_token_kl(logprobs, ref_logprobs, mask)
         assert_close(kl, definition(logprobs, ref_logprobs, mask), "KL")
+
+
+def test_kl_gradient_flows_to_the_policy_log_probs():
+    """GRPO puts β·mean_m(KL_t) into the loss, so KL_t is differentiated with respect to log π: d KL_t / d log π is
+    1 (k1) or 1 - π_ref/π (k3) on real tokens inside the clamp, 0 where the clamp binds and after </s>."""
+    logprobs, ref_logprobs, mask = logprobs_pair(60, spread=2.0)
+    for kl_min, kl_max, estimator in ((None, None, "k3"), (0.0, 10.0, "k1"), (0.0, 1.0, "k3")):
+        x = logprobs.clone().requires_grad_(True)
+        kl = ppo.per_token_kl(x, ref_logprobs.clone(), mask.clone(), kl_min, kl_max, estimator)
+        grad = gradient(kl.sum() if isinstance(kl, torch.Tensor) else kl, x, "logprobs")
+        want = torch.zeros_like(logprobs)
+        value = definition(logprobs, ref_logprobs, mask, None, None, estimator)
+        for b in range(mask.shape[0]):
+            for t in range(mask.shape[1]):
+                inside = (kl_min is None or value[b, t] > kl_min) and (kl_max is None or value[b, t] < kl_max)
+                if mask[b, t] and inside:
+                    ratio = math.exp(ref_logprobs[b, t].item() - logprobs[b, t].item())
+                    want[b, t] = 1.0 if estimator == "k1" else 1 - ratio
+        assert_close(grad, want, f"the gradient of Σ KL_t with respect to logprobs ({estimator}, kl_min={kl_min}, "
+                                 f"kl_max={kl_max})")

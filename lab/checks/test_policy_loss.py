@@ -12,7 +12,8 @@ import math
 import torch
 
 import ppo
-from checklib import LENGTHS, T, assert_close, junk_after_eos, prefix_mask, rand, tensor
+from checklib import (LENGTHS, T, assert_close, assert_detached, call_keeping_inputs, gradient, junk_after_eos,
+                      prefix_mask, rand, tensor)
 
 F64 = torch.float64
 
@@ -62,6 +63,13 @@ def test_policy_loss_returns_a_scalar_loss_and_its_statistics():
     assert not missing, f"stats lacks {sorted(missing)}"
 
 
+def test_policy_loss_leaves_its_inputs_unchanged():
+    """policy_loss changes none of its arguments in place: the rollout's log-probs and advantages serve every
+    minibatch of every epoch."""
+    call_keeping_inputs(ppo.policy_loss, "logprobs, old_logprobs, advantages, mask", LOGPROBS.clone(),
+                        OLD_LOGPROBS.clone(), ADVANTAGES.clone(), MASK.clone())
+
+
 def test_padding_is_ignored():
     """The loss is a mean over real tokens only: what lies after </s> changes nothing."""
     loss, _ = call(LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK)
@@ -94,7 +102,19 @@ def test_ratio_is_against_the_rollout_policy_not_the_reference_model():
                              f"{want_stats['approx_kl']:.6g}")
     assert_close(loss, want, "the loss")
     assert_close(stats["ratio"], want_stats["ratio"], "stats['ratio']")
-    assert_close(stats["approx_kl"], want_stats["approx_kl"], "stats['approx_kl']")
+
+
+def test_approx_kl_is_half_the_mean_squared_log_ratio():
+    """The statistics of the update: approx_kl = ½·mean_m((log π - log π_old)²) (mind the ½) and approx_kl_k3 =
+    mean_m((ρ - 1) - log ρ), means over the real tokens."""
+    _, stats = call(LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK, clip_range=10.0)
+    _, want = definition(LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK, clip_range=10.0)
+    got = tensor(stats["approx_kl"], "stats['approx_kl']").item()
+    if abs(got - 2 * want["approx_kl"]) < 1e-9:
+        raise AssertionError(f"stats['approx_kl'] is {got:.6g}, twice the definition's {want['approx_kl']:.6g}: "
+                             f"the ½ is missing")
+    assert_close(stats["approx_kl"], want["approx_kl"], "stats['approx_kl']")
+    assert_close(stats["approx_kl_k3"], want["approx_kl_k3"], "stats['approx_kl_k3']")
 
 
 def test_clipping_is_pessimistic():
@@ -130,3 +150,66 @@ def test_policy_loss_and_statistics_match_the_definition():
         assert_close(loss, want, f"the loss (c = {clip_range})")
         for name, value in want_stats.items():
             assert_close(stats[name], value, f"stats['{name}'] (c = {clip_range})")
+
+
+def definition_gradient(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
+    """d L_pg / d log π written out token by token: -A·ρ/n where the unclipped term -A·ρ is the larger (ρ inside
+    [1-c, 1+c], where the two terms are equal, included), 0 where the clipped term is the larger (it is constant)."""
+    grad = torch.zeros_like(logprobs)
+    n = mask.sum().item()
+    for b in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            if mask[b, t] == 0:
+                continue
+            rho, a = math.exp(logprobs[b, t].item() - old_logprobs[b, t].item()), advantages[b, t].item()
+            inside = 1 - clip_range <= rho <= 1 + clip_range
+            if inside or -a * rho > -a * min(max(rho, 1 - clip_range), 1 + clip_range):
+                grad[b, t] = -a * rho / n
+    return grad
+
+
+def loss_gradient(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
+    x = logprobs.clone().requires_grad_(True)
+    loss, _ = call(x, old_logprobs, advantages, mask, clip_range)
+    return gradient(loss, x, "logprobs")
+
+
+def test_gradient_at_ratio_1_is_minus_the_advantage():
+    """Before the first update (ρ = 1) the gradient of L_pg with respect to log π is -A_t/n on every real token
+    (n real tokens) and 0 after </s>: ρ is differentiable in both terms of the max. A term computed on a detached ρ
+    halves it here (torch.max splits a tie) and learning goes at half speed, with the same loss value."""
+    grad = loss_gradient(OLD_LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK)
+    want = definition_gradient(OLD_LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK)
+    if torch.allclose(grad, want / 2, atol=1e-9):
+        raise AssertionError("the gradient with respect to logprobs at ρ = 1 is half the definition's: one term of "
+                             "the max gets no gradient (ρ detached there?)")
+    assert_close(grad, want, "the gradient with respect to logprobs at ρ = 1")
+
+
+def test_gradient_on_the_clipped_and_unclipped_sides():
+    """At ρ ≠ 1 the gradient of L_pg with respect to log π is -A·ρ/n where the unclipped term is the larger (ρ
+    inside [1-c, 1+c], or outside on the side where clipping does not bind: A > 0 and ρ < 1-c, A < 0 and ρ > 1+c)
+    and 0 where the clipped term is: ratios 0.7 .. 1.3 with A = ±1, then random ones, clip ranges 0.2 and 0.1."""
+    ratios = [0.7, 0.9, 1.1, 1.3]
+    logprobs = torch.tensor([ratios, ratios], dtype=F64).log()
+    zeros, ones = torch.zeros(2, 4, dtype=F64), torch.ones(2, 4, dtype=F64)
+    advantages = torch.tensor([[1.0] * 4, [-1.0] * 4], dtype=F64)
+    grad = loss_gradient(logprobs, zeros, advantages, ones)
+    want = definition_gradient(logprobs, zeros, advantages, ones)
+    unclipped_side = [(0, 0), (1, 3)]  # A > 0, ρ < 1 - c and A < 0, ρ > 1 + c: the unclipped term is the larger
+    if all(grad[i].item() == 0 for i in unclipped_side):
+        raise AssertionError(f"the gradient is 0 on the unclipped side (ρ = 0.7 with A = 1, ρ = 1.3 with A = -1), "
+                             f"the definition gives {want[0, 0].item():.4g} and {want[1, 3].item():.4g}: the "
+                             f"unclipped term -A·ρ gets no gradient (ρ detached there?)")
+    assert_close(grad, want, "the gradient with respect to logprobs (ratios 0.7, 0.9, 1.1, 1.3; A = ±1)")
+    for clip_range in (0.2, 0.1):
+        grad = loss_gradient(LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK, clip_range)
+        want = definition_gradient(LOGPROBS, OLD_LOGPROBS, ADVANTAGES, MASK, clip_range)
+        assert_close(grad, want, f"the gradient with respect to logprobs (random ρ, c = {clip_range})")
+
+
+def test_statistics_are_detached():
+    """The statistics (ratio, clipfrac, approx_kl, approx_kl_k3) are detached 0-dim tensors: logged, never
+    differentiated."""
+    loss, stats = call(LOGPROBS.clone().requires_grad_(True), OLD_LOGPROBS, ADVANTAGES, MASK)
+    assert_detached(stats)

@@ -7,7 +7,7 @@ import math
 import torch
 
 import reward
-from checklib import assert_close, rand, tensor
+from checklib import assert_close, call_keeping_inputs, rand, tensor
 
 
 def definition(logits, targets):
@@ -34,6 +34,12 @@ def test_reward_gives_one_number_per_reply():
     """reward_from_logits(logits (B, M, C), targets (B, M)) returns one reward per reply, shape (B,)."""
     r = call(rand((6, 3, 3), 0), levels((6, 3), 1))
     assert r.shape == (6,), f"the reward has shape {tuple(r.shape)}, expected (6,)"
+
+
+def test_reward_leaves_its_inputs_unchanged():
+    """reward_from_logits changes none of its arguments in place (no `logits -= logits.max()` on the caller's
+    tensor)."""
+    call_keeping_inputs(reward.reward_from_logits, "logits, targets", rand((6, 3, 3), 80), levels((6, 3), 81))
 
 
 def test_softmax_is_over_the_levels_of_each_mechanism():

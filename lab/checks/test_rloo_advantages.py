@@ -5,7 +5,7 @@
 import torch
 
 import ppo
-from checklib import assert_close, rand, tensor
+from checklib import assert_close, call_keeping_inputs, rand, tensor
 
 
 def definition(rewards, k):
@@ -27,6 +27,11 @@ def test_rloo_gives_one_advantage_per_reply():
     """rloo_advantages(rewards (N,), k) returns one advantage per reply, shape (N,)."""
     advantages = call(rand(12, 0), 4)
     assert advantages.shape == (12,), f"advantages have shape {tuple(advantages.shape)}, expected (12,)"
+
+
+def test_rloo_leaves_its_inputs_unchanged():
+    """rloo_advantages changes none of its arguments in place: the rewards stay as they were."""
+    call_keeping_inputs(ppo.rloo_advantages, "rewards", rand(12, 8), 4)
 
 
 def test_rloo_baseline_leaves_the_reply_itself_out():

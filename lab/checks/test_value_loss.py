@@ -6,7 +6,8 @@
 import torch
 
 import ppo
-from checklib import LENGTHS, T, assert_close, junk_after_eos, prefix_mask, rand, tensor
+from checklib import (LENGTHS, T, assert_close, assert_detached, call_keeping_inputs, gradient, junk_after_eos,
+                      prefix_mask, rand, tensor)
 
 F64 = torch.float64
 
@@ -53,6 +54,13 @@ def test_value_loss_is_half_the_mean_squared_error_inside_the_clip_range():
     assert_close(loss, 0.5 * ((values - returns) ** 2).mean(), "the loss")
 
 
+def test_value_loss_leaves_its_inputs_unchanged():
+    """value_loss changes none of its arguments in place: the rollout's values and returns serve every minibatch of
+    every epoch."""
+    values, old_values, returns, mask = batch(60)
+    call_keeping_inputs(ppo.value_loss, "values, old_values, returns, mask", values, old_values, returns, mask)
+
+
 def test_value_loss_clips_the_value_update():
     """A value that moved more than c from V_old *towards* the return is charged the error of V^clip = clip(V,
     V_old - c, V_old + c), the larger one: V_old = 0, V = 0.5, R = 1, c = 0.2 costs ½·(0.2 - 1)² = 0.32, not
@@ -89,3 +97,39 @@ def test_value_loss_matches_the_definition():
         want, want_clipfrac = definition(values, old_values, returns, mask, clip_range_value)
         assert_close(loss, want, f"the loss (c = {clip_range_value})")
         assert_close(stats["vf_clipfrac"], want_clipfrac, f"stats['vf_clipfrac'] (c = {clip_range_value})")
+
+
+def definition_gradient(values, old_values, returns, mask, clip_range_value=0.2):
+    """d L_v / d V written out token by token: (V - R)/n where (V - R)² is the larger error (V inside [V_old - c,
+    V_old + c], where V^clip = V, included), 0 where the clipped error is the larger (V^clip is constant there)."""
+    grad = torch.zeros_like(values)
+    n = mask.sum().item()
+    for b in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            if mask[b, t] == 0:
+                continue
+            v, v_old, r = values[b, t].item(), old_values[b, t].item(), returns[b, t].item()
+            v_clip = min(max(v, v_old - clip_range_value), v_old + clip_range_value)
+            if v_clip == v or (v - r) ** 2 > (v_clip - r) ** 2:
+                grad[b, t] = (v - r) / n
+    return grad
+
+
+def test_the_value_head_gets_the_gradient_of_the_definition():
+    """The gradient of L_v with respect to V is (V - R)/n on real tokens whose own error is the larger (V inside the
+    clip range included), 0 where the clipped error is and after </s>: V is differentiable in both terms. A loss
+    computed on values.detach() has the right value and trains nothing: the value head never learns."""
+    for seed, clip_range_value in ((30, 0.2), (40, 0.5)):
+        values, old_values, returns, mask = batch(seed)
+        x = values.clone().requires_grad_(True)
+        loss, _ = ppo.value_loss(x, old_values.clone(), returns.clone(), mask.clone(), clip_range_value)
+        grad = gradient(loss, x, "values")
+        want = definition_gradient(values, old_values, returns, mask, clip_range_value)
+        assert_close(grad, want, f"the gradient with respect to values (c = {clip_range_value})")
+
+
+def test_statistics_are_detached():
+    """The statistics (vf_clipfrac) are detached tensors: logged, never differentiated."""
+    values, old_values, returns, mask = batch(50)
+    _, stats = call(values.clone().requires_grad_(True), old_values, returns, mask)
+    assert_detached(stats)
