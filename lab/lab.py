@@ -33,9 +33,17 @@ gradient, in float64), and require detached statistics and inputs left unchanged
 this repository's, and compares the two runs (about 30 s on 2 CPU cores per algorithm; RLOO and GRPO too when
 their advantages are exercises).
 
-`check-run` compares a run's results.json with a reference results.json, metric by metric, within the absolute
-tolerances of a JSON table {"emprl.emp_f1": 1.5, "difference.emp_f1.mean": 2.0, ...} whose keys are dotted paths
-into results.json.
+`check-run` tells a correct run of the base preset from a subtly wrong one, using the run records in docs/runs
+(results.json and log.jsonl each). It first compares the run's config with the base record's (docs/runs/cpu): a run
+of another algorithm, reward, KL setting or preset is reported as a variant and checked against the records of that
+variant (the centres from them), or NOT GRADED when there is none; seeds and dtype may differ (PIPELINE). Then, for
+each metric of METRICS (the gains over SFT overall and per mechanism, by the identifiers and by the judge; EmpRL and
+SFT against the majority constant; perplexity and its rise; distinct replies; length; the KL to the SFT model over
+the last PPO iterations of log.jsonl), it prints the value and the band [low, high] = centre ± k × SD with where
+each comes from (bands(): centre = mean over the base run's PPO seeds cpu, cpu_s1, ...; SD over those and the other
+pipelines; k for a false alarm of ALPHA per metric). A run that is itself a record is checked against bands made
+without it. `bands --write=lab/tolerances.json` writes the bands of the records, for reading; a test checks the
+committed file matches the records.
 
 Exit status: 0 when everything passes (is in range), 1 when something fails or a file is missing or damaged,
 2 for a command-line mistake such as an unknown exercise.
@@ -47,6 +55,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -436,6 +445,42 @@ def cmd_check(args):
 
 # ----------------------------------------------------------------------------------------------- check-run
 
+# The records check-run grades against (docs/runs/<name>/: results.json and log.jsonl of a finished run). The base
+# run's PPO seeds are BASE and every BASE_s<N> (N = 1, 2, ...; whichever exist); the other pipelines are correct runs
+# of the same method whose SFT and identifiers differ too (another --seed, float32 instead of bfloat16). Records of
+# earlier code (EARLIER) take no part: their numbers are no longer quoted (docs/ablations.md).
+BASE = "cpu"
+OTHER_PIPELINES = ["cpu_seed2", "cpu_fp32"]
+EARLIER = ["cpu_fp32_earlier", "cpu_fp32_earlier_no_kl"]
+# config fields that say where and how a run ran, not what it computes; and the fields a correct reproduction may
+# differ in (its seeds and its dtype: the other pipelines and the PPO seeds differ in them)
+PLUMBING = {"out_dir", "data_dir", "from_run", "device", "max_nonfinite"}
+PIPELINE = {"seed", "ppo_seed", "dtype"}
+ALPHA = 0.01  # the chance that a correct run falls outside one band (see bands()): the false-alarm rate per metric
+KL_LAST = 20  # the KL to the SFT model: mean of the logged `kl` over the last KL_LAST PPO iterations
+# metric -> what it is. A key is a dotted path into results.json, a difference "a - b" of two, or "log:FIELD" (the
+# mean of FIELD over the last KL_LAST PPO iterations of log.jsonl). Differences within one run, not absolute
+# Emp-F1: a pipeline whose identifiers label differently moves every Emp-F1 of the run by 10 points (cpu_seed2).
+METRICS = {
+    "emprl.emp_f1 - sft.emp_f1": "EmpRL's gain in Emp-F1 over SFT, by the identifiers (the reward's own models)",
+    "emprl.emp_f1_er - sft.emp_f1_er": "the gain in ER, by the identifiers",
+    "emprl.emp_f1_ip - sft.emp_f1_ip": "the gain in IP, by the identifiers",
+    "emprl.emp_f1_ex - sft.emp_f1_ex": "the gain in EX, by the identifiers",
+    "emprl.emp_f1_judge - sft.emp_f1_judge": "EmpRL's gain by the independent judge",
+    "emprl.emp_f1_judge_er - sft.emp_f1_judge_er": "the gain in ER, by the judge",
+    "emprl.emp_f1_judge_ip - sft.emp_f1_judge_ip": "the gain in IP, by the judge",
+    "emprl.emp_f1_judge_ex - sft.emp_f1_judge_ex": "the gain in EX, by the judge",
+    "emprl.emp_f1 - majority.emp_f1": "EmpRL above the constant majority level (must also be > 0)",
+    "sft.emp_f1 - majority.emp_f1": "SFT against the constant majority level",
+    "sft.ppl": "perplexity of the human replies under SFT",
+    "emprl.ppl - sft.ppl": "the rise in perplexity from SFT to EmpRL (drift from the language model)",
+    "emprl.unique_frac": "share of distinct EmpRL replies",
+    "emprl.length": "mean EmpRL reply length, words",
+    "log:kl": f"KL to the SFT model, summed over a reply, mean of the last {KL_LAST} PPO iterations",
+}
+MUST_BE_POSITIVE = ["emprl.emp_f1 - majority.emp_f1"]
+
+
 def read_json(path, what):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -468,36 +513,228 @@ def is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def read_run(path):
+    """A run directory (or its results.json) -> {"results", "log" (PPO lines), "config", "path"}."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    results = read_json(directory / "results.json", "the run's results")
+    if not isinstance(results, dict):
+        raise LabError(f"{directory / 'results.json'}: not a results record (a JSON object)")
+    log = []
+    if (directory / "log.jsonl").exists():
+        for line in (directory / "log.jsonl").read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill: the others still count
+            if isinstance(row, dict) and row.get("stage") == "ppo" and "score" in row:
+                log.append(row)
+    config = dict(results.get("config") or {})
+    if config.get("dtype") == "auto":  # what auto chose on that machine
+        config["dtype"] = (results.get("environment") or {}).get("dtype", "auto")
+    return {"results": results, "log": log, "config": config, "path": directory}
+
+
+def metric(run, key):
+    """The value of metric key (see METRICS) in a run, or None."""
+    if key.startswith("log:"):
+        values = [row.get(key[4:]) for row in run["log"][-KL_LAST:]]
+        if len(values) < KL_LAST or not all(is_number(v) for v in values):
+            return None
+        return sum(values) / len(values)
+    value = lookup(run["results"], key)
+    return value if is_number(value) else None
+
+
+def method(config):
+    """The fields of a config that decide what a run computes: all but PLUMBING and PIPELINE."""
+    return {k: v for k, v in config.items() if k not in PLUMBING | PIPELINE}
+
+
+def read_records(records_dir):
+    """{name: run} of every record in records_dir (a folder with results.json)."""
+    records_dir = Path(records_dir)
+    if not (records_dir / BASE / "results.json").exists():
+        raise LabError(f"{records_dir}: no record {BASE}/results.json (the base run's record)")
+    return {d.name: read_run(d) for d in sorted(records_dir.iterdir())
+            if (d / "results.json").exists() and d.name not in EARLIER}
+
+
+def seed_names(records):
+    """The base run's PPO seeds among the records: BASE and BASE_s<N>, which must have BASE's config but ppo_seed."""
+    names = [BASE] + sorted((n for n in records if n.startswith(f"{BASE}_s") and n[len(BASE) + 2:].isdigit()),
+                            key=lambda n: int(n[len(BASE) + 2:]))
+    for name in names:
+        differ = {k for k in set(records[name]["config"]) | set(records[BASE]["config"])
+                  if records[name]["config"].get(k) != records[BASE]["config"].get(k)} - PLUMBING - {"ppo_seed"}
+        if differ:
+            raise LabError(f"record {name} is named as a PPO seed of {BASE} but its config differs in {sorted(differ)}")
+    return names
+
+
+def t_within(x, dof):
+    """P(|T| < x) for Student's t with an integer number dof of degrees of freedom (Abramowitz and Stegun 26.7.3-4,
+    a finite sum)."""
+    theta = math.atan(x / math.sqrt(dof))
+    c2 = math.cos(theta) ** 2
+    if dof % 2:  # odd
+        total, term = 0.0, 1.0
+        for i in range(1, (dof - 1) // 2 + 1):
+            total += term
+            term *= c2 * (2 * i) / (2 * i + 1)
+        inner = math.sin(theta) * math.cos(theta) * total if dof > 1 else 0.0
+        return 2 / math.pi * (theta + inner)
+    total, term = 0.0, 1.0
+    for i in range(1, dof // 2 + 1):
+        total += term
+        term *= c2 * (2 * i - 1) / (2 * i)
+    return math.sin(theta) * total
+
+
+def t_quantile(within, dof):
+    """x with P(|T| < x) = within, by bisection."""
+    low, high = 0.0, 1e6
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_within(middle, dof) < within else (low, middle)
+    return (low + high) / 2
+
+
+def distinct(values):
+    """The values with exact repeats counted once: PPO seeds that reuse one SFT model (--from_run) report the same
+    SFT numbers, which are one measurement of the SFT pipeline, not three."""
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def multiplier(n_centre, n_spread):
+    """k of a band centre ± k·SD: a prediction interval for one new correct run at the false-alarm rate ALPHA, with
+    the SD estimated from n_spread runs (Student's t, n_spread - 1 degrees of freedom) and the centre a mean of
+    n_centre: k = t_{1 - ALPHA/2, n_spread - 1} · sqrt(1 + 1/n_centre)."""
+    return t_quantile(1 - ALPHA, n_spread - 1) * math.sqrt(1 + 1 / n_centre)
+
+
+def bands(records, leave_out=(), centre_names=None):
+    """{metric: band} from the records, the rule in one place:
+
+    centre     = the mean of the metric over the base run's PPO seeds (BASE, BASE_s1, ...), or over centre_names
+                 (the records of a variant);
+    sd         = its standard deviation (n - 1) over the correct runs: the PPO seeds and the other pipelines
+                 (OTHER_PIPELINES), which also retrain SFT and the identifiers; equal values (the SFT numbers of
+                 PPO seeds that share one SFT model) count once;
+    half-width = multiplier(n_centre, n_spread) · sd: a correct run falls outside with probability ALPHA.
+    Records in leave_out take no part (a correct run is checked against bands computed without it). A band is a
+    dict: centre, sd, k, half_width, low, high, and the record names it came from."""
+    seeds = [n for n in seed_names(records) if n not in leave_out]
+    spread = seeds + [n for n in OTHER_PIPELINES if n in records and n not in leave_out]
+    centre_names = [n for n in (centre_names or seeds) if n not in leave_out]
+    out = {}
+    for key in METRICS:
+        missing = [n for n in centre_names + spread if metric(records[n], key) is None]
+        if missing:
+            raise LabError(f"the records {', '.join(missing)} lack the metric {key}")
+        centre_values = distinct([metric(records[n], key) for n in centre_names])
+        values = distinct([metric(records[n], key) for n in spread])
+        if not centre_values or len(values) < 2:
+            raise LabError(f"too few records left for a band of {key} (centre from {centre_names}, spread from "
+                           f"{spread})")
+        centre, sd = sum(centre_values) / len(centre_values), statistics.stdev(values)
+        k = multiplier(len(centre_values), len(values))
+        out[key] = dict(centre=centre, sd=sd, k=k, half_width=k * sd, low=centre - k * sd, high=centre + k * sd,
+                        centre_from=centre_names, spread_from=spread, n_centre=len(centre_values),
+                        n_spread=len(values))
+    return out
+
+
+def bands_table(records_dir):
+    """The committed lab/tolerances.json: the rule, its parameters, and the bands of the base run (`lab.py bands
+    --write=lab/tolerances.json` writes it from docs/runs; a test checks that it matches the records)."""
+    table = bands(read_records(records_dir))
+    first = next(iter(table.values()))
+    return {"rule": "centre = mean over the base run's PPO seeds; sd over those seeds and the other pipelines (equal "
+                    "values once); half_width = k x sd, k = t(1 - alpha/2, n - 1) x sqrt(1 + 1/n_centre); kl = mean "
+                    f"of the logged kl over the last {KL_LAST} PPO iterations",
+            "alpha_per_metric": ALPHA, "centre_from": first["centre_from"], "spread_from": first["spread_from"],
+            "bands": {key: {k: round(band[k], 4) for k in ("centre", "sd", "k", "half_width", "low", "high")}
+                      for key, band in table.items()}}
+
+
+def cmd_bands(args):
+    table = bands_table(args.records)
+    text = json.dumps(table, indent=1, ensure_ascii=False) + "\n"
+    if args.write:
+        Path(args.write).write_text(text, encoding="utf-8")
+        print(f"wrote {args.write}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def describe_config(config, base):
+    """The method fields where config differs from base, "name=value" each."""
+    mine, theirs = method(config), method(base)
+    return [f"{k}={mine.get(k)!r} (the record: {theirs.get(k)!r})" for k in sorted(set(mine) | set(theirs))
+            if mine.get(k) != theirs.get(k)]
+
+
 def cmd_check_run(args):
-    path = Path(args.run_dir)
-    if path.is_dir():
-        path = path / "results.json"
-    results = read_json(path, "the run's results")
-    reference = read_json(args.reference, "the reference results")
-    tolerances = read_json(args.tolerances, "the tolerance table")
-    if not isinstance(tolerances, dict) or not tolerances:
-        raise LabError(f"{args.tolerances}: should be a JSON object {{\"emprl.emp_f1\": 1.5, ...}} with at least one "
-                       f"metric")
-    for key, tolerance in tolerances.items():
-        if not (is_number(tolerance) and tolerance >= 0):
-            raise LabError(f"{args.tolerances}: the tolerance of {key} is {tolerance!r}, not a number >= 0")
-        if not is_number(lookup(reference, key)):
-            raise LabError(f"{args.reference}: no number at {key} (a key of {args.tolerances})")
+    run = read_run(args.run_dir)
+    records = read_records(args.records)
+    base = records[BASE]
+    leave_out = [n for n in (args.leave_out or "").split(",") if n]
+    unknown = [n for n in leave_out if n not in records]
+    if unknown:
+        raise LabError(f"--leave-out: no record {', '.join(unknown)} in {args.records}", code=2)
+    same = [n for n, r in records.items() if r["results"] == run["results"]]
+    for name in same:  # the run is a record itself: judge it by the others
+        if name not in leave_out:
+            leave_out.append(name)
+            print(f"this run is the record {name}: it is left out of the bands it is checked against")
+    differ = describe_config(run["config"], base["config"])
+    centre_names = None
+    if differ:
+        matching = [n for n, r in records.items() if not describe_config(run["config"], r["config"])]
+        print(f"a variant, not the base run: its config differs from {BASE}'s in {'; '.join(differ)}")
+        if not [n for n in matching if n not in leave_out]:
+            print(f"NOT GRADED: no record of this variant in {args.records}, so it is not graded as a reproduction")
+            return 1
+        centre_names = [n for n in matching if n not in leave_out]
+        print(f"graded against the record(s) of this variant: {', '.join(centre_names)}")
+    else:
+        pipeline = [f"{k}={run['config'].get(k)!r}" for k in sorted(PIPELINE)
+                    if run["config"].get(k) != base["config"].get(k)]
+        print(f"config: the base run's ({BASE}){', with ' + ', '.join(pipeline) if pipeline else ''}: graded as a "
+              f"reproduction")
+    table = bands(records, leave_out, centre_names)
+    first = next(iter(table.values()))
+    print(f"bands: centre = mean over {', '.join(first['centre_from'])}; half-width = k × SD over "
+          f"{', '.join(first['spread_from'])} (correct runs; equal values once), k for a false alarm of "
+          f"{ALPHA:g} per metric (Student's t)")
     out_of_range = 0
-    width = max(len(key) for key in tolerances)
-    for key, tolerance in tolerances.items():
-        want, got = lookup(reference, key), lookup(results, key)
-        low, high = want - tolerance, want + tolerance
-        inside = is_number(got) and low <= got <= high  # nan is never inside
-        if not inside:
-            out_of_range += 1
-        shown = f"{got:10.3f}" if is_number(got) else f"{'missing':>10}"
+    width = max(len(key) for key in METRICS)
+    for key, band in table.items():
+        got = metric(run, key)
+        inside = got is not None and math.isfinite(got) and band["low"] <= got <= band["high"]
+        if key in MUST_BE_POSITIVE and not (got is not None and got > 0):
+            inside = False
+        out_of_range += not inside
+        shown = f"{got:10.3f}" if got is not None else f"{'missing':>10}"
         verdict = "in range" if inside else "OUT OF RANGE"
-        print(f"{verdict:<12} {key:<{width}} {shown}   reference {want:.3f} ± {tolerance:g}: [{low:.3f}, {high:.3f}]")
+        print(f"{verdict:<12} {key:<{width}} {shown}   [{band['low']:.3f}, {band['high']:.3f}] = {band['centre']:.3f} "
+              f"± {band['k']:.2f} × SD {band['sd']:.3f} (mean of {band['n_centre']}, SD of {band['n_spread']}); "
+              f"{METRICS[key]}")
+    steps = run["config"].get("ppo_steps")
+    if is_number(steps) and len(run["log"]) < steps:
+        out_of_range += 1
+        print(f"OUT OF RANGE log.jsonl has {len(run['log'])} PPO iterations of the config's {steps}: the run is not "
+              f"finished, or its log is not the run's")
     if out_of_range:
-        print(f"{out_of_range} of {len(tolerances)} metrics out of range")
+        print(f"{out_of_range} of {len(table)} metrics out of range: not a reproduction")
         return 1
-    print(f"all {len(tolerances)} metrics in range")
+    print(f"all {len(table)} metrics in range")
     return 0
 
 
@@ -514,13 +751,18 @@ def main(argv=None):
     check = commands.add_parser("check", help="check a student copy: PASS / FAIL per function, then a PPO run")
     check.add_argument("dir")
     check.add_argument("--no-run", dest="no_run", action="store_true", help="skip the PPO run")
-    check_run = commands.add_parser("check-run", help="compare a run's results.json with the reference")
+    check_run = commands.add_parser("check-run", help="check a finished run against the records in docs/runs")
     check_run.add_argument("run_dir")
-    check_run.add_argument("--reference", default=str(ROOT / "docs" / "runs" / "cpu" / "results.json"))
-    check_run.add_argument("--tolerances", default=str(ROOT / "lab" / "tolerances.json"))
+    check_run.add_argument("--records", default=str(ROOT / "docs" / "runs"), help="the folder of run records")
+    check_run.add_argument("--leave-out", dest="leave_out", default="",
+                           help="records (comma-separated) to leave out of the bands")
+    band = commands.add_parser("bands", help="print the bands check-run uses (--write=lab/tolerances.json)")
+    band.add_argument("--records", default=str(ROOT / "docs" / "runs"))
+    band.add_argument("--write", default="", help="write them to this file instead")
     args = parser.parse_args(argv)
     try:
-        return {"new": cmd_new, "check": cmd_check, "check-run": cmd_check_run}[args.command](args)
+        commands = {"new": cmd_new, "check": cmd_check, "check-run": cmd_check_run, "bands": cmd_bands}
+        return commands[args.command](args)
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code

@@ -668,78 +668,165 @@ def test_compare_runs_tolerates_rounding_and_names_what_differs():
 
 # ---------------------------------------------------------------------------------------- check-run
 
-RESULTS = {"sft": {"emp_f1": 50.58, "reward": 0.11}, "emprl": {"emp_f1": 54.48, "reward": 0.14},
-           "difference": {"emp_f1": {"mean": 3.9, "low": 2.1, "high": 5.6}}, "samples": [{"sft": "Oh no."}]}
-TOLERANCES = {"sft.emp_f1": 1.5, "emprl.emp_f1": 1.5, "emprl.reward": 0.02, "difference.emp_f1.mean": 2.0}
+RECORDS = ROOT / "docs" / "runs"
+CORRECT = ["cpu", "cpu_s1", "cpu_s2", "cpu_seed2", "cpu_fp32"]  # the PPO seeds and the other pipelines
+ABLATIONS = ["cpu_no_er", "cpu_no_ex", "cpu_no_ex_s1", "cpu_no_ex_s2", "cpu_no_kl", "cpu_k3", "cpu_grpo", "cpu_grpo_s1"]
 
 
-def check_run(tmp_path, results, capsys, tolerances=TOLERANCES):
-    (tmp_path / "ref.json").write_text(json.dumps(RESULTS))
-    (tmp_path / "tol.json").write_text(json.dumps(tolerances))
-    (tmp_path / "run").mkdir(exist_ok=True)
-    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
-    code = lab.main(["check-run", str(tmp_path / "run"), f"--reference={tmp_path / 'ref.json'}",
-                     f"--tolerances={tmp_path / 'tol.json'}"])
-    return code, capsys.readouterr()
+def relabel(record, out):
+    """A copy of a record whose config (results.json and every config line of log.jsonl) is the base run's: a run
+    that claims to be a reproduction of docs/runs/cpu, whatever it really was."""
+    base = json.loads((RECORDS / "cpu" / "results.json").read_text())
+    results = json.loads((RECORDS / record / "results.json").read_text())
+    results["config"] = dict(base["config"])
+    results["environment"]["dtype"] = base["environment"]["dtype"]
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps(results))
+    lines = []
+    for line in (RECORDS / record / "log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("stage") == "config":
+            row = {"stage": "config", **base["config"]}
+        lines.append(json.dumps(row))
+    (out / "log.jsonl").write_text("\n".join(lines) + "\n")
+    return out
 
 
-def test_check_run_passes_a_copy_of_the_reference_and_fails_a_perturbed_metric(tmp_path, capsys):
-    """The reference itself is in range on every metric (exit 0); EmpRL's Emp-F1 moved by 2 points (tolerance 1.5)
-    is OUT OF RANGE with its range printed (exit 1), the other metrics still in range; nan is out of range."""
-    code, out = check_run(tmp_path, RESULTS, capsys)
-    assert code == 0, out.out + out.err
-    assert sum(line.startswith("in range") for line in out.out.splitlines()) == 4
-    assert "all 4 metrics in range" in out.out
-    perturbed = json.loads(json.dumps(RESULTS))
-    perturbed["emprl"]["emp_f1"] = 56.48
-    code, out = check_run(tmp_path, perturbed, capsys)
-    assert code == 1
-    line = next(line for line in out.out.splitlines() if "emprl.emp_f1" in line)
-    assert line.startswith("OUT OF RANGE") and "56.480" in line and "[52.980, 55.980]" in line
-    assert sum(line.startswith("in range") for line in out.out.splitlines()) == 3
-    perturbed["emprl"]["emp_f1"], perturbed["emprl"]["reward"] = 54.48, math.nan
-    code, out = check_run(tmp_path, perturbed, capsys)
-    assert code == 1 and "1 of 4 metrics out of range" in out.out
+def check_run(*args):
+    p = subprocess.run([sys.executable, str(ROOT / "lab" / "lab.py"), "check-run", *map(str, args)],
+                       capture_output=True, text=True, env=ENV)
+    assert "Traceback" not in p.stdout + p.stderr, p.stdout + p.stderr
+    return p
 
 
-def test_check_run_compares_a_margin_between_two_metrics(tmp_path, capsys):
-    """A key "a - b" compares a margin, e.g. Emp-F1 over the majority constant of the same run, whose identifiers
-    set both: a run whose identifiers lift every Emp-F1 by 10 points is in range on the margin."""
-    ref = {**json.loads(json.dumps(RESULTS)), "majority": {"emp_f1": 52.0}}
-    (tmp_path / "ref.json").write_text(json.dumps(ref))
-    (tmp_path / "run").mkdir()
-    lifted = json.loads(json.dumps(ref))
-    lifted["emprl"]["emp_f1"], lifted["majority"]["emp_f1"] = 64.48, 62.0
-    (tmp_path / "run" / "results.json").write_text(json.dumps(lifted))
-    (tmp_path / "tol.json").write_text(json.dumps({"emprl.emp_f1 - majority.emp_f1": 1.0}))
-    code = lab.main(["check-run", str(tmp_path / "run"), f"--reference={tmp_path / 'ref.json'}",
-                     f"--tolerances={tmp_path / 'tol.json'}"])
-    out = capsys.readouterr().out
-    assert code == 0 and "in range     emprl.emp_f1 - majority.emp_f1      2.480" in out, out
+def metric_of(line):
+    """The metric a line of check-run is about (the longest key of lab.METRICS it starts with, after the verdict)."""
+    rest = line[13:]
+    return max((key for key in lab.METRICS if rest.startswith(key + " ")), key=len, default=rest.split()[0])
 
 
-@pytest.mark.parametrize("damage", ["missing run", "damaged run", "missing tolerances", "tolerance not a number",
-                                    "key not in the reference"])
+def out_of_range(stdout):
+    return [metric_of(line) for line in stdout.splitlines() if line.startswith("OUT OF RANGE")]
+
+
+@pytest.mark.parametrize("record", CORRECT)
+def test_check_run_passes_every_correct_run_against_bands_made_without_it(record, tmp_path):
+    """Every PPO seed of the base run's pipeline, the --seed=2 pipeline and the float32 record pass, each against
+    bands computed without it (check-run leaves a record out of its own bands), relabelled as the base run or not."""
+    p = check_run(RECORDS / record)
+    assert p.returncode == 0 and not out_of_range(p.stdout), p.stdout
+    assert f"this run is the record {record}: it is left out" in p.stdout
+    p = check_run(relabel(record, tmp_path / record), f"--leave-out={record}")
+    assert p.returncode == 0 and not out_of_range(p.stdout), p.stdout
+    assert "graded as a reproduction" in p.stdout
+
+
+@pytest.mark.parametrize("record", ABLATIONS)
+def test_check_run_flags_an_ablation_relabelled_as_the_base_run(record, tmp_path):
+    """The ablation records with their config relabelled as the base run's: no ER, no EX (every PPO seed), no KL,
+    the k3 estimator and GRPO (both seeds) are out of range by their numbers alone."""
+    p = check_run(relabel(record, tmp_path / record))
+    assert "graded as a reproduction" in p.stdout and "a variant" not in p.stdout
+    assert p.returncode == 1 and out_of_range(p.stdout), p.stdout
+    er, ex, ppl = "emprl.emp_f1_er - sft.emp_f1_er", "emprl.emp_f1_ex - sft.emp_f1_ex", "emprl.ppl - sft.ppl"
+    expected = {"cpu_no_er": er, "cpu_no_ex": ex, "cpu_no_ex_s1": ex, "cpu_no_ex_s2": ex, "cpu_no_kl": "log:kl",
+                "cpu_k3": "log:kl", "cpu_grpo": ppl, "cpu_grpo_s1": ppl}[record]
+    assert expected in out_of_range(p.stdout), p.stdout  # the mechanism, or the drift, that gives it away
+
+
+def test_check_run_prints_each_band_and_where_it_comes_from():
+    """One line per metric with its band [low, high] = centre ± k × SD and the number of records behind each; a
+    header naming the records of the centre and of the spread, and the false-alarm rate per metric."""
+    p = check_run(RECORDS / "cpu", "--leave-out=cpu_s2")
+    assert p.returncode == 0, p.stdout
+    assert "centre = mean over cpu_s1; half-width = k × SD over cpu_s1, cpu_seed2, cpu_fp32" in p.stdout
+    assert f"false alarm of {lab.ALPHA:g} per metric" in p.stdout
+    lines = [line for line in p.stdout.splitlines() if line.startswith(("in range", "OUT OF RANGE"))]
+    assert [metric_of(line) for line in lines] == list(lab.METRICS)
+    assert all(" = " in line and " × SD " in line and "(mean of " in line for line in lines)
+
+
+def test_lab_tolerances_json_is_the_bands_of_the_records():
+    """lab/tolerances.json is what `lab.py bands --write=lab/tolerances.json` makes of docs/runs: re-made records
+    or a changed rule fail here until it is regenerated."""
+    committed = json.loads((ROOT / "lab" / "tolerances.json").read_text(encoding="utf-8"))
+    assert committed == json.loads(json.dumps(lab.bands_table(RECORDS)))
+    assert committed["centre_from"][0] == "cpu" and {"cpu_seed2", "cpu_fp32"} <= set(committed["spread_from"])
+
+
+def test_bands_follow_the_records_present(tmp_path):
+    """The bands are computed from whatever records exist: a new PPO seed cpu_s3 (here a copy of cpu_s1) joins the
+    centre and the spread; a record named as a seed whose config differs is refused."""
+    records = tmp_path / "runs"
+    for name in CORRECT:
+        (records / name).mkdir(parents=True)
+        for f in ("results.json", "log.jsonl"):
+            (records / name / f).write_bytes((RECORDS / name / f).read_bytes())
+    before = lab.bands(lab.read_records(records))
+    (records / "cpu_s3").mkdir()
+    for f in ("results.json", "log.jsonl"):
+        (records / "cpu_s3" / f).write_bytes((RECORDS / "cpu_s1" / f).read_bytes())
+    after = lab.bands(lab.read_records(records))
+    key = "emprl.emp_f1 - sft.emp_f1"
+    assert after[key]["centre_from"] == ["cpu", "cpu_s1", "cpu_s2", "cpu_s3"]
+    assert after[key]["n_spread"] == before[key]["n_spread"]  # equal values count once
+    results = json.loads((records / "cpu_s3" / "results.json").read_text())
+    results["config"]["init_kl_coef"] = 0.1
+    (records / "cpu_s3" / "results.json").write_text(json.dumps(results))
+    with pytest.raises(lab.LabError, match="cpu_s3 is named as a PPO seed"):
+        lab.read_records(records) and lab.bands(lab.read_records(records))
+
+
+def test_check_run_reports_a_variant_and_grades_it_against_its_own_record(tmp_path):
+    """A run whose config says GRPO is a variant: checked against the GRPO record(s), not the base run. A variant
+    with no record (β = 0.3) is NOT GRADED (exit 1)."""
+    p = check_run(RECORDS / "cpu_grpo_s1")
+    assert "a variant, not the base run" in p.stdout and "algo='grpo'" in p.stdout
+    assert "graded against the record(s) of this variant: cpu_grpo" in p.stdout
+    assert p.returncode == 0, p.stdout
+    run = relabel("cpu", tmp_path / "beta")
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["init_kl_coef"] = 0.3
+    (run / "results.json").write_text(json.dumps(results))
+    p = check_run(run)
+    assert p.returncode == 1 and "NOT GRADED" in p.stdout and "init_kl_coef=0.3" in p.stdout
+
+
+def test_check_run_fails_an_unfinished_run_and_a_run_below_the_majority_constant(tmp_path):
+    """A log with fewer PPO iterations than the config's ppo_steps is out of range (the run did not finish); so
+    is a run whose EmpRL is below the majority constant, whatever the band says."""
+    run = relabel("cpu_s1", tmp_path / "short")
+    lines = (run / "log.jsonl").read_text().splitlines()
+    (run / "log.jsonl").write_text("\n".join(lines[:-30]) + "\n")
+    p = check_run(run, "--leave-out=cpu_s1")
+    assert p.returncode == 1 and "PPO iterations of the config's 200" in p.stdout, p.stdout
+    results = json.loads((RECORDS / "cpu_s1" / "results.json").read_text())
+    band = lab.bands(lab.read_records(RECORDS))["emprl.emp_f1 - majority.emp_f1"]
+    assert band["low"] < 0  # the band alone would let a run below the constant through
+    run = {"results": dict(results, emprl=dict(results["emprl"], emp_f1=results["majority"]["emp_f1"] - 0.01)),
+           "log": [], "config": {}}
+    assert lab.metric(run, "emprl.emp_f1 - majority.emp_f1") < 0 and "emprl.emp_f1 - majority.emp_f1" in \
+        lab.MUST_BE_POSITIVE
+
+
+@pytest.mark.parametrize("damage", ["missing run", "damaged run", "missing records", "unknown leave-out"])
 def test_check_run_on_a_missing_or_damaged_file_is_one_error_line(tmp_path, capsys, damage):
-    """A missing or truncated results.json, a missing tolerance table, a tolerance that is not a number, a key the
-    reference lacks: one line naming the file, exit 1, no traceback."""
-    tolerances = dict(TOLERANCES)
-    if damage == "tolerance not a number":
-        tolerances["emprl.emp_f1"] = "1.5"
-    if damage == "key not in the reference":
-        tolerances["emprl.bleu_9"] = 1.0
-    (tmp_path / "ref.json").write_text(json.dumps(RESULTS))
+    """A missing or truncated results.json, a records folder without the base record, an unknown --leave-out: one
+    line naming the file or record, no traceback."""
     (tmp_path / "run").mkdir()
+    text = (RECORDS / "cpu_s1" / "results.json").read_text()
     if damage == "damaged run":
-        (tmp_path / "run" / "results.json").write_text(json.dumps(RESULTS)[:40])  # cut short
+        (tmp_path / "run" / "results.json").write_text(text[:40])  # cut short
     elif damage != "missing run":
-        (tmp_path / "run" / "results.json").write_text(json.dumps(RESULTS))
-    if damage != "missing tolerances":
-        (tmp_path / "tol.json").write_text(json.dumps(tolerances))
-    code = lab.main(["check-run", str(tmp_path / "run"), f"--reference={tmp_path / 'ref.json'}",
-                     f"--tolerances={tmp_path / 'tol.json'}"])
+        (tmp_path / "run" / "results.json").write_text(text)
+    args = ["check-run", str(tmp_path / "run")]
+    if damage == "missing records":
+        args.append(f"--records={tmp_path}")
+    if damage == "unknown leave-out":
+        args.append("--leave-out=cpu_s9")
+    code = lab.main(args)
     err = capsys.readouterr().err
-    assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
-    named = {"missing run": "results.json", "damaged run": "results.json", "missing tolerances": "tol.json",
-             "tolerance not a number": "tol.json", "key not in the reference": "ref.json"}[damage]
-    assert named in err and "Traceback" not in err
+    assert code in (1, 2) and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    named = {"missing run": "results.json", "damaged run": "results.json", "missing records": "cpu/results.json",
+             "unknown leave-out": "cpu_s9"}[damage]
+    assert named in err
