@@ -830,3 +830,66 @@ def test_check_run_on_a_missing_or_damaged_file_is_one_error_line(tmp_path, caps
     named = {"missing run": "results.json", "damaged run": "results.json", "missing records": "cpu/results.json",
              "unknown leave-out": "cpu_s9"}[damage]
     assert named in err
+
+
+# ---------------------------------------------------------------------------------------- the key's numbers
+
+def record_value(record, where):
+    """A number of a record: "results:emprl.ppl", "log:100:score" (a PPO iteration's field), "ev:mean|min|max" (the
+    explained variance over the PPO iterations), "eval:STEP:FIELD" (a validation record of log.jsonl)."""
+    kind, _, rest = where.partition(":")
+    if kind == "results":
+        return lab.lookup(json.loads((RECORDS / record / "results.json").read_text()), rest)
+    rows = [json.loads(line) for line in (RECORDS / record / "log.jsonl").read_text().splitlines()]
+    if kind == "log":
+        step, field = rest.split(":")
+        return next(r[field] for r in rows if r.get("stage") == "ppo" and r.get("step") == int(step) and "score" in r)
+    if kind == "ev":
+        values = [r["explained_var"] for r in rows if r.get("stage") == "ppo" and "explained_var" in r]
+        return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}[rest]
+    step, field = rest.split(":")
+    return next(r[field] for r in rows if r.get("stage") == "ppo_eval" and r.get("step") == int(step))
+
+
+# (the text quoted in lab/answers.md, the number as written, the record, where in it); the number must be the
+# record's rounded to the digits written
+KEY_NUMBERS = [
+    ("`score 0.1675`", "0.1675", "cpu", "log:100:score"),
+    ("`kl 0.6596`", "0.6596", "cpu", "log:100:kl"),
+    ("`pg_loss -0.0066`", "-0.0066", "cpu", "log:100:pg_loss"),
+    ("`vf_loss 3.4535`", "3.4535", "cpu", "log:100:vf_loss"),
+    ("`approx_kl 0.00178`", "0.00178", "cpu", "log:100:approx_kl"),
+    ("`clipfrac 0.0166`", "0.0166", "cpu", "log:100:clipfrac"),
+    ("`ratio 1.0003`", "1.0003", "cpu", "log:100:ratio"),
+    ("`explained_var 0.0081`", "0.0081", "cpu", "log:100:explained_var"),
+    ("`length 11.75`", "11.75", "cpu", "log:100:length"),
+    ("`seconds 8.34`", "8.34", "cpu", "log:100:seconds"),
+    ("mean 0.0155,", "0.0155", "cpu", "ev:mean"),
+    ("minimum -0.0324,", "-0.0324", "cpu", "ev:min"),
+    ("maximum 0.1047:", "0.1047", "cpu", "ev:max"),
+    ("SFT's 52.36 while", "52.36", "cpu", "eval:0:emp_f1"),
+    ("from 51.14 to", "51.14", "cpu", "eval:50:emp_f1"),
+    ("to 55.32;", "55.32", "cpu", "eval:100:emp_f1"),
+    ("within 65.35-69.51 for EmpRL", "65.35", "cpu", "eval:50:emp_f1_judge"),
+    ("within 65.35-69.51 for EmpRL", "69.51", "cpu", "eval:100:emp_f1_judge"),
+    ("69.18-71.02 for no KL", "69.18", "cpu_no_kl", "eval:50:emp_f1_judge"),
+    ("69.18-71.02 for no KL", "71.02", "cpu_no_kl", "eval:100:emp_f1_judge"),
+    ("(SFT 68.90)", "68.90", "cpu", "eval:0:emp_f1_judge"),
+    ("RLOO 65.98-68.17", "65.98", "cpu_rloo", "eval:50:emp_f1_judge"),
+    ("RLOO 65.98-68.17", "68.17", "cpu_rloo", "eval:200:emp_f1_judge"),
+    ("GRPO 65.45-68.85", "65.45", "cpu_grpo", "eval:200:emp_f1_judge"),
+    ("GRPO 65.45-68.85", "68.85", "cpu_grpo", "eval:100:emp_f1_judge"),
+    ("+4.37 [+3.65, +5.12]", "4.37", "cpu_no_kl", "results:difference.emp_f1_judge.mean"),
+    ("+4.37 [+3.65, +5.12]", "3.65", "cpu_no_kl", "results:difference.emp_f1_judge.ci95.0"),
+    ("+4.37 [+3.65, +5.12]", "5.12", "cpu_no_kl", "results:difference.emp_f1_judge.ci95.1"),
+    ("perplexity 129.2", "129.2", "cpu_no_kl", "results:emprl.ppl"),
+]
+
+
+@pytest.mark.parametrize("quoted, number, record, where", KEY_NUMBERS, ids=[k[0] for k in KEY_NUMBERS])
+def test_the_keys_numbers_are_the_records(quoted, number, record, where):
+    """Each number the key quotes from a record is in lab/answers.md as written, and equals the record's value
+    rounded to the digits written (0.1675, not 0.168, for a score of 0.16748)."""
+    assert quoted in (ROOT / "lab" / "answers.md").read_text(encoding="utf-8")
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    assert f"{record_value(record, where):.{decimals}f}" == number
