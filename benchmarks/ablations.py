@@ -1,22 +1,21 @@
 """What each part of EmpRL buys: PPO/RLOO reruns of one finished `cpu` run, one row per change, and their table.
 
 Every row reuses the base run's tokenizer, SFT model, identifiers and labels (`--from_run`), so only the RL stage
-and the evaluation run again (15-25 minutes a row at one thread, with another row on the second core). The base
-run itself is the EmpRL row.
+and the evaluation run again. The base run itself is the EmpRL row.
 
-    python train.py --preset=cpu --data_dir=$EMPRL_DATA --out_dir=runs/cpu        # the base run (~1.5 h)
+    python train.py --preset=cpu --data_dir=$EMPRL_DATA --out_dir=runs/cpu        # the base run
     python benchmarks/ablations.py run --base=runs/cpu --data_dir=$EMPRL_DATA     # every row not yet done
     python benchmarks/ablations.py run --base=runs/cpu --rows=no_kl,rloo          # some rows
     python benchmarks/ablations.py report --base=runs/cpu                         # markdown tables (+ --figure)
 
 A row's run directory is runs/cpu_<row> beside the base; a finished row is skipped, an interrupted one resumes.
 `--seed=1` runs the rows (and the base's PPO stage, as row `emprl`) with PPO seed 1 into runs/cpu_<row>_s1;
-`report` shows PPO seeds 0 to 2.
+`report` shows every PPO seed that has finished. docs/ablations.md is written from the records in docs/runs by
+`python benchmarks/records.py write`.
 """
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -80,47 +79,85 @@ def parts(m, key):
     return f"{m[key]:.2f} ({m[key + '_er']:.1f} / {m[key + '_ip']:.1f} / {m[key + '_ex']:.1f})"
 
 
-def report(args):
+def finished_dir(base, row, seed):
+    """A finished row's directory: row_dir's, or for the base's own PPO seeds the record's name (docs/runs keeps
+    runs/cpu_emprl_s1 as cpu_s1); None when neither has results.json."""
+    for d in (row_dir(base, row, seed), base.parent / f"{base.name}_s{seed}" if row == "emprl" and seed else None):
+        if d is not None and (d / "results.json").exists():
+            return d
+    return None
+
+
+def row_seeds(base, row):
+    """The PPO seeds of a row that have finished (results.json), in order."""
+    found = {0} if finished_dir(base, row, 0) else set()
+    prefixes = [f"{base.name}_{row}"] + ([base.name] if row == "emprl" else [])
+    for prefix in prefixes:
+        for d in base.parent.glob(f"{prefix}_s*"):
+            tail = d.name[len(prefix) + 2:]
+            if tail.isdigit() and (d / "results.json").exists():
+                found.add(int(tail))
+    return sorted(found)
+
+
+def rows_table(base):
     """Markdown: one line per finished (row, PPO seed) with both labellers, the paired-bootstrap interval of the
-    row over SFT, what the identifiers cannot see (perplexity, distinct replies, length, the KL), and the median
-    seconds per iteration; then mean ± SD for rows with several seeds, and every row's replies to three dialogues."""
-    base = Path(args.base)
-    print("| row | PPO seed | what changes | Emp-F1 (ER / IP / EX) | − SFT [95 % CI] | judge (ER / IP / EX) | "
-          "judge − SFT [95 % CI] | reward | PPL | distinct | length | summed KL, last 20 iterations | s / iteration |")
-    print("|---" * 13 + "|")
+    row over SFT (evaluation noise of that one run), what the identifiers cannot see (perplexity, distinct replies,
+    length, the KL), and the median seconds per iteration."""
+    base = Path(base)
+    out = ["| row | PPO seed | what changes | Emp-F1 (ER / IP / EX) | − SFT [95 % CI] | judge (ER / IP / EX) | "
+           "judge − SFT [95 % CI] | reward | PPL | distinct | length | summed KL, last 20 iterations | s / iteration |",
+           "|---" * 13 + "|"]
     sft = json.loads((base / "results.json").read_text())["sft"]
-    print(f"| SFT | | no RL | {parts(sft, 'emp_f1')} | | {parts(sft, 'emp_f1_judge')} | | {sft['reward']:.3f} | "
-          f"{sft['ppl']:.1f} | {sft['unique_frac']:.2f} | {sft['length']:.1f} | 0 | |")
-    finished = {}  # row -> [results.json of each finished seed]
+    out.append(f"| SFT | | no RL | {parts(sft, 'emp_f1')} | | {parts(sft, 'emp_f1_judge')} | | {sft['reward']:.3f} | "
+               f"{sft['ppl']:.1f} | {sft['unique_frac']:.2f} | {sft['length']:.1f} | 0 | |")
     for row, (what, _) in ROWS.items():
-        for seed in (0, 1, 2):
-            out = row_dir(base, row, seed)
-            if not (out / "results.json").exists():
-                if seed == 0:
-                    print(f"| {row} | | {what} | not run |" + " |" * 9)
-                continue
-            r = json.loads((out / "results.json").read_text())
-            finished.setdefault(row, []).append(r)
-            m, d, its = r["emprl"], r["difference"], ppo_log(out)
+        seeds = row_seeds(base, row)
+        if not seeds:
+            out.append(f"| {row} | | {what} | not run |" + " |" * 9)
+        for seed in seeds:
+            out_dir = finished_dir(base, row, seed)
+            r = json.loads((out_dir / "results.json").read_text())
+            m, d, its = r["emprl"], r["difference"], ppo_log(out_dir)
             kl = sum(i["kl"] for i in its[-20:]) / max(len(its[-20:]), 1)
-            print(f"| {row} | {seed} | {what} | {parts(m, 'emp_f1')} | {interval(d['emp_f1'])} | "
-                  f"{parts(m, 'emp_f1_judge')} | {interval(d['emp_f1_judge'])} | {m['reward']:.3f} | {m['ppl']:.1f} | "
-                  f"{m['unique_frac']:.2f} | {m['length']:.1f} | {kl:.2f} | "
-                  f"{median(i['seconds'] for i in its if 'seconds' in i):.1f} |")
-    print("\nRows with several PPO seeds, mean ± SD over the n seeds:\n")
+            out.append(f"| {row} | {seed} | {what} | {parts(m, 'emp_f1')} | {interval(d['emp_f1'])} | "
+                       f"{parts(m, 'emp_f1_judge')} | {interval(d['emp_f1_judge'])} | {m['reward']:.3f} | "
+                       f"{m['ppl']:.1f} | {m['unique_frac']:.2f} | {m['length']:.1f} | {kl:.2f} | "
+                       f"{median(i['seconds'] for i in its if 'seconds' in i):.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def samples(base, n=3):
+    """Markdown: the first n test dialogues of results.json and every row's reply (PPO seed 0)."""
+    base = Path(base)
+    found = {row: json.loads((row_dir(base, row, 0) / "results.json").read_text())["samples"]
+             for row in ROWS if (row_dir(base, row, 0) / "results.json").exists()}
+    out = []
+    for i, sample in enumerate(found["emprl"][:n] if "emprl" in found else []):
+        out.append(f"{i + 1}. *{sample['context']}*\n   - human: {sample['reference']}\n   - SFT: {sample['sft']}\n"
+                   + "\n".join(f"   - {row}: {s[i]['emprl']}" for row, s in found.items()))
+    return "\n\n".join(out) + "\n"
+
+
+def report(args):
+    """The rows table, mean and 95 % t interval over seeds for rows with several, and three dialogues' replies.
+    docs/ablations.md holds the same, written from docs/runs by `python benchmarks/records.py write`."""
+    base = Path(args.base)
+    print(rows_table(base))
+    print("Rows with several PPO seeds: mean [95 % Student-t interval over the n seeds]:\n")
     print("| row | n | Emp-F1 | − SFT | judge − SFT | PPL |")
     print("|---|---|---|---|---|---|")
-    for row, rs in finished.items():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from records import Stat, tint  # noqa: E402 (records imports this module)
+    for row in ROWS:
+        rs = [json.loads((finished_dir(base, row, s) / "results.json").read_text()) for s in row_seeds(base, row)]
         if len(rs) > 1:
             cols = [[r["emprl"]["emp_f1"] for r in rs], [r["difference"]["emp_f1"]["mean"] for r in rs],
                     [r["difference"]["emp_f1_judge"]["mean"] for r in rs], [r["emprl"]["ppl"] for r in rs]]
-            print(f"| {row} | {len(rs)} | " + " | ".join(f"{statistics.mean(c):{sign}.2f} ± {statistics.stdev(c):.2f}"
-                                                          for c, sign in zip(cols, ["", "+", "+", ""])) + " |")
-    print("\nThe first three test dialogues of results.json, every row's reply (PPO seed 0):")
-    samples = {row: rs[0]["samples"] for row, rs in finished.items()}
-    for i, sample in enumerate(samples["emprl"][:3] if "emprl" in samples else []):
-        print(f"\n{i + 1}. *{sample['context']}*\n   - human: {sample['reference']}\n   - SFT: {sample['sft']}")
-        print("\n".join(f"   - {row}: {s[i]['emprl']}" for row, s in samples.items()))
+            print(f"| {row} | {len(rs)} | " + " | ".join(tint(Stat(c), signed=signed)
+                                                          for c, signed in zip(cols, [False, True, True, False])) + " |")
+    print("\nThe first three test dialogues of results.json, every row's reply (PPO seed 0):\n")
+    print(samples(base))
     if args.figure:
         runs = {row: row_dir(base, row, args.seed) for row in ROWS}
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "curves.py"), f"--out={args.figure}",
