@@ -51,6 +51,7 @@ README_RECORD = RUNS / "cpu" / "results.json"
 BASE = "cpu"  # the record's pipeline: its PPO seeds are BASE, BASE_s1, BASE_s2, ...
 PIPELINE_NAME = re.compile(r"cpu(_seed\d+|_fp32)?")  # whole pipelines of the preset (not cpu_fp32_earlier)
 CODE_COMMIT = "411bfb6"  # the commit from which results.json stores environment.commit
+NOTES = {"cpu_fp32_earlier": "code before the attention change"}  # records older than the others without a commit
 
 # The files whose record-derived numbers live in generated blocks: file -> None (the whole file) or the
 # (first heading, next heading) of the part that is checked. lab/answers.md joins by adding it here.
@@ -577,7 +578,7 @@ def ablation_summary():
 @block("results-setting")
 def results_setting():
     env = results(BASE)["environment"]
-    return (f"{env['threads']} torch thread(s) on a 2-core {env['machine']} CPU (`torch.backends.cpu."
+    return (f"{env['threads']} torch thread{'s' * (env['threads'] > 1)} on a 2-core {env['machine']} CPU (`torch.backends.cpu."
             f"get_cpu_capability()`: {env['cpu_capability']}), torch {env['torch']}; `--dtype=auto` chose "
             f"{env['dtype']} there; {code(BASE)}. The README's results table is generated from this record. Test "
             f"split, {results(BASE)['n_test']:,} contexts, decoding seed {results(BASE)['config']['eval_seed']}; "
@@ -595,8 +596,8 @@ RESULT_ROWS = [("cpu", "PPO (the record), β 0.5"), ("cpu_s1", "PPO, seed 1"), (
 @block("rows")
 def rows_table():
     shown = [(n, w) for n, w in RESULT_ROWS if exists(n)]
-    out = ["| record | what | EmpRL Emp-F1 (ER / IP / EX) | EmpRL − SFT [95 % CI] | judge (ER / IP / EX) | "
-           "judge: EmpRL − SFT [95 % CI] | reward | PPL | distinct | length | summed KL, last 20 iterations |",
+    out = ["| record | what | EmpRL Emp-F1 (ER / IP / EX) | EmpRL − SFT [bootstrap 95 % CI] | judge (ER / IP / EX) | "
+           "judge: EmpRL − SFT [bootstrap 95 % CI] | reward | PPL | distinct | length | summed KL, last 20 iterations |",
            "|---" * 11 + "|"]
     s = results(BASE)["sft"]
     out.append(f"| {BASE} (SFT) | no RL | {ablations.parts(s, 'emp_f1')} | | {ablations.parts(s, 'emp_f1_judge')} | | "
@@ -697,13 +698,13 @@ def judge_bullets():
         out.append(
             f"- **GRPO holds the policy closest.** Its β·k3 in the loss keeps it at "
             f"{span([summed_kl(n) for n in grpo], num)} nats (PPO: {span([summed_kl(n) for n in g], num)}) and "
-            f"perplexity {span([value(n, 'emprl.ppl') for n in grpo], num, 1)}. Against PPO, EmpRL − SFT {nums}: "
-            f"{word}; by the judge {nj}: {wj}.")
+            f"perplexity {span([value(n, 'emprl.ppl') for n in grpo], num, 1)}. Against PPO, EmpRL − SFT {nums} "
+            f"({word}); by the judge {nj} ({wj}).")
     if exists("cpu_fp32_earlier"):
         e = results("cpu_fp32_earlier")
         k = results("cpu_fp32_earlier_no_kl") if exists("cpu_fp32_earlier_no_kl") else None
         out.append(
-            f"\nThe earlier float32 record (docs/runs/cpu_fp32_earlier, {code('cpu_fp32_earlier')}; another "
+            f"\nThe earlier float32 record (docs/runs/cpu_fp32_earlier, {NOTES['cpu_fp32_earlier']}; another "
             f"pipeline) shows the same pattern: EmpRL {sg(e['difference']['emp_f1']['mean'])}, judge "
             f"{sg(e['difference']['emp_f1_judge']['mean'])}" + (
                 f"; no KL {sg(k['difference']['emp_f1']['mean'])}, judge {sg(k['difference']['emp_f1_judge']['mean'])}"
@@ -722,13 +723,13 @@ def pipelines_block():
     p = pipelines()
     shown = p + [n for n in ("cpu_fp32_earlier",) if exists(n)]
     out = ["| pipeline | record | identifiers ER / IP / EX (test macro-F1) | majority level | SFT Emp-F1 | EmpRL "
-           "Emp-F1 | EmpRL − SFT [95 % CI] | judge: EmpRL − SFT [95 % CI] | SFT PPL | EmpRL PPL | EmpRL distinct | "
+           "Emp-F1 | EmpRL − SFT [bootstrap 95 % CI] | judge: EmpRL − SFT [bootstrap 95 % CI] | SFT PPL | EmpRL PPL | EmpRL distinct | "
            "EmpRL length |", "|---" * 12 + "|"]
     for n in shown:
         r = results(n)
         ids = " / ".join(lvl(r["identifiers"][m]["macro_f1"]) for m in ("er", "ip", "ex"))
         tag = " (the record)" if n == BASE else ""
-        code_ = ", earlier code" if commit(n) is None and (n not in p or any(commit(x) for x in shown)) else ""
+        code_ = f", {NOTES[n]}" if n in NOTES else code_tag(n, shown).replace(" (", ", ").rstrip(")")
         out.append(f"| {pipeline_what(n)}{tag}{code_} | {n} | {ids} | {r['majority']['emp_f1']:.2f} | "
                    f"{r['sft']['emp_f1']:.2f} | {r['emprl']['emp_f1']:.2f} | {boot(r['difference']['emp_f1'])} | "
                    f"{boot(r['difference']['emp_f1_judge'])} | {r['sft']['ppl']:.2f} | {r['emprl']['ppl']:.2f} | "
@@ -744,8 +745,8 @@ def pipelines_block():
         f"{sg(statistics.mean(di))} on average, range {span(di)}, by the judge {sg(statistics.mean(dj))}, range "
         f"{span(dj)}. Over the {len(g)} PPO seeds of the record's pipeline the range is {span(gi)}, by the judge "
         f"{span(gj)}. Emp-F1 levels differ between pipelines (their identifiers differ), so only differences are "
-        f"compared." + (f" {listing(excl)} {'is' if len(excl) == 1 else 'are'} listed but not counted: the code "
-                        f"before a numerical change." if excl else "") + " " + code_sentence(shown))
+        f"compared." + (f" {listing(excl)} {'is' if len(excl) == 1 else 'are'} listed but not counted: "
+                        f"{'; '.join(NOTES.get(n, 'another code version') for n in excl)}." if excl else "") + " " + code_sentence(shown))
     return "\n".join(out) + "\n"
 
 
@@ -778,8 +779,13 @@ def pipelines_bullets():
         gi = [value(n, "difference.emp_f1.mean") for n in g]
         inside = min(gi) <= value("cpu_fp32", "difference.emp_f1.mean") <= max(gi)
         sft = {n: {r["step"]: r["valid_ppl"] for r in log(n) if r.get("stage") == "sft"} for n in (BASE, "cpu_fp32")}
-        steps = sorted(set(sft[BASE]) & set(sft["cpu_fp32"]))
-        curve = ", ".join(f"{num(sft[BASE][s])} / {num(sft['cpu_fp32'][s])} at step {s:,}" for s in steps)
+        steps, seen = [], None
+        for step in sorted(set(sft[BASE]) & set(sft["cpu_fp32"])):
+            pair = f"{num(sft[BASE][step])} / {num(sft['cpu_fp32'][step])}"
+            if pair != seen:  # the last check repeats the one before it when no step came between
+                steps.append(f"{pair} at step {step:,}")
+            seen = pair
+        curve = ", ".join(steps)
         out.append(
             f"- **float32 against bfloat16: one run each, not resolved.** The float32 run of the same seed "
             f"(cpu_fp32, {code('cpu_fp32')}) trained identifiers within {num(dmf, 3)} macro-F1 of the record's, an "
@@ -1049,7 +1055,7 @@ def wrap(text):
     """Prose lines wrapped at WIDTH (a bullet's continuation indented); tables, indented and numbered lines kept."""
     out = []
     for line in text.split("\n"):
-        if not line or line[0] in "| " or line[0].isdigit():
+        if not line or line[0] in "| " or re.match(r"\d+\. ", line):
             out.append(line)
         else:
             indent = "  " if line.startswith("- ") else ""

@@ -32,6 +32,7 @@ ALLOWED = {
         "20": "top-k 20 of the authors' decoding; KL averaged over the last 20 iterations (code constant)",
         "30": "at most 30 reply tokens (config)",
         "42": "decoding seed (config)",
+        "50": "validation every 50 PPO iterations (config ppo_eval_every)",
         "95": "95 % intervals",
         "100": "Emp-F1 × 100",
         "160": "context cut to 160 characters in the sample table",
