@@ -893,3 +893,21 @@ def test_the_keys_numbers_are_the_records(quoted, number, record, where):
     assert quoted in (ROOT / "lab" / "answers.md").read_text(encoding="utf-8")
     decimals = len(number.split(".")[1]) if "." in number else 0
     assert f"{record_value(record, where):.{decimals}f}" == number
+
+
+# ---------------------------------------------------------------------------------------- lab/metrics.md
+
+def test_metrics_md_ranges_are_the_records_and_every_field_is_explained():
+    """lab/metrics.md holds the range tables that lab/metric_ranges.py makes of docs/runs (re-made records fail here
+    until `python lab/metric_ranges.py --write`), and its glossary names every field of a PPO log line and every
+    number of the sft / emprl sections of results.json."""
+    ranges = load(ROOT / "lab" / "metric_ranges.py", "lab_metric_ranges")
+    text = (ROOT / "lab" / "metrics.md").read_text(encoding="utf-8")
+    assert text.split(ranges.BEGIN, 1)[1].split(ranges.END, 1)[0] == "\n" + ranges.tables(RECORDS)
+    glossary = text.split(ranges.END, 1)[1]
+    run = lab.read_run(RECORDS / "cpu")
+    for field in run["log"][0]:
+        if field != "stage":
+            assert f"`{field}`" in glossary, field
+    for key in run["results"]["sft"]:
+        assert f"`{key}`" in glossary or f"`{key.rsplit('_', 1)[0]}_" in glossary, key
