@@ -254,9 +254,9 @@ def sg(x, d=2):
     return s if s.startswith(MINUS) else "+" + s
 
 
-def lvl(x):
+def lvl(x, digits=3):
     """A score in [0, 1] to 3 places without the leading 0: .674."""
-    return f"{x:.3f}".lstrip("0")
+    return f"{x:.{digits}f}".lstrip("0")
 
 
 def pct(x, d=0):
@@ -838,7 +838,7 @@ def ablation_seeds():
         else:
             for path in ("difference.emp_f1.mean", "difference.emp_f1_judge.mean"):
                 word, nums = against_ppo(row, path)
-                cells.append(f"{nums}: {word}")
+                cells.append(f"{nums} ({word})")
         out.append(f"| {row} | {len(g)} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n\n" + code_sentence([n for r in row_names() for n in row_group(r)]) + "\n"
 
@@ -893,8 +893,8 @@ def ablation_rows():
             text += (f" Without EX, over {len(g)} seeds, EmpRL − SFT is "
                      f"{tint(over(g, 'difference.emp_f1.mean'))} and by the judge "
                      f"{tint(over(g, 'difference.emp_f1_judge.mean'))}; against PPO {nums} ({w}), by the judge {nj} "
-                     f"({wj}): the gain shrinks. The identifiers' EX accuracy against the human levels falls to "
-                     f"{span(acc, lvl)} (SFT {lvl(s['acc_ex'] / 100)}), and its replies end with questions more often "
+                     f"({wj}){': the gain shrinks' if w.startswith('lower') else ''}. The identifiers' EX accuracy against the human levels falls to "
+                     f"{span(acc, lvl, 3)} (SFT {lvl(s['acc_ex'] / 100)}), and its replies end with questions more often "
                      f"(`benchmarks/replies.py`; that output is not kept as a record). With EX in the reward the "
                      f"policy must also match the human reply's exploration level.")
         if "ip" in drops:
@@ -960,16 +960,18 @@ def ablation_samples():
 def ablation_method():
     p = ppo_group()
     kl = [summed_kl(n) for n in p]
-    far = [r for r in row_names() if r != "emprl" and summed_kl(row_group(r)[0]) > max(kl)]
-    higher = [r for r in far if value(row_group(r)[0], "emprl.emp_f1") > max(value(n, "emprl.emp_f1") for n in p)]
+    far = [r for r in row_names() if r != "emprl" and min(summed_kl(n) for n in row_group(r)) > max(kl)]
+    top = max(value(n, "emprl.emp_f1") for n in p)
+    higher = [r for r in far if min(value(n, "emprl.emp_f1") for n in row_group(r)) > top]
     few = [r for r in row_names() if len(row_group(r)) < 3]
     return (f"At this scale the KL penalty is what keeps the policy near the SFT model: the clamped k1 penalty at a "
-            f"fixed β of 0.5 holds the drift to {span(kl, num, 1)} nats over PPO's {len(p)} seeds. The rows that move "
-            f"further ({', '.join(far)}) " + (
-                f"have a higher proxy Emp-F1 than every PPO seed in {len(higher)} of {len(far)} cases "
-                f"({', '.join(higher)}), " if far else "") +
-            f"at one seed each; their replies pay in perplexity and diversity (table). Differences from PPO are "
-            f"resolved only for rows with 3 seeds or more; not resolved: {', '.join(few)}.\n")
+            f"fixed β of 0.5 holds the drift to {span(kl, num)} nats over PPO's {len(p)} seeds. Rows whose summed KL "
+            f"lies above that range: " + ", ".join(
+                f"{r} ({span([summed_kl(n) for n in row_group(r)], num)})" for r in far) +
+            (f"; of these, {listing(higher)} also score a proxy Emp-F1 above every PPO seed's, and pay for it in "
+             f"perplexity and distinct replies (table)" if higher else "") +
+            f". Differences from PPO are resolved only for rows with 3 seeds or more of their own; not resolved: "
+            f"{', '.join(few)}.\n")
 
 
 # ----------------------------------------------------------------------------------------- docs/identifiers.md
@@ -1059,8 +1061,9 @@ def wrap(text):
             out.append(line)
         else:
             indent = "  " if line.startswith("- ") else ""
-            out += textwrap.wrap(line, WIDTH, subsequent_indent=indent, break_on_hyphens=False,
-                                 break_long_words=False)
+            glued = re.sub(r"(\S) (%|×|nats\b|s\b|words\b)", "\\1\0\\2", line)  # "95 %" stays on one line
+            out += [w.replace("\0", " ") for w in textwrap.wrap(glued, WIDTH, subsequent_indent=indent,
+                                                                  break_on_hyphens=False, break_long_words=False)]
     return "\n".join(out)
 
 
