@@ -992,7 +992,8 @@ def identifiers_table():
 @block("judge-table")
 def judge_table():
     cols = [n for n in (BASE, "cpu_fp32_earlier", f"{BASE}_seed2") if exists(n)]
-    head = {BASE: "(record)", "cpu_fp32_earlier": "(float32, earlier code)"}
+    head = {BASE: "(record)", "cpu_fp32_earlier": f"(float32, {NOTES['cpu_fp32_earlier']})",
+            f"{BASE}_seed2": "(`--seed=2`)"}
     out = ["| mechanism | " + " | ".join(f"identifier macro-F1 / accuracy {head.get(n, '(' + n + ')')}" for n in cols)
            + " | judge macro-F1 / accuracy (record) | majority macro-F1 |", "|---" * (len(cols) + 3) + "|"]
     for m in ("er", "ip", "ex"):

@@ -53,7 +53,8 @@ ALLOWED = {
             ".266", ".693", ".666", ".647", ".224", ".571", ".538", ".546", ".304", ".588", ".629", ".660",
             ".593", ".548", ".656", ".524", ".542", "3e-4")},
         **{n: "identifier_epochs.py, no record (labelled in the page)" for n in (
-            ".04", ".07", ".13", ".499", ".561", ".636", ".726", ".551", ".676", ".507", ".047", "-.042", "150")},
+            ".04", ".07", ".13", ".499", ".561", ".636", ".726", ".551", ".676", ".507", "+.047", "-.042", "150")},
+        "2.3k": "about 2,300 EPITOME pairs per mechanism (data)",
         "0.64-0.75": "the paper's RoBERTa identifiers' macro-F1 (the paper)",
         "0.64": "the paper's RoBERTa identifiers' macro-F1 (the paper)",
         "0.75": "the paper's RoBERTa identifiers' macro-F1 (the paper)",
