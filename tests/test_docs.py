@@ -189,3 +189,35 @@ def test_check_run_passes_the_published_record_and_fails_it_with_a_perturbed_emp
     (tmp_path / "results.json").write_text(json.dumps(results))
     bad = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and "OUT OF RANGE" in bad.stdout and "emprl.emp_f1" in bad.stdout
+
+
+def test_blocks_follow_new_records_and_name_earlier_code(tmp_path, monkeypatch):
+    """When records of new code arrive (environment.commit, timing lines) beside older ones, every block still
+    renders, the new seeds count in the headline, and the older records are called earlier code."""
+    import shutil
+    runs = tmp_path / "runs"
+    shutil.copytree(records.RUNS, runs)
+    for seed in (3, 4):
+        d = runs / f"cpu_s{seed}"
+        shutil.copytree(runs / "cpu_s2", d)
+        r = json.loads((d / "results.json").read_text())
+        r["config"]["ppo_seed"] = seed
+        r["difference"]["emp_f1"]["mean"] += 0.1 * seed
+        r["environment"].update(commit="0123456789abcdef", dirty=False, command="train.py --preset=cpu")
+        (d / "results.json").write_text(json.dumps(r))
+        with open(d / "log.jsonl", "a") as f:
+            for stage in ("ppo", "eval"):
+                f.write(json.dumps(dict(stage="timing", name=stage, seconds=100.0, threads=1, load_1min=[0.1, 1.2]))
+                        + "\n")
+    monkeypatch.setattr(records, "RUNS", runs)
+    for f in (records.results, records.log):
+        f.cache_clear()
+    try:
+        assert records.ppo_group() == ["cpu", "cpu_s1", "cpu_s2", "cpu_s3", "cpu_s4"]
+        text = {name: records.render(name) for name in records.BLOCKS}
+        assert "n = 5 PPO seeds" in text["findings"] and "4 degrees of freedom" in text["findings"]
+        assert "cpu (earlier code)" in text["seeds"] and "commit 0123456" in text["seeds"]
+        assert "cpu_s3" in text["seeds"] and "| emprl | 4 |" in text["ablation-table"]
+    finally:
+        for f in (records.results, records.log):
+            f.cache_clear()
