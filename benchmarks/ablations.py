@@ -111,16 +111,20 @@ def rows_table(base):
     sft = json.loads((base / "results.json").read_text())["sft"]
     out.append(f"| SFT | | no RL | {parts(sft, 'emp_f1')} | | {parts(sft, 'emp_f1_judge')} | | {sft['reward']:.3f} | "
                f"{sft['ppl']:.1f} | {sft['unique_frac']:.2f} | {sft['length']:.1f} | 0 | |")
+    done = {(row, seed): finished_dir(base, row, seed) for row in ROWS for seed in row_seeds(base, row)}
+    results = {k: json.loads((d / "results.json").read_text()) for k, d in done.items()}
+    # records without environment.commit come from code before it was stored: named when newer records are beside
+    mixed = len({"commit" in r["environment"] for r in results.values()}) > 1
     for row, (what, _) in ROWS.items():
         seeds = row_seeds(base, row)
         if not seeds:
             out.append(f"| {row} | | {what} | not run |" + " |" * 9)
         for seed in seeds:
-            out_dir = finished_dir(base, row, seed)
-            r = json.loads((out_dir / "results.json").read_text())
+            out_dir, r = done[row, seed], results[row, seed]
             m, d, its = r["emprl"], r["difference"], ppo_log(out_dir)
             kl = sum(i["kl"] for i in its[-20:]) / max(len(its[-20:]), 1)
-            out.append(f"| {row} | {seed} | {what} | {parts(m, 'emp_f1')} | {interval(d['emp_f1'])} | "
+            tag = " (earlier code)" if mixed and "commit" not in r["environment"] else ""
+            out.append(f"| {row} | {seed} | {what}{tag} | {parts(m, 'emp_f1')} | {interval(d['emp_f1'])} | "
                        f"{parts(m, 'emp_f1_judge')} | {interval(d['emp_f1_judge'])} | {m['reward']:.3f} | "
                        f"{m['ppl']:.1f} | {m['unique_frac']:.2f} | {m['length']:.1f} | {kl:.2f} | "
                        f"{median(i['seconds'] for i in its if 'seconds' in i):.1f} |")
@@ -154,8 +158,8 @@ def report(args):
         if len(rs) > 1:
             cols = [[r["emprl"]["emp_f1"] for r in rs], [r["difference"]["emp_f1"]["mean"] for r in rs],
                     [r["difference"]["emp_f1_judge"]["mean"] for r in rs], [r["emprl"]["ppl"] for r in rs]]
-            print(f"| {row} | {len(rs)} | " + " | ".join(tint(Stat(c), signed=signed)
-                                                          for c, signed in zip(cols, [False, True, True, False])) + " |")
+            cells = [tint(Stat(c), signed=signed) for c, signed in zip(cols, [False, True, True, False])]
+            print(f"| {row} | {len(rs)} | " + " | ".join(cells) + " |")
     print("\nThe first three test dialogues of results.json, every row's reply (PPO seed 0):\n")
     print(samples(base))
     if args.figure:

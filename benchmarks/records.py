@@ -428,14 +428,13 @@ def readme_bullets():
     lo, hi = r["difference"]["emp_f1"]["ci95"]
     outside = [f"{n} at {sg(value(n, 'difference.emp_f1.mean'))}" for n in g[1:]
                if not lo <= value(n, "difference.emp_f1.mean") <= hi]
-    out = []
-    out.append(
-        f"- **Over PPO seeds** ({', '.join(link(n) if n != BASE else n for n in g)}: same SFT model and identifiers, "
-        f"PPO seed {', '.join(str(i) for i in range(len(g)))}): EmpRL − SFT **{tint(d_id)}** by the identifiers and "
-        f"**{tint(d_j)}** by the judge ({interval_note(g)}: the training noise of PPO). The bracket in the table "
-        f"is the record's paired bootstrap over the test contexts: the evaluation noise of that one run, not the "
-        f"spread between seeds" + (f" (seed{'s' * (len(outside) > 1)} {listing(outside)} land{'s' * (len(outside) == 1)}"
-                                    f" outside it)" if outside else "") + ".")
+    runs = ", ".join(link(n) if n != BASE else n for n in g)
+    seeds_ = ", ".join(str(results(n)["config"]["ppo_seed"]) for n in g)
+    out = [f"- **Over PPO seeds** ({runs}: same SFT model and identifiers, PPO seeds {seeds_}): EmpRL − SFT "
+           f"**{tint(d_id)}** by the identifiers and **{tint(d_j)}** by the judge ({interval_note(g)}: the training "
+           f"noise of PPO). The bracket in the table is the record's paired bootstrap over the test contexts: the "
+           f"evaluation noise of that one run, not the spread between seeds"
+           + (f"; {listing(outside)} land{'s' * (len(outside) == 1)} outside it" if outside else "") + "."]
     out.append(
         f"- **Emp-F1 is measured by the reward's own identifiers**, so part of any rise is built in. The independent "
         f"judge (a TF-IDF logistic regression per mechanism that no reward uses, `judge.py`) sees "
@@ -540,6 +539,9 @@ def against_ppo(row, path="difference.emp_f1.mean"):
     more, else "not resolved" with the row's seeds placed against the PPO seeds' range."""
     g, p = row_group(row), ppo_group()
     a, b = over(g, path), over(p, path)
+    if {commit(n) is None for n in g} != {commit(n) is None for n in p}:  # another code version, another SFT model
+        return ("not comparable: the row and PPO's seeds come from different code versions",
+                f"{'/'.join(sg(value(n, path)) for n in g)} against PPO's {span([value(n, path) for n in p])}")
     if a.n >= 3 and b.n >= 3:
         d, lo, hi = welch(a, b)
         word = "higher than PPO" if lo > 0 else "lower than PPO" if hi < 0 else "no measurable difference from PPO"
@@ -558,18 +560,18 @@ def ablation_summary():
     for r in multi:
         word, nums = against_ppo(r)
         wj, nj = against_ppo(r, "difference.emp_f1_judge.mean")
-        resolved.append(f"{r} ({len(row_group(r))} seeds): EmpRL − SFT {tint(over(row_group(r), 'difference.emp_f1.mean'))}"
-                        f", {word} ({nums}); by the judge {tint(over(row_group(r), 'difference.emp_f1_judge.mean'))}"
-                        f", {wj} ({nj})")
+        g = row_group(r)
+        resolved.append(f"{r} ({len(g)} seeds): EmpRL − SFT {tint(over(g, 'difference.emp_f1.mean'))}, {word} "
+                        f"({nums}); by the judge {tint(over(g, 'difference.emp_f1_judge.mean'))}, {wj} ({nj})")
     few = [f"{r} ({len(row_group(r))})" for r in rows if len(row_group(r)) < 3]
     drift = [r for r in rows if summed_kl(row_group(r)[0]) > 3 * max(summed_kl(n) for n in ppo_group())]
     return ("Ablations on this pipeline ([docs/ablations.md](docs/ablations.md); differences from PPO as intervals "
             "over seeds of the difference, Welch, df = min(n) − 1): " + ("; ".join(resolved) + ". " if resolved else "")
             + ("Rows with fewer than 3 seeds, not resolved against PPO: " + ", ".join(few) + ". " if few else "")
             + ("Rows that drift more than three times PPO's summed KL: " + ", ".join(
-                f"{r} ({num(summed_kl(row_group(r)[0]), 1)} nats, perplexity "
-                f"{num(results(row_group(r)[0])['emprl']['ppl'], 0)}, {pct(results(row_group(r)[0])['emprl']['unique_frac'])} "
-                f"distinct)" for r in drift) + "." if drift else ""))
+                f"{r} ({num(summed_kl(n), 1)} nats, perplexity {num(value(n, 'emprl.ppl'), 0)}, "
+                f"{pct(value(n, 'emprl.unique_frac'))} distinct)" for r in drift for n in row_group(r)[:1]) + "."
+               if drift else ""))
 
 
 # ------------------------------------------------------------------------------------------- docs/results.md
@@ -578,10 +580,11 @@ def ablation_summary():
 @block("results-setting")
 def results_setting():
     env = results(BASE)["environment"]
-    return (f"{env['threads']} torch thread{'s' * (env['threads'] > 1)} on a 2-core {env['machine']} CPU (`torch.backends.cpu."
-            f"get_cpu_capability()`: {env['cpu_capability']}), torch {env['torch']}; `--dtype=auto` chose "
-            f"{env['dtype']} there; {code(BASE)}. The README's results table is generated from this record. Test "
-            f"split, {results(BASE)['n_test']:,} contexts, decoding seed {results(BASE)['config']['eval_seed']}; "
+    return (f"{env['threads']} torch thread{'s' * (env['threads'] > 1)} on a 2-core {env['machine']} CPU "
+            f"(`torch.backends.cpu.get_cpu_capability()`: {env['cpu_capability']}), torch {env['torch']}; "
+            f"`--dtype=auto` chose {env['dtype']} there; {code(BASE)}. The README's results table is generated from "
+            f"this record. Test split, {results(BASE)['n_test']:,} contexts, decoding seed "
+            f"{results(BASE)['config']['eval_seed']}; "
             f"EmpRL − SFT with a 95 % paired bootstrap interval over the test contexts (the same resampled contexts "
             f"for both models, 1,000 resamples, seeded): the evaluation noise of one run.\n")
 
@@ -596,8 +599,9 @@ RESULT_ROWS = [("cpu", "PPO (the record), β 0.5"), ("cpu_s1", "PPO, seed 1"), (
 @block("rows")
 def rows_table():
     shown = [(n, w) for n, w in RESULT_ROWS if exists(n)]
-    out = ["| record | what | EmpRL Emp-F1 (ER / IP / EX) | EmpRL − SFT [bootstrap 95 % CI] | judge (ER / IP / EX) | "
-           "judge: EmpRL − SFT [bootstrap 95 % CI] | reward | PPL | distinct | length | summed KL, last 20 iterations |",
+    out = ["| record | what | EmpRL Emp-F1 (ER / IP / EX) | EmpRL − SFT [bootstrap 95 % CI] | judge (ER / IP / EX) "
+           "| judge: EmpRL − SFT [bootstrap 95 % CI] | reward | PPL | distinct | length "
+           "| summed KL, last 20 iterations |",
            "|---" * 11 + "|"]
     s = results(BASE)["sft"]
     out.append(f"| {BASE} (SFT) | no RL | {ablations.parts(s, 'emp_f1')} | | {ablations.parts(s, 'emp_f1_judge')} | | "
@@ -615,31 +619,36 @@ def rows_table():
 @block("seeds")
 def seeds_block():
     g = ppo_group()
-    out = ["| record | PPO seed | EmpRL Emp-F1 | EmpRL − SFT [bootstrap 95 % CI] | judge: EmpRL − SFT [bootstrap 95 % CI] "
-           "| EmpRL PPL | EmpRL distinct | summed KL, last 20 iterations |", "|---" * 8 + "|"]
+    out = ["| record | PPO seed | EmpRL Emp-F1 | EmpRL − SFT [bootstrap 95 % CI] "
+           "| judge: EmpRL − SFT [bootstrap 95 % CI] | EmpRL PPL | EmpRL distinct | summed KL, last 20 iterations |",
+           "|---" * 8 + "|"]
     for n in g:
         r = results(n)
         out.append(f"| {n}{code_tag(n, g)} | {r['config']['ppo_seed']} | {r['emprl']['emp_f1']:.2f} | "
                    f"{boot(r['difference']['emp_f1'])} | {boot(r['difference']['emp_f1_judge'])} | "
                    f"{r['emprl']['ppl']:.2f} | {r['emprl']['unique_frac']:.2f} | {summed_kl(n):.2f} |")
     if len(g) > 1:
-        out.append(f"| mean [95 % t interval over the {len(g)} seeds] | | {tint(over(g, 'emprl.emp_f1'), signed=False)} | "
+        out.append(f"| mean [95 % t interval over the {len(g)} seeds] | | "
+                   f"{tint(over(g, 'emprl.emp_f1'), signed=False)} | "
                    f"{tint(over(g, 'difference.emp_f1.mean'))} | {tint(over(g, 'difference.emp_f1_judge.mean'))} | "
                    f"{tint(over(g, 'emprl.ppl'), signed=False)} | {tint(over(g, 'emprl.unique_frac'), signed=False)} | "
                    f"{tint(Stat(summed_kl(n) for n in g), signed=False)} |")
     out += ["", f"Per mechanism, EmpRL − SFT ({interval_note(g)}):", "",
             "| mechanism | by the identifiers | by the judge |", "|---|---|---|"]
     for mech, what in (("er", "ER (affective)"), ("ip", "IP (cognitive)"), ("ex", "EX (cognitive)")):
-        out.append(f"| {what} | {tint(over(g, f'diff.emp_f1_{mech}'))} | {tint(over(g, f'diff.emp_f1_judge_{mech}'))} |")
-    out.append(f"| Emp-F1 (mean of the three) | {tint(over(g, 'diff.emp_f1'))} | {tint(over(g, 'diff.emp_f1_judge'))} |")
+        ident, judge = over(g, f"diff.emp_f1_{mech}"), over(g, f"diff.emp_f1_judge_{mech}")
+        out.append(f"| {what} | {tint(ident)} | {tint(judge)} |")
+    ident, judge = over(g, "diff.emp_f1"), over(g, "diff.emp_f1_judge")
+    out.append(f"| Emp-F1 (mean of the three) | {tint(ident)} | {tint(judge)} |")
     r0 = results(BASE)["difference"]["emp_f1"]
     lo, hi = r0["ci95"]
     outside = [n for n in g[1:] if not lo <= value(n, "difference.emp_f1.mean") <= hi]
     half = [(d["ci95"][1] - d["ci95"][0]) / 2 for d in (results(n)["difference"]["emp_f1"] for n in g)]
-    text = (f"\nTwo kinds of noise. Each seed's bracket is that run's paired bootstrap over the {results(BASE)['n_test']:,}"
-            f" test contexts: *evaluation noise of one run* (half-widths {span(half, num)}), which says nothing about "
-            f"how far another PPO seed lands" + (f" — {listing(outside)} land{'s' * (len(outside) == 1)} outside the "
-                                                f"record's [{sg(lo)}, {sg(hi)}]" if outside else "") +
+    text = (f"\nTwo kinds of noise. Each seed's bracket is that run's paired bootstrap over the "
+            f"{results(BASE)['n_test']:,} test contexts: *evaluation noise of one run* (half-widths "
+            f"{span(half, num)}), which says nothing about how far another PPO seed lands"
+            + (f" — {listing(outside)} land{'s' * (len(outside) == 1)} outside the record's [{sg(lo)}, {sg(hi)}]"
+               if outside else "") +
             f". The interval over seeds (Student t, n − 1 degrees of freedom) is the *training noise* of PPO for this "
             f"one SFT model and these identifiers; with n = {len(g)} it is wide, because an SD from a few seeds is "
             f"itself uncertain. It does not cover a new tokenizer, SFT model or identifiers: for that, the pipelines "
@@ -723,8 +732,8 @@ def pipelines_block():
     p = pipelines()
     shown = p + [n for n in ("cpu_fp32_earlier",) if exists(n)]
     out = ["| pipeline | record | identifiers ER / IP / EX (test macro-F1) | majority level | SFT Emp-F1 | EmpRL "
-           "Emp-F1 | EmpRL − SFT [bootstrap 95 % CI] | judge: EmpRL − SFT [bootstrap 95 % CI] | SFT PPL | EmpRL PPL | EmpRL distinct | "
-           "EmpRL length |", "|---" * 12 + "|"]
+           "Emp-F1 | EmpRL − SFT [bootstrap 95 % CI] | judge: EmpRL − SFT [bootstrap 95 % CI] | SFT PPL | EmpRL PPL "
+           "| EmpRL distinct | EmpRL length |", "|---" * 12 + "|"]
     for n in shown:
         r = results(n)
         ids = " / ".join(lvl(r["identifiers"][m]["macro_f1"]) for m in ("er", "ip", "ex"))
@@ -746,7 +755,8 @@ def pipelines_block():
         f"{span(dj)}. Over the {len(g)} PPO seeds of the record's pipeline the range is {span(gi)}, by the judge "
         f"{span(gj)}. Emp-F1 levels differ between pipelines (their identifiers differ), so only differences are "
         f"compared." + (f" {listing(excl)} {'is' if len(excl) == 1 else 'are'} listed but not counted: "
-                        f"{'; '.join(NOTES.get(n, 'another code version') for n in excl)}." if excl else "") + " " + code_sentence(shown))
+                        f"{'; '.join(NOTES.get(n, 'another code version') for n in excl)}." if excl else "")
+        + " " + code_sentence(shown))
     return "\n".join(out) + "\n"
 
 
@@ -770,7 +780,8 @@ def pipelines_bullets():
         f"- **The gain is positive in every pipeline**: " + (
             "each one's bootstrap interval excludes 0 by both labellers" if allpos else
             "not in every bootstrap interval: see the table") +
-        f"; EmpRL over the majority constant {span([value(x, 'emprl.emp_f1') - value(x, 'majority.emp_f1') for x in p])}."
+        f"; EmpRL over the majority constant "
+        f"{span([value(x, 'emprl.emp_f1') - value(x, 'majority.emp_f1') for x in p])}."
         f" With {len(p)} pipelines this is a range, not an interval.")
     if exists("cpu_fp32"):
         a, b = results(BASE), results("cpu_fp32")
@@ -893,8 +904,9 @@ def ablation_rows():
             text += (f" Without EX, over {len(g)} seeds, EmpRL − SFT is "
                      f"{tint(over(g, 'difference.emp_f1.mean'))} and by the judge "
                      f"{tint(over(g, 'difference.emp_f1_judge.mean'))}; against PPO {nums} ({w}), by the judge {nj} "
-                     f"({wj}){': the gain shrinks' if w.startswith('lower') else ''}. The identifiers' EX accuracy against the human levels falls to "
-                     f"{span(acc, lvl, 3)} (SFT {lvl(s['acc_ex'] / 100)}), and its replies end with questions more often "
+                     f"({wj}){': the gain shrinks' if w.startswith('lower') else ''}. The identifiers' EX accuracy "
+                     f"against the human levels falls to {span(acc, lvl, 3)} (SFT {lvl(s['acc_ex'] / 100)}), and its "
+                     f"replies end with questions more often "
                      f"(`benchmarks/replies.py`; that output is not kept as a record). With EX in the reward the "
                      f"policy must also match the human reply's exploration level.")
         if "ip" in drops:
@@ -947,7 +959,8 @@ def ablation_accuracy():
     acc = ", ".join(f"{'EmpRL' if n == BASE else n[len(BASE) + 1:]} {lvl(value(n, 'emprl.acc_er') / 100)}"
                     for n in rows)
     return (f"Because the identifiers also grade the test, their accuracy against the human levels can rise with "
-            f"the drift while the replies get worse for a reader: on ER, SFT {lvl(results(BASE)['sft']['acc_er'] / 100)}"
+            f"the drift while the replies get worse for a reader: on ER, SFT "
+            f"{lvl(results(BASE)['sft']['acc_er'] / 100)}"
             f", {acc} (one seed each).\n")
 
 
