@@ -390,10 +390,13 @@ def training_check(directory, exercises):
                   f"set, with your functions and with the reference's (about 30 s) ...", flush=True)
             t0 = time.time()
             yours = train(directory, data_dir, tmp / f"yours_{algo}", algo)
-            theirs = train(reference, data_dir, tmp / f"reference_{algo}", algo) if not isinstance(yours, str) else 0
-            if isinstance(yours, str) or isinstance(theirs, str):
-                whose = "your code" if isinstance(yours, str) else "the reference functions (in your copy)"
-                print(f"FAIL training check ({algo}): with {whose}, {yours if isinstance(yours, str) else theirs}")
+            if isinstance(yours, str):  # a reason: the run failed
+                print(f"FAIL training check ({algo}): with your code, {yours}")
+                ok = False
+                continue
+            theirs = train(reference, data_dir, tmp / f"reference_{algo}", algo)
+            if isinstance(theirs, str):
+                print(f"FAIL training check ({algo}): with the reference functions in your copy, {theirs}")
                 ok = False
                 continue
             bad = compare_runs(yours, theirs)
