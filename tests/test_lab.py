@@ -911,3 +911,47 @@ def test_metrics_md_ranges_are_the_records_and_every_field_is_explained():
             assert f"`{field}`" in glossary, field
     for key in run["results"]["sft"]:
         assert f"`{key}`" in glossary or f"`{key.rsplit('_', 1)[0]}_" in glossary, key
+
+
+# the issue's mistakes that used to pass, one per function, planted together in one student copy
+PLANTED = {
+    "ppo.policy_loss": "unclipped term detached (same value, gradient halved at ρ = 1)",
+    "ppo.value_loss": "computed on values.detach() (the value head never learns)",
+    "ppo.grpo_advantages": "ε under the square root, sqrt(var + ε)",
+    "ppo.gae": "zeroes the padding of the caller's values in place",
+    "ppo.per_token_kl": "no gradient (computed on detached log-probs)",
+    "ppo.kl_penalized_rewards": "zeroes the padding of the caller's log-probs in place",
+    "ppo.rloo_advantages": "shifts the caller's rewards in place",
+    "reward.reward_from_logits": "shifts the caller's logits in place (a stable softmax on the input)",
+}
+
+
+def test_planted_mistakes_fail_in_a_copy_whose_checks_are_emptied(tmp_path):
+    """A student copy with every exercise blanked, one planted mistake per function (the detached unclipped term,
+    values.detach(), sqrt(var + ε), an in-place gae, ...), and its lab/checks emptied: `check` fails every function,
+    each with the docstring of the grader's check that names the mistake."""
+    copy = new_copy(tmp_path / "student", "all")
+    for path in (copy / "lab" / "checks").glob("*.py"):
+        path.write_text("", encoding="utf-8")
+    docstrings = {}
+    for exercise, mistake in PLANTED.items():
+        if exercise not in AVAILABLE:
+            continue
+        _, _, check_name, correct, wrong = next(m for m in MUTANTS if m[0] == exercise and m[1] == mistake)
+        path = copy / f"{exercise.split('.')[0]}.py"
+        text = lab.replace_function(path.read_text(encoding="utf-8"), exercise.split(".")[1],
+                                    mutant(exercise, correct, wrong))
+        path.write_text(text, encoding="utf-8")
+        checks = load(ROOT / lab.EXERCISES[exercise], f"lab_check_doc_{exercise.split('.')[1]}")
+        docstrings[exercise] = " ".join(getattr(checks, check_name).__doc__.split())
+    for exercise in AVAILABLE:  # the blanked functions not planted above: the repository's own
+        if exercise not in PLANTED:
+            path = copy / f"{exercise.split('.')[0]}.py"
+            text = lab.replace_function(path.read_text(encoding="utf-8"), exercise.split(".")[1],
+                                        reference_source(exercise))
+            path.write_text(text, encoding="utf-8")
+    p = check(copy, "--no-run")
+    assert p.returncode == 1
+    lines = verdicts(p.stdout)
+    for exercise, doc in docstrings.items():
+        assert lines[exercise].startswith(f"FAIL {exercise}: {doc} — "), lines[exercise]
