@@ -435,14 +435,16 @@ def readme_bullets():
            f"noise of PPO). The bracket in the table is the record's paired bootstrap over the test contexts: the "
            f"evaluation noise of that one run, not the spread between seeds"
            + (f"; {listing(outside)} land{'s' * (len(outside) == 1)} outside it" if outside else "") + "."]
+    top_judge = max(("er", "ip", "ex"), key=lambda k: over(g, f"diff.emp_f1_judge_{k}").mean)
     out.append(
         f"- **Emp-F1 is measured by the reward's own identifiers**, so part of any rise is built in. The independent "
         f"judge (a TF-IDF logistic regression per mechanism that no reward uses, `judge.py`) sees "
-        f"{pct(d_j.mean / d_id.mean)} of the identifiers' gain (means over the seeds), mostly in ER (table above). "
-        f"In the record, perplexity of the human replies {num(s['ppl'], 1)} → {num(m['ppl'], 1)} "
+        f"{pct(d_j.mean / d_id.mean)} of the identifiers' gain (means over the seeds)"
+        + (", most of it in ER (table above)" if top_judge == "er" else f", most in {top_judge.upper()}") +
+        f". In the record, perplexity of the human replies {num(s['ppl'], 1)} → {num(m['ppl'], 1)} "
         f"({sg(100 * (m['ppl'] / s['ppl'] - 1), 0)} %), {pct(m['unique_frac'])} of the replies distinct (SFT "
-        f"{pct(s['unique_frac'])}), replies shorter ({num(s['length'], 1)} → {num(m['length'], 1)} words) and BLEU "
-        f"lower.")
+        f"{pct(s['unique_frac'])}), replies {num(s['length'], 1)} → {num(m['length'], 1)} words, BLEU-1 "
+        f"{num(s['bleu_1'])} → {num(m['bleu_1'])}.")
     maj = r["majority"]
     out.append(
         f"- The constant *majority level* scores {num(maj['emp_f1'])} here, "
@@ -452,25 +454,30 @@ def readme_bullets():
            if maj["emp_f1_er"] > max(m["emp_f1_er"], s["emp_f1_er"]) else "") + ".")
     if exists("cpu_no_kl"):
         k = results("cpu_no_kl")
+        above = all(k["difference"][x]["mean"] > r["difference"][x]["mean"] for x in ("emp_f1", "emp_f1_judge"))
         out.append(
-            f"- **The judge does not catch reward hacking either.** Without the KL penalty (β = 0, "
+            f"- **{'The judge does not catch reward hacking either' if above else 'No KL penalty'}.** Without the KL penalty (β = 0, "
             f"{link('cpu_no_kl')}; one PPO seed) the policy drifts to {num(summed_kl('cpu_no_kl'), 1)} nats from SFT, "
             f"perplexity {num(k['emprl']['ppl'], 1)}, {pct(k['emprl']['unique_frac'])} distinct replies of "
             f"{num(k['emprl']['length'], 1)} words, and both the identifiers ({boot(k['difference']['emp_f1'])}) and "
-            f"the judge ({boot(k['difference']['emp_f1_judge'])}) score it above the record. Both are level "
-            f"classifiers trained on the same EPITOME labels; perplexity, diversity and length are what show the "
-            f"drift. Curves of the proxy, both Emp-F1s and the KL, row by row: "
+            f"the judge ({boot(k['difference']['emp_f1_judge'])}) score it "
+            + ("above the record. Both are level classifiers trained on the same EPITOME labels; perplexity, "
+               "diversity and length are what show the drift. " if above else "(against the record's table row). ")
+            + f"Curves of the proxy, both Emp-F1s and the KL, row by row: "
             f"[docs/overoptimisation.png](docs/overoptimisation.png); details in [docs/results.md](docs/results.md).")
     p = pipelines()
     if len(p) > 1:
         di = [value(n, "difference.emp_f1.mean") for n in p]
         dj = [value(n, "difference.emp_f1_judge.mean") for n in p]
         tags = ", ".join(n + code_tag(n, p) for n in p)
+        seed_i = [value(n, "difference.emp_f1.mean") for n in g]
+        seed_j = [value(n, "difference.emp_f1_judge.mean") for n in g]
         out.append(
-            f"- **Whole pipelines vary more than PPO seeds.** Over {len(p)} pipelines ({tags}; each its own "
-            f"tokenizer, SFT model and identifiers, one PPO seed each) EmpRL − SFT is {sg(statistics.mean(di))} on "
-            f"average, {span(di)}, by the judge {sg(statistics.mean(dj))}, {span(dj)} (mean and range over the "
-            f"pipelines). Absolute Emp-F1 belongs to the identifiers: " + seed2_sentence() +
+            f"- **Over whole pipelines** ({tags}; each its own tokenizer, SFT model and identifiers, one PPO seed "
+            f"each): EmpRL − SFT {sg(statistics.mean(di))} on average, range {span(di)}, by the judge "
+            f"{sg(statistics.mean(dj))}, range {span(dj)}; the PPO seeds above range over {span(seed_i)} and "
+            f"{span(seed_j)}. With {len(p)} pipelines and {len(g)} seeds, which varies more is not resolved. "
+            f"Absolute Emp-F1 belongs to the identifiers: " + seed2_sentence() +
             " Compare Emp-F1 with the majority constant and the SFT model of the same run, never across runs.")
     out.append("- " + ablation_summary())
     out.append("- " + times_sentence(BASE, "this record") + (
@@ -685,17 +692,21 @@ def judge_bullets():
     if game:
         by_reward = sorted(rl, key=lambda n: -results(n)["emprl"]["reward"])
         by_f1 = sorted(rl, key=lambda n: -results(n)["emprl"]["emp_f1"])
+        judged_above = all(value(n, "difference.emp_f1_judge.mean") > value(BASE, "difference.emp_f1_judge.mean")
+                           for n in game)
         desc = "; ".join(
             f"{n[4:]}: reward {results(n)['emprl']['reward']:.3f} (rank {by_reward.index(n) + 1} of {len(rl)}), "
             f"Emp-F1 {num(results(n)['emprl']['emp_f1'])} (rank {by_f1.index(n) + 1}), {num(summed_kl(n), 1)} nats "
             f"from SFT, perplexity {num(results(n)['emprl']['ppl'], 0)}, {pct(results(n)['emprl']['unique_frac'])} "
             f"distinct replies of {num(results(n)['emprl']['length'], 1)} words" for n in game)
         out.append(
-            f"- **Which rows game the reward.** {desc} (one seed each; ranks among the {len(rl)} RL rows of the "
-            f"table). The judge does **not** expose them: it scores "
+            f"- **No KL and k3.** {desc} (one seed each; ranks among the {len(rl)} RL rows of the "
+            f"table). " + ("The judge does **not** expose them: it scores " if judged_above else "The judge scores ")
             + " and ".join(f"{n[4:]} ({sg(value(n, 'difference.emp_f1_judge.mean'))})" for n in game)
-            + f" above the record ({sg(value(BASE, 'difference.emp_f1_judge.mean'))}), because it is also a level "
-            "classifier trained on EPITOME, and a drifted policy can win by matching the human replies' level mix "
+            + f" against the record's {sg(value(BASE, 'difference.emp_f1_judge.mean'))}"
+            + (", above it, because it is also a level classifier" if judged_above else
+               "; where it credits a drifted row, the reason would be that it is also a level classifier")
+            + " trained on EPITOME, and a drifted policy can win by matching the human replies' level mix "
             "(mostly \"no ER, no IP\"), which any such classifier credits; it also cannot see question marks (its "
             "tokenizer drops punctuation). What shows the drift is outside both: perplexity, diversity, length and "
             "the KL. So: read Emp-F1 beside the judge *and* beside perplexity and distinct replies; a gain that the "
@@ -704,8 +715,9 @@ def judge_bullets():
     if grpo:
         word, nums = against_ppo("grpo")
         wj, nj = against_ppo("grpo", "difference.emp_f1_judge.mean")
+        closest = max(summed_kl(n) for n in grpo) < min(summed_kl(n) for n in rl if n not in grpo)
         out.append(
-            f"- **GRPO holds the policy closest.** Its β·k3 in the loss keeps it at "
+            f"- **GRPO{' holds the policy closest' if closest else ''}.** Its β·k3 in the loss keeps it at "
             f"{span([summed_kl(n) for n in grpo], num)} nats (PPO: {span([summed_kl(n) for n in g], num)}) and "
             f"perplexity {span([value(n, 'emprl.ppl') for n in grpo], num, 1)}. Against PPO, EmpRL − SFT {nums} "
             f"({word}); by the judge {nj} ({wj}).")
@@ -773,13 +785,12 @@ def pipelines_bullets():
             f"- **The absolute Emp-F1 is a property of the identifiers, not of the dialogue model.** "
             + seed2_sentence()[0].upper() + seed2_sentence()[1:] +
             f" IP's F1 is {span(ipf[1::2], num)} there against {span(ipf[0::2], num)} in the record. The SFT models "
-            f"of the pipelines are close (perplexity {span(ppl, num)}). Compare Emp-F1 only with the majority "
+            f"of the pipelines have perplexity {span(ppl, num)}. Compare Emp-F1 only with the majority "
             f"constant and the SFT model of the same run.")
     allpos = all(results(x)["difference"][k]["ci95"][0] > 0 for x in p for k in ("emp_f1", "emp_f1_judge"))
     out.append(
-        f"- **The gain is positive in every pipeline**: " + (
-            "each one's bootstrap interval excludes 0 by both labellers" if allpos else
-            "not in every bootstrap interval: see the table") +
+        ("- **The gain is positive in every pipeline**: each one's bootstrap interval excludes 0 by both labellers"
+         if allpos else "- **Not every pipeline's bootstrap interval excludes 0** (table)") +
         f"; EmpRL over the majority constant "
         f"{span([value(x, 'emprl.emp_f1') - value(x, 'majority.emp_f1') for x in p])}."
         f" With {len(p)} pipelines this is a range, not an interval.")
