@@ -76,6 +76,15 @@ class Judge:
             state[mech] = fits[int(np.argmax(f1))]  # ties: the first listed
         return cls(state)
 
+    def test(self, test, log=print):
+        """Macro-F1 and accuracy per mechanism on {mech: (texts, levels)}, each printed: {mech: metrics}."""
+        out = {}
+        for i, (mech, (texts, y)) in enumerate(test.items()):
+            out[mech] = reward.classification_metrics(y, self.levels(texts)[:, i])
+            log(f"judge {mech} (TF-IDF logistic regression, l2 {self.state[mech]['l2']:g}): test macro-F1 "
+                f"{out[mech]['macro_f1']:.3f}, accuracy {out[mech]['acc']:.3f}")
+        return out
+
 
 def fit_logistic_regression(x, y, l2, steps=200):
     """Multinomial logistic regression on features x (N, V) and levels y (N,), each level weighted N / (C n_c)

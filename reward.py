@@ -281,15 +281,20 @@ def train_identifier(model, train, valid, *, epochs, batch_size, lr, class_weigh
     return {"best_epoch": best["epoch"], "valid": best, "history": history, "seconds": time.time() - t_start}
 
 
-def train_and_test(model, ex, cfg, device, autocast=nullcontext, log=print):
-    """Train one identifier on EPITOME splits {train, valid, test} with the run's ident_* settings (validation
-    patience 2), then score it on test beside the majority level: its row of identifiers.json."""
-    t0 = time.time()
+def train_and_test(model, name, records, tok, cfg, device, autocast=nullcontext, log=print):
+    """Train one identifier on EPITOME records {train, valid, test} with the run's ident_* settings (validation
+    patience 2), then score it on test beside the majority level: its row of identifiers.json, printed."""
+    t0, ex = time.time(), {s: epitome_examples(r, tok, cfg.ident_ctx_tokens, cfg.ident_resp_tokens)
+                           for s, r in records.items()}
     hist = train_identifier(model, ex["train"], ex["valid"], epochs=cfg.ident_epochs, batch_size=cfg.ident_batch_size,
                             lr=cfg.ident_lr, class_weights=cfg.ident_class_weights, device=device, seed=cfg.seed,
                             patience=2, log=log, autocast=autocast)
     y = np.array(ex["test"]["level"])
     pred = predict(model, ex["test"], cfg.eval_batch_size, device, autocast).argmax(-1)
     majority = np.full_like(y, np.bincount(ex["train"]["level"], minlength=NUM_LEVELS).argmax())
-    return dict(**classification_metrics(y, pred), seconds=time.time() - t0,
-                majority=classification_metrics(y, majority), epochs_run=len(hist["history"]) - 1)
+    row = dict(**classification_metrics(y, pred), seconds=time.time() - t0,
+               majority=classification_metrics(y, majority), epochs_run=len(hist["history"]) - 1)
+    print(f"identifier {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, train / valid / "
+          f"test pairs {' / '.join(str(len(e['level'])) for e in ex.values())}): test macro-F1 "
+          f"{row['macro_f1']:.3f}, majority level {row['majority']['macro_f1']:.3f}")
+    return row

@@ -1,9 +1,6 @@
 """The run directory: every file written whole or not at all, read back with one clear message when damaged; the
-lock that keeps a second train.py out; checkpoints that resume where a run stopped, RNG included; how the
-processes of a torchrun share it.
-
-Under torchrun only the main process (rank 0) writes: the other ranks hold the same numbers, and their
-write/log/save_checkpoint calls write nothing (save_checkpoint still gathers their RNG states)."""
+lock that keeps a second train.py out; checkpoints that resume where a run stopped, RNG included. Under torchrun
+only rank 0 writes: the other ranks' write/log/save_checkpoint write nothing (save_checkpoint gathers their RNG)."""
 import errno
 import fcntl
 import io
@@ -56,8 +53,7 @@ def copy(source, dest):
     """Copy a file or a model directory into the run whole or not at all, as every run file is written."""
     if not source.is_dir():
         return atomic_write(dest, source.read_bytes())
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    remove(tmp)
+    tmp = dest.with_name(f".{dest.name}.tmp")  # a leftover of a killed copy went when the run was opened (hold)
     shutil.copytree(source, tmp)
     remove(dest)
     tmp.rename(dest)
@@ -72,8 +68,8 @@ def remove(path):
 
 
 def hold(run):
-    """Lock the run directory for this process, or refuse with one line if a live train.py holds it. The lock is
-    the kernel's (flock): it goes with the process, so a killed run leaves nothing stuck."""
+    """Lock the run directory for this process, or refuse with one line if a live train.py holds it; then delete what
+    a killed writer left half-written. The lock is the kernel's (flock): it goes with the process."""
     f = open(run / "lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,6 +80,8 @@ def hold(run):
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
+    for leftover in list(run.glob("**/.*.tmp")):  # of atomic_write or copy, in a process killed while writing
+        remove(leftover)
     return f  # held while this file object lives
 
 
@@ -99,73 +97,74 @@ def write(path, obj):
 
 
 def log(run, record):  # log.jsonl is appended to: a line cut short by a kill is skipped when read; rank 0 only
-    if rank() > 0:
-        return
-    with open(run / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if rank() == 0:
+        with open(run / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def save_checkpoint(path, parts, state):
-    """The loop state, every part's state (a torch.Generator's too) and torch's RNG: the CPU's, and the GPUs' when
-    CUDA is in use (dropout and sampling draw there), so a resumed run goes on instead of replaying draws. Under
-    torchrun every rank calls it: each rank's RNG is kept, since each rank draws its own rollouts and dropout."""
+    """The loop state, every part's state (a torch.Generator's too) and torch's RNG: the CPU's, and this process's GPU's
+    in use, so a resumed run goes on instead of replaying draws. Under torchrun every rank's RNG is kept."""
     rng = dict(cpu=torch.get_rng_state())
-    if torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():  # its own device's only: a resume may see fewer GPUs
+        rng["cuda"] = torch.cuda.get_rng_state()
+    ranks = [rng]
     if dist.is_initialized():
-        per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, rng)
-        rng = dict(ranks=per_rank)
-    write(path, dict(state=state, rng=rng, parts={
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, rng)
+    write(path, dict(state=state, rng=dict(ranks=ranks), parts={
         k: p.get_state() if isinstance(p, torch.Generator) else p.state_dict() for k, p in parts.items()}))
 
 
 def load_checkpoint(path, parts):
-    """Restore what save_checkpoint saved into `parts` and return the loop state; None without a checkpoint."""
+    """Restore what save_checkpoint saved into `parts`; returns the loop state, None without a checkpoint. With more
+    processes than saved RNG states, rank r >= n takes rank r % n's and seeds with a draw from it + r (one process's
+    checkpoint under torchrun: every rank draws apart). Another kind of device than the saving one is refused."""
     if not path.exists():
         return None
     ck = read(path)
     for k, p in parts.items():
-        if isinstance(p, torch.Generator):
-            p.set_state(ck["parts"][k])
-        else:
-            p.load_state_dict(ck["parts"][k])
-    rng = ck["rng"] if isinstance(ck["rng"], dict) else dict(cpu=ck["rng"])  # checkpoints before CUDA RNG was kept
-    if "ranks" in rng:  # saved under torchrun: this rank's (resumed with fewer processes: some ranks' draws go)
-        rng = rng["ranks"][rank() % len(rng["ranks"])]
+        try:
+            p.set_state(ck["parts"][k]) if isinstance(p, torch.Generator) else p.load_state_dict(ck["parts"][k])
+        except RuntimeError:  # e.g. a CPU generator's state into a CUDA generator
+            raise RunError(f"{path} was saved on another device (not {getattr(p, 'device', '?')}): resume with the "
+                           f"--device it ran on, or start a new --out_dir") from None
+    ranks = ck["rng"]["ranks"]
+    rng = ranks[rank() % len(ranks)]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        torch.cuda.set_rng_state(rng["cuda"])
+    if rank() >= len(ranks):  # no saved state of its own: draw apart from the rank whose state it took
+        torch.manual_seed(int(torch.randint(2**62, ())) + rank())
     print(f"{path.name}: resuming after step {ck['state']['step']}")
     return ck["state"]
 
 
 def code_version():
-    """What made a run, for its results.json: the git commit of this code, whether tracked files had uncommitted
-    changes (None for both outside a git checkout), and the command line."""
-    def git(*args):
-        try:
-            p = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=30)
-            return p.stdout.strip() if p.returncode == 0 else None
-        except OSError:  # no git
-            return None
-    commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    return dict(commit=commit, dirty=None if commit is None else bool(changes),
+    """What made a run: the git commit of this code, uncommitted changes to it (None outside git), the command."""
+    git = ["git", "-C", str(Path(__file__).parent)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+        changes = subprocess.run([*git, "status", "--porcelain", "-uno"], capture_output=True, text=True).stdout
+    except OSError:  # no git
+        commit = None
+    return dict(commit=commit, dirty=bool(changes) if commit else None,
                 command=shlex.join(["python", Path(sys.argv[0]).name, *sys.argv[1:]]))
-
-
-def broadcast(obj):
-    """Rank 0's object on every rank."""
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def wait_for_stage(run, stage, poll_s=2.0):
     """Ranks > 0 wait while rank 0 runs a stage alone, by reading stages.json rather than in a collective: a long
-    stage cannot trip the process group's timeout. Returns the finished stages."""
+    stage cannot trip the process group's timeout. Returns the finished stages. Should rank 0 die, its lock on the
+    run directory goes with it (on one machine): the wait then stops with an error instead of lasting forever."""
     while True:
+        with open(run / "lock") as f:  # looked at before stages.json: rank 0 writes it, then ends and frees the lock
+            try:  # a shared lock is refused while rank 0 holds its exclusive one; taken (flock gives None): it is gone
+                alive = bool(fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB))
+            except BlockingIOError:
+                alive = True
         done = read(run / "stages.json") if (run / "stages.json").exists() else {}
         if stage in done:
             return done
+        if not alive:
+            raise RunError(f"rank 0 stopped before finishing stage '{stage}' (its error is above)")
         time.sleep(poll_s)

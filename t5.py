@@ -17,7 +17,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -464,7 +463,8 @@ def atomic_write(path, data):
     `path`: a crash leaves the old file or the new one, never half of one. Every file of a run goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")  # a killed writer's is removed by rundir.hold
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides the mode, as with open()
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in [data] if isinstance(data, bytes) else data:

@@ -27,8 +27,8 @@ import emprl
 import ppo
 import reward
 from judge import Judge
-from rundir import (RunError, broadcast, code_version, copy, hold, load_checkpoint, log, rank, read, remove,
-                    save_checkpoint, wait_for_stage, write)
+from rundir import (RunError, code_version, copy, hold, load_checkpoint, log, rank, read, remove, save_checkpoint,
+                    wait_for_stage, write)
 from t5 import T5, T5Config, CheckpointError, atomic_write
 
 
@@ -147,10 +147,10 @@ FIELDS_OF_STAGE = {
     "identifiers": "ident_init ident_ctx_tokens ident_resp_tokens ident_epochs ident_batch_size ident_lr "
                    "ident_class_weights ident_limit_pairs",
     "labels": "label_limit_train",
-    "ppo": "ppo_steps algo grpo_loss rloo_k ppo_seed ppo_batch_size ppo_mini_batch_size ppo_grad_accum ppo_epochs ppo_lr "
-           "ppo_lr_decay_steps ppo_clip_range ppo_vf_coef ppo_lam init_kl_coef adaptive_kl kl_target kl_horizon "
-           "kl_estimator kl_min kl_max score_norm whiten_rewards reward_mechanisms ppo_temperature ppo_min_new_tokens "
-           "ppo_max_new_tokens ppo_dropout ppo_eval_every ppo_limit_valid",
+    "ppo": "ppo_steps algo grpo_loss rloo_k ppo_seed ppo_batch_size ppo_mini_batch_size ppo_grad_accum ppo_epochs "
+           "ppo_lr ppo_lr_decay_steps ppo_clip_range ppo_vf_coef ppo_lam init_kl_coef adaptive_kl kl_target "
+           "kl_horizon kl_estimator kl_min kl_max score_norm whiten_rewards reward_mechanisms ppo_temperature "
+           "ppo_min_new_tokens ppo_max_new_tokens ppo_dropout ppo_eval_every ppo_limit_valid",
     "eval": "eval_batch_size eval_seed",
 }
 STAGE_OF = {name: stage for stage, names in FIELDS_OF_STAGE.items() for name in names.split()}  # field -> stage
@@ -289,7 +289,8 @@ def stage_sft(cfg, run, env):
             count_nonfinite(state, finite, cfg, "SFT steps")
             bar.update(1)
             if state["step"] % cfg.sft_eval_every == 0 or state["step"] == total:
-                ppl = emprl.perplexity(model, valid, device, cfg.eval_batch_size, autocast)
+                ppl = (emprl.perplexity(model, valid, device, cfg.eval_batch_size, autocast) if rank() == 0
+                       else float("inf"))  # validated once: the other ranks' models are never saved
                 log(run, dict(stage="sft", step=state["step"], epoch=state["step"] / steps_per_epoch, loss=loss.item(),
                               valid_ppl=ppl, lr=sched.get_last_lr()[0], steps_per_s=bar.format_dict["rate"]))
                 tqdm.write(f"sft {state['step']}/{total} | loss {loss.item():.3f} | valid ppl {ppl:.2f}")
@@ -309,7 +310,6 @@ def stage_identifiers(cfg, run, env):
     models, table, texts = [], {}, {}
     for mech in data.MECHANISMS:
         recs = {s: splits[mech][s][: cfg.ident_limit_pairs or None] for s in splits[mech]}
-        ex = {s: reward.epitome_examples(r, tok, cfg.ident_ctx_tokens, cfg.ident_resp_tokens) for s, r in recs.items()}
         texts[mech] = {s: ([r.response_post for r in rs], [r.level for r in rs]) for s, rs in recs.items()}
         torch.manual_seed(cfg.seed)  # the heads' init is random: seeded, a rerun trains the same identifiers
         if cfg.ident_init == "scratch":
@@ -317,20 +317,14 @@ def stage_identifiers(cfg, run, env):
         else:  # both encoders from a T5 that has read text: our SFT model, or the pretrained checkpoint
             model = reward.EmpathyIdentifier.from_t5(read(run / "sft") if cfg.ident_init == "sft" else
                                                      T5.from_pretrained(cfg.pretrained))
-        table[mech] = reward.train_and_test(model.to(device), ex, cfg, device, env["autocast"], log=tqdm.write)
+        table[mech] = reward.train_and_test(model.to(device), mech, recs, tok, cfg, device, env["autocast"], tqdm.write)
         log(run, dict(stage="identifiers", mechanism=mech, **table[mech]))
-        print(f"identifier {mech} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, train / valid "
-              f"/ test pairs {' / '.join(str(len(e['level'])) for e in ex.values())}): test macro-F1 "
-              f"{table[mech]['macro_f1']:.3f}, majority level {table[mech]['majority']['macro_f1']:.3f}")
         models.append(model.cpu())
     reward.Identifiers(models).save(run / "identifiers")
     # the independent judge: another model family on the same EPITOME train split, never part of any reward
     judge = Judge.fit({m: t["train"] for m, t in texts.items()}, {m: t["valid"] for m, t in texts.items()})
-    for i, (mech, t) in enumerate(texts.items()):
-        j = table[mech]["judge"] = reward.classification_metrics(t["test"][1], judge.levels(t["test"][0])[:, i])
-        print(f"judge {mech} (TF-IDF logistic regression, l2 {judge.state[mech]['l2']:g}): test macro-F1 "
-              f"{j['macro_f1']:.3f}, accuracy {j['acc']:.3f} (identifier {table[mech]['macro_f1']:.3f} / "
-              f"{table[mech]['acc']:.3f})")
+    for mech, scores in judge.test({m: t["test"] for m, t in texts.items()}).items():
+        table[mech]["judge"] = scores
     write(run / "judge.pt", judge.state)
     write(run / "identifiers.json", table)
 
@@ -370,9 +364,10 @@ def stage_ppo(cfg, run, env):
 
     judge = Judge(read(run / "judge.pt"))
 
-    def validate(model):
-        return emprl.evaluate(model, identifiers, judge, tok, encoded["valid"], labels["valid"].numpy(), device, cfg,
-                              autocast, n=cfg.ppo_limit_valid, seed=cfg.eval_seed)[0]
+    def validate(model):  # once, on rank 0 (the others print nowhere and write nothing): {} on the others
+        return {} if rank() > 0 else emprl.evaluate(model, identifiers, judge, tok, encoded["valid"],
+                                                    labels["valid"].numpy(), device, cfg, autocast,
+                                                    n=cfg.ppo_limit_valid, seed=cfg.eval_seed)[0]
     state = load_checkpoint(run / "ppo_ckpt.pt", parts)
     if state is None:  # the SFT model on the same validation subset, once: iteration 0 of the curves
         state = dict(step=0, nonfinite=0, sft_valid=validate(ref_model))
@@ -398,14 +393,14 @@ def stage_ppo(cfg, run, env):
         tqdm.write(emprl.ppo_line(state["step"], cfg.ppo_steps, stats))
         bad = stats.get("nonfinite_scores", 0) + stats.get("skipped_nonfinite", 0)
         count_nonfinite(state, not bad, cfg, "PPO iterations")
-        if state["step"] % cfg.ppo_eval_every == 0 or state["step"] == cfg.ppo_steps:
+        if (state["step"] % cfg.ppo_eval_every == 0 or state["step"] == cfg.ppo_steps) and rank() == 0:
             for i in range(2):
                 tqdm.write(f"  context: {tok.decode(ctx[idx[i]])[-200:]}\n  reply:   {tok.decode(roll['replies'][i])}")
-            m = validate(policy.model)
+            m, sft = validate(policy.model), state["sft_valid"]
             log(run, dict(stage="ppo_eval", step=state["step"], **m))
-            sft = state["sft_valid"]
             tqdm.write(emprl.eval_line(f"valid @{state['step']}", m) +
                        f" (sft {sft['emp_f1']:.2f}, judge {sft['emp_f1_judge']:.2f})")
+        if state["step"] % cfg.ppo_eval_every == 0 or state["step"] == cfg.ppo_steps:  # every rank: its RNG is kept
             save_checkpoint(run / "ppo_ckpt.pt", parts, state)
     save_model(policy.model, run / "emprl")
 
@@ -451,7 +446,9 @@ def run_pipeline(cfg, preset):
     device, world = start_processes(cfg)
     dtype, why = choose_dtype(cfg, device)
     if world > 1:  # every rank takes rank 0's choice (a timing decides it on the CPU)
-        dtype, why = broadcast((dtype, why))
+        box = [(dtype, why)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        dtype, why = box[0]
     cfg = dataclasses.replace(cfg, dtype=dtype)  # what config.json keeps: a rerun or --from_run must resolve the same
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 on GPUs with TF32
     tf32 = " with TF32 matmuls" if device.type == "cuda" and dtype == "float32" else ""  # Ampere and newer
@@ -580,6 +577,8 @@ def main(argv):
         finally:  # end the progress bars an exception left open, so the message below gets its own line
             for bar in list(getattr(tqdm, "_instances", ())):
                 bar.close()
+            if torch.distributed.is_initialized():  # torchrun: leave the process group (NCCL warns otherwise)
+                torch.distributed.destroy_process_group()
     except KeyboardInterrupt:  # Ctrl-C: every file is whole (atomic writes); SFT and PPO go on from their checkpoint
         print(f"\ninterrupted; finished stages and the last checkpoint are kept. {resume}")
         sys.exit(130)

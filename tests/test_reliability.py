@@ -31,6 +31,7 @@ import data
 import emprl
 import ppo
 import reward
+import rundir
 import train
 from t5 import CheckpointError, T5, load_safetensors, save_safetensors
 from test_data import mutate  # the CSV fuzzer's byte mutations, reused for the safetensors reader
@@ -552,3 +553,108 @@ def test_a_second_run_on_a_held_run_directory_is_refused_and_a_killed_run_leaves
     again = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv(real_data_dir, out)], cwd=ROOT, env=ENV,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and (out / "results.json").exists(), again.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# leftovers, file modes, checkpoints moved between devices and process counts
+
+
+def test_a_writer_killed_mid_write_leaves_a_leftover_that_the_next_run_removes(tmp_path):
+    """SIGKILL during atomic_write leaves `.NAME.XXXX.tmp` behind (no handler runs); the next run, once it holds the
+    run directory's lock, deletes every such leftover, in the run directory and in its model directories, and a
+    half-copied model directory of --from_run, and nothing else."""
+    run = tmp_path / "run"
+    (run / "sft").mkdir(parents=True)
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from t5 import atomic_write
+def chunks():
+    yield b"x" * 1000
+    print("writing", flush=True)
+    time.sleep(60)
+    yield b"y"
+atomic_write({str(run / "sft" / "model.safetensors")!r}, chunks())
+"""], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    leftovers = list(run.glob("**/.*.tmp"))
+    assert len(leftovers) == 1 and leftovers[0].parent == run / "sft" and not (run / "sft" / "model.safetensors").exists()
+    (run / ".emprl.tmp").mkdir()  # a model directory that a killed --from_run was copying
+    (run / ".emprl.tmp" / "config.json").write_text("{}")
+    (run / "notes.tmp").write_text("not ours: no leading dot")
+    lock = rundir.hold(run)
+    try:
+        assert not list(run.glob("**/.*.tmp")) and (run / "notes.tmp").exists() and (run / "sft").is_dir()
+    finally:
+        lock.close()
+
+
+def test_run_files_get_the_mode_the_umask_gives_so_others_can_read_results(tmp_path):
+    """Run files are created as open() creates them (0666 less the umask), not 0600 as mkstemp makes them: under
+    umask 022 another user or a group job can read results.json and the models."""
+    old = os.umask(0o022)
+    try:
+        rundir.write(tmp_path / "results.json", {"emp_f1": 1.0})
+        rundir.write(tmp_path / "labels.pt", {"x": torch.zeros(2)})
+        T5(small_config()).save_pretrained(tmp_path / "sft")
+        os.umask(0o077)
+        rundir.write(tmp_path / "private.json", {})
+    finally:
+        os.umask(old)
+    for name in ("results.json", "labels.pt", "sft/model.safetensors", "sft/config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+
+
+def small_config():
+    from t5 import T5Config
+    return T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
+
+
+def test_a_checkpoint_from_another_kind_of_device_is_refused_with_one_line(tmp_path):
+    """A PPO checkpoint keeps the minibatch-order generator of the device it ran on; a CUDA generator's state (16
+    bytes: seed and offset) does not load into a CPU generator, nor a CPU one's into CUDA. Resuming on another
+    kind of device is refused with one line naming the checkpoint and what to do, not a traceback."""
+    gen = torch.Generator().manual_seed(0)
+    rundir.save_checkpoint(tmp_path / "ppo_ckpt.pt", dict(generator=gen), dict(step=3))
+    ck = torch.load(tmp_path / "ppo_ckpt.pt", weights_only=True)
+    ck["parts"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's get_state() holds
+    torch.save(ck, tmp_path / "ppo_ckpt.pt")
+    with pytest.raises(rundir.RunError, match=r"ppo_ckpt.pt was saved on another device .*--device it ran on"):
+        rundir.load_checkpoint(tmp_path / "ppo_ckpt.pt", dict(generator=torch.Generator()))
+
+
+def test_a_one_process_checkpoint_resumed_under_torchrun_gives_each_rank_draws_of_its_own(tmp_path, monkeypatch):
+    """Resumed with more processes than it was saved with, rank 0 goes on with the saved RNG exactly, and every
+    other rank draws apart from it (its own seed from the saved state + its rank): the ranks' rollouts are not
+    copies of each other. Only this process's device RNG is saved (none here: no GPU in use)."""
+    torch.manual_seed(123)
+    rundir.save_checkpoint(tmp_path / "ck.pt", {}, dict(step=1))
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert len(ck["rng"]["ranks"]) == 1 and "cuda" not in ck["rng"]["ranks"][0]
+    expected = torch.rand(4)  # what the uninterrupted process draws next
+    draws = {}
+    for r in (0, 1, 2):
+        monkeypatch.setattr(rundir, "rank", lambda r=r: r)
+        rundir.load_checkpoint(tmp_path / "ck.pt", {})
+        draws[r] = torch.rand(4)
+    assert torch.equal(draws[0], expected)
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+
+
+def test_ranks_waiting_for_rank_0_stop_with_an_error_when_it_dies(tmp_path):
+    """Ranks > 0 wait for a rank-0-only stage through stages.json. While rank 0 holds the run's lock they wait,
+    and return once the stage is listed; once no process holds the lock (rank 0 died) the wait stops with one
+    error line instead of polling forever."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = rundir.hold(run)  # rank 0, alive
+    rundir.write(run / "stages.json", {"tokenizer": 1.0, "sft": 2.0})
+    assert rundir.wait_for_stage(run, "sft", poll_s=0.01) == {"tokenizer": 1.0, "sft": 2.0}
+    lock.close()  # rank 0 is gone before finishing 'identifiers'
+    t0 = time.monotonic()
+    with pytest.raises(rundir.RunError, match="rank 0 stopped before finishing stage 'identifiers'"):
+        rundir.wait_for_stage(run, "identifiers", poll_s=0.01)
+    assert time.monotonic() - t0 < 5

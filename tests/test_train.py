@@ -113,15 +113,35 @@ def test_torchrun_with_two_cpu_processes_keeps_one_beta_and_resumes(tmp_path):
     finite metrics; one log line per PPO iteration (rank 0 alone writes); after every iteration both processes
     hold the same β (the adaptive controller sees the global batch's KL). --dtype=auto is decided once (rank 0's
     choice) and config.json keeps the resolved dtype. Killed during PPO, the same command resumes from the
-    checkpoint and ends. A batch that does not divide among the processes is refused."""
+    checkpoint and ends. Validation (SFT perplexity, PPO's validation Emp-F1) runs once, on rank 0, while the other
+    rank waits. A batch that does not divide among the processes is refused."""
     data_dir = write_synthetic_data(tmp_path / "data")
 
-    def torchrun(out, *extra):
+    validations = tmp_path / "validations.txt"  # one line per validation: the rank that ran it
+    driver = tmp_path / "train_counting_validations.py"  # train.py, with the validations counted
+    driver.write_text(f"""import runpy, sys
+sys.path.insert(0, {str(ROOT)!r})
+import emprl, rundir
+def counted(f):
+    def wrapper(*args, **kwargs):
+        with open({str(validations)!r}, "a") as out:
+            out.write(f"{{f.__name__}} {{rundir.rank()}}\\n")
+        return f(*args, **kwargs)
+    return wrapper
+emprl.evaluate, emprl.perplexity = counted(emprl.evaluate), counted(emprl.perplexity)
+sys.argv[0] = {str(ROOT / "train.py")!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+    def torchrun(out, *extra, script=ROOT / "train.py"):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(ROOT / "train.py"), "--preset=tiny", "--device=cpu", f"--data_dir={data_dir}", f"--out_dir={out}",
+                str(script), "--preset=tiny", "--device=cpu", f"--data_dir={data_dir}", f"--out_dir={out}",
                 "--ppo_steps=6", *extra]
-    p = run(torchrun(tmp_path / "run", "--dtype=auto"))
+    p = run(torchrun(tmp_path / "run", "--dtype=auto", script=driver))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    calls = validations.read_text().split()
+    assert set(calls[1::2]) == {"0"}, calls  # validation runs once, on rank 0
+    assert calls[0::2].count("evaluate") == 1 + 6 + 2  # SFT at PPO step 0, every PPO step, SFT and EmpRL on test
     res = assert_finished_with_finite_metrics(tmp_path / "run")
     assert res["config"]["dtype"] == res["environment"]["dtype"] in ("float32", "bfloat16")
     assert "processes 2" in p.stdout
@@ -288,24 +308,39 @@ def test_help_prints_the_preset_settings():
     assert p.returncode == 0 and "pretrained=models/t5-small" in p.stdout and "ppo_grad_accum=4" in p.stdout
 
 
-@pytest.mark.parametrize("bf16, dtype", [(True, "bfloat16"), (False, "float32")])
+@pytest.mark.parametrize("bf16, dtype", [(True, "bfloat16"), ("emulated", "float32"), (False, "float32")])
 def test_dtype_auto_is_bfloat16_only_where_it_pays(monkeypatch, bf16, dtype):
     """No GPU needed: a CUDA device whose card has no bfloat16 (a T4, a V100) gets float32, never float16; the
-    reason names the card. A CPU gets bfloat16 only where its bfloat16 matmuls run at least 2x float32's (the
-    banner says the measured factor); --dtype overrides; the tiny preset is float32 everywhere."""
+    reason names the card. A card whose bfloat16 is only emulated (torch reports it as supported unless asked
+    `including_emulation=False`) gets float32 too. A CPU gets bfloat16 only where its bfloat16 matmuls run at
+    least 2x float32's (the banner says the measured factor); --dtype overrides; the tiny preset is float32."""
     import torch
     import train
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+    def is_bf16_supported(including_emulation=True):  # torch's signature and default
+        return bf16 is True or (bf16 == "emulated" and including_emulation)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
     cfg, _ = train.parse_args(["--preset=cpu"])
     got, why = train.choose_dtype(cfg, torch.device("cuda"))
     assert got == dtype and "Tesla T4" in why
-    monkeypatch.setattr(train, "bf16_matmul_speedup", lambda: 5.8 if bf16 else 0.4)
+    monkeypatch.setattr(train, "bf16_matmul_speedup", lambda: 5.8 if dtype == "bfloat16" else 0.4)
     got, why = train.choose_dtype(cfg, torch.device("cpu"))
-    assert got == dtype and ("5.8x" if bf16 else "0.4x") in why
+    assert got == dtype and ("5.8x" if dtype == "bfloat16" else "0.4x") in why
     cfg.dtype = "bfloat16"
     assert train.choose_dtype(cfg, torch.device("cpu")) == ("bfloat16", "--dtype")
     assert train.choose_dtype(train.parse_args(["--preset=tiny"])[0], torch.device("cpu"))[0] == "float32"
+
+
+def test_device_cpu_picks_the_cpu_preset_even_where_cuda_is_there(monkeypatch):
+    """Without --preset, a machine with CUDA runs the `gpu` preset, unless --device=cpu asks for the CPU: then the
+    `cpu` preset (t5-base's settings on a CPU would take days)."""
+    import torch
+    import train
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train.parse_args([])[1] == "gpu" and train.parse_args(["--device=cuda"])[1] == "gpu"
+    assert train.parse_args(["--device=cpu"])[1] == "cpu"
+    assert train.parse_args(["--device=cpu", "--preset=small"])[1] == "small"
 
 
 def test_gpu_smoke_dry_run_takes_every_step_at_tiny_size_on_the_cpu(tmp_path):
