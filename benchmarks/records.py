@@ -60,6 +60,7 @@ CHECKED = {
     "docs/results.md": None,
     "docs/ablations.md": None,
     "docs/identifiers.md": None,
+    "lab/answers.md": None,
 }
 BEGIN = re.compile(r"<!-- records: ([\w-]+) -->\n")
 END = "<!-- end records -->"
@@ -68,14 +69,26 @@ END = "<!-- end records -->"
 # ------------------------------------------------------------------------------------------- reading records
 
 
+class NoRecord(KeyError):
+    """A block quotes a record that docs/runs does not hold: render() writes one sentence saying so."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.name = name
+
+
 @lru_cache(maxsize=None)
 def results(name):
+    if not (RUNS / name / "results.json").exists():
+        raise NoRecord(name)
     return json.loads((RUNS / name / "results.json").read_text())
 
 
 @lru_cache(maxsize=None)
 def log(name):
     """The record's log lines (a line cut short by a kill is skipped)."""
+    if not (RUNS / name / "log.jsonl").exists():
+        raise NoRecord(name)
     out = []
     for line in (RUNS / name / "log.jsonl").read_text().splitlines():
         try:
@@ -827,6 +840,8 @@ def pipelines_bullets():
 @block("ablation-times")
 def ablation_times():
     rows = [n for r in row_names() if r != "emprl" for n in row_group(r)]
+    if not rows:
+        return "No ablation row has a record yet.\n"
     minutes = [(results(n)["time_s"]["ppo"] + results(n)["time_s"]["eval"]) / 60 for n in rows]
     loads = any(timings(n) for n in rows)
     return (f"PPO and evaluation took {num(min(minutes), 1)}-{num(max(minutes), 1)} minutes a row ({len(rows)} "
@@ -1052,6 +1067,492 @@ def identifiers_labels():
             f"log.jsonl). The majority-level row of the `cpu` results scores {num(maj['emp_f1'])}.\n")
 
 
+# ------------------------------------------------------------------------------------------------ lab/answers.md
+# The instructor's key quotes the records in these blocks; each sentence's wording (higher / lower, inside / outside,
+# resolved or not) follows the numbers.
+
+
+def msd(g, path, d=2):
+    """Mean ± SD over the records g ("56.07 ± 0.84 (SD over n = 3)"), or the one value."""
+    s = over(g, path)
+    return num(s.mean, d) if s.n < 2 else f"{num(s.mean, d)} ± {num(s.sd, d)} (SD over n = {s.n})"
+
+
+def versus(a, b, d=2, words=("higher", "lower", "equal")):
+    """"higher" / "lower" / "equal" for a against b, as the numbers are written (d decimals)."""
+    return words[2] if num(a, d) == num(b, d) else words[0] if a > b else words[1]
+
+
+def where_in(x, values, d=2):
+    lo, hi = min(values), max(values)
+    if x > hi and num(x, d) != num(hi, d):
+        return "above"
+    if x < lo and num(x, d) != num(lo, d):
+        return "below"
+    return "inside"
+
+
+def ev_stats(name):
+    ev = [i["explained_var"] for i in ppo_lines(name) if isinstance(i.get("explained_var"), (int, float))
+          and math.isfinite(i["explained_var"])]
+    return statistics.mean(ev), min(ev), max(ev)
+
+
+def last_mean(name, field, last=10):
+    its = ppo_lines(name)[-last:]
+    return statistics.mean(i[field] for i in its)
+
+
+def eval_range(name, field="emp_f1_judge"):
+    """(min, max) of a validation field over the PPO evaluations after step 0."""
+    v = [e[field] for e in ppo_evals(name) if e["step"] > 0]
+    return min(v), max(v)
+
+
+def rows_done():
+    return [r for r in row_names() if r != "emprl"]
+
+
+@block("answers-intro")
+def answers_intro():
+    env, r = results(BASE)["environment"], results(BASE)
+    t = env["threads"]
+    rows = rows_done()
+    seeds_ = [str(results(n)["config"]["ppo_seed"]) for n in ppo_group()[1:]]
+    return (f"Unless said otherwise the measured numbers come from this repository's record of the `cpu` preset "
+            f"(`docs/runs/{BASE}`: `python train.py --preset=cpu --out_dir=runs/cpu` with {t} torch "
+            f"thread{'s' * (t > 1)} on a 2-core {env['machine']} CPU (torch's CPU capability: {env['cpu_capability']}),"
+            f" where `--dtype=auto` chose {env['dtype']}; the record's code: {code(BASE)}; SFT Emp-F1 {num(r['sft']['emp_f1'])}, EmpRL "
+            f"{num(r['emprl']['emp_f1'])}) and from rows rerun from it with `--from_run=runs/cpu` "
+            f"(`benchmarks/ablations.py`, rows {', '.join(rows) if rows else 'none recorded yet'}"
+            + (f"; PPO seed{'s' * (len(seeds_) > 1)} {listing(seeds_)}" if seeds_ else "") +
+            "; records in docs/runs/).\n")
+
+
+@block("answers-times")
+def answers_times():
+    r = results(BASE)
+    t = r["time_s"]
+    names_ = {"sft": "SFT", "identifiers": "identifiers", "labels": "labels", "ppo": "PPO", "eval": "evaluation"}
+    parts_ = ", ".join(f"{names_[k]} {t[k] / 60:.0f}" for k in names_ if k in t)
+    other = [n for n in pipelines() if n != BASE]
+    rows = [n for row in row_names() for n in row_group(row) if n != BASE]
+    tl = timings(BASE)
+    load = (f"1-minute load average during PPO {num(tl['ppo']['load_1min'][0], 1)}→"
+            f"{num(tl['ppo']['load_1min'][1], 1)}" if "ppo" in tl else "the machine's load was not recorded")
+    total = lambda n: sum(results(n)["time_s"].values()) / 60
+    rl = lambda n: (results(n)["time_s"]["ppo"] + results(n)["time_s"]["eval"]) / 60  # a --from_run row: PPO, eval
+    return (f"- The base run took {total(BASE):.0f} minutes in the record (`time_s` of "
+            f"docs/runs/{BASE}/results.json, minutes: {parts_}; {r['environment']['threads']} torch "
+            f"thread{'s' * (r['environment']['threads'] > 1)}, {load})"
+            + (f", {span([total(n) for n in other], lambda x, d: f'{x:.0f}', 0)} minutes for the other "
+               f"whole-pipeline records" if other else "")
+            + (f"; a `--from_run` row {span([rl(n) for n in rows], lambda x, d: f'{x:.0f}', 0)} minutes (PPO and evaluation)" if rows
+               else "") + ". No quiet-machine run of the whole pipeline is recorded. For a session shorter than about "
+            f"{math.ceil(2 * total(BASE) / 60)} h, or for laptops that cannot train it, train it once yourself "
+            f"(`python train.py --preset=cpu --out_dir=runs/cpu`) and hand out the whole `runs/cpu` directory (its "
+            f"tokenizer, SFT model, identifiers and labels are what exercises 1, 3-5 and 9 need; the records in "
+            f"docs/runs hold no checkpoints); students copy it to `runs/cpu` and start from the coding exercises and "
+            f"the rows.\n")
+
+
+@block("answers-reference")
+def answers_reference():
+    env = results(BASE)["environment"]
+    t = env["threads"]
+    return (f"*The reference.* `docs/runs/{BASE}/results.json` is the results record of this repository's `cpu` run "
+            f"({code(BASE)}); its `environment` section names the machine and software it ran on: a 2-core "
+            f"{env['machine']} CPU (torch's CPU capability {env['cpu_capability']}), torch {env['torch']}, {t} "
+            f"thread{'s' * (t > 1)}, {env['dtype']}{' autocast' * (env['dtype'] == 'bfloat16')} (chosen by "
+            f"`--dtype=auto`).\n")
+
+
+def lab_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("lab_grader_for_records", ROOT / "lab" / "lab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def metric_label(key):
+    """A metric of lab.METRICS in words: "the judge's ER gain", "the KL"."""
+    m = re.fullmatch(r"emprl\.emp_f1(_judge)?(_(er|ip|ex))? - sft\.emp_f1(_judge)?(_(er|ip|ex))?", key)
+    if m:
+        return ("the judge's " if m.group(1) else "the identifiers' ") + (m.group(3) or "").upper() + \
+            (" " if m.group(3) else "") + "gain"
+    return {"emprl.emp_f1 - majority.emp_f1": "EmpRL against the majority constant",
+            "sft.emp_f1 - majority.emp_f1": "SFT against the majority constant", "sft.ppl": "SFT's perplexity",
+            "emprl.ppl - sft.ppl": "the perplexity rise", "emprl.unique_frac": "distinct replies",
+            "emprl.length": "length", "log:kl": "the KL"}.get(key, key)
+
+
+def lab_flags(lab, run, table):
+    """The metrics of table (lab.bands) on which a run is out of range, as `check-run` decides."""
+    out = []
+    for key, band in table.items():
+        got = lab.metric(run, key)
+        inside = got is not None and math.isfinite(got) and band["low"] <= got <= band["high"]
+        if key in lab.MUST_BE_POSITIVE and not (got is not None and got > 0):
+            inside = False
+        if not inside:
+            out.append(key)
+    return out
+
+
+@block("answers-bands")
+def answers_bands():
+    lab = lab_module()
+    recs = lab.read_records(RUNS)
+    seeds_ = lab.seed_names(recs)
+    others = [n for n in lab.other_pipelines(recs)]
+    n_metrics = len(lab.METRICS)
+    seed2 = [n for n in pipelines() if n.startswith(BASE + "_seed")]
+    s2 = ""
+    if seed2:
+        n = seed2[0]
+        shift = [value(n, f"{k}.emp_f1") - value(BASE, f"{k}.emp_f1") for k in ("sft", "emprl", "majority")]
+        s2 = (f": the `--seed={results(n)['config']['seed']}` pipeline's IP identifier calls "
+              f"{pct(label_share(n, 'ip'))} of the human training replies \"no interpretation\" (the record's: "
+              f"{pct(label_share(BASE, 'ip'))}) and its SFT, EmpRL and majority Emp-F1 lie {span(shift)} points from "
+              f"the record's")
+    return (f"*The bands.* `check-run` computes them from the records in docs/runs (`bands` in `lab/lab.py`; `python "
+            f"lab/lab.py bands --write=lab/tolerances.json` writes the committed copy, and a test checks it matches "
+            f"the records): for each metric the centre is the mean over the record pipeline's PPO seeds (docs/runs/"
+            f"{', '.join(seeds_)} and any later {BASE}_sN), the SD is taken over those seeds and the other correct "
+            f"pipelines ({'docs/runs/' + ', '.join(others) if others else 'none recorded'}; equal values count once, "
+            f"so the SFT numbers the seeds share count once), and the half-width is k × SD with k = t(1 − α/2, n − 1) "
+            f"· sqrt(1 + 1/n_centre), α = {lab.ALPHA:g}: a prediction interval for one new correct run, a false alarm "
+            f"of {pct(lab.ALPHA)} per metric if the metric is normal ({n_metrics} metrics: at most about "
+            f"{pct(min(1.0, n_metrics * lab.ALPHA))} that some metric of a correct run is flagged, less as they move "
+            f"together). The metrics are differences within a run (absolute Emp-F1 moves with the identifiers{s2}): "
+            f"the gain over SFT overall and per mechanism, by the identifiers and by the judge; EmpRL (also required "
+            f"> 0) and SFT against the majority constant; SFT's perplexity and its rise under EmpRL; distinct "
+            f"replies; length; and the KL to the SFT model over the last {lab.KL_LAST} PPO iterations of "
+            f"`log.jsonl`. The config is compared first: a run of another algorithm, reward or KL setting is a "
+            f"variant, graded against that variant's records (the same widths), or NOT GRADED when none exists.\n")
+
+
+@block("answers-bands-measured")
+def answers_bands_measured():
+    lab = lab_module()
+    recs = lab.read_records(RUNS)
+    correct = lab.seed_names(recs) + lab.other_pipelines(recs)
+    n_metrics = len(lab.METRICS)
+    passed, failed = [], []
+    for n in correct:
+        flags = lab_flags(lab, recs[n], lab.bands(recs, leave_out=[n]))
+        (failed if flags else passed).append(f"{n} (by {listing([metric_label(k) for k in flags])})" if flags else n)
+    text = ("Measured (`tests/test_lab.py`, the same rule): " +
+            (f"each correct record ({', '.join(passed)}) is in range on all {n_metrics} metrics against bands "
+             f"computed without it" if passed and not failed else
+             (f"{listing(passed)} {'is' if len(passed) == 1 else 'are'} in range on all {n_metrics} metrics against "
+              f"bands computed without {'it' if len(passed) == 1 else 'each'}; " if passed else "") +
+             f"flagged although correct: {'; '.join(failed)}") + ". ")
+    table = lab.bands(recs)
+    flagged, clean = [], []
+    for row in rows_done():
+        for n in row_group(row):
+            if n not in recs:
+                continue
+            run = dict(recs[n], config=dict(recs[BASE]["config"]))  # relabelled as the base run
+            flags = lab_flags(lab, run, table)
+            (flagged if flags else clean).append((n, flags))
+    if flagged:
+        text += ("The ablation records relabelled so that their config claims to be the base run are flagged by "
+                 "their numbers: " + "; ".join(f"{n} by {listing([metric_label(k) for k in f])}" for n, f in flagged)
+                 + ".")
+    if clean:
+        text += (f" Not flagged: {listing([n for n, _ in clean])} (the numbers lie within the bands"
+                 + (", so the grader cannot tell this row from a correct run" if len(clean) == 1 else
+                    ", so the grader cannot tell these rows from a correct run") + ").")
+    return text + "\n"
+
+
+@block("answers-log-line")
+def answers_log_line():
+    c = results(BASE)["config"]
+    step = c["ppo_steps"] // 2
+    line = next((i for i in ppo_lines(BASE) if i["step"] == step), ppo_lines(BASE)[len(ppo_lines(BASE)) // 2])
+    updates = c["ppo_epochs"] * (c["ppo_batch_size"] // c["ppo_mini_batch_size"])
+    t = results(BASE)["environment"]["threads"]
+    tl = timings(BASE)
+    load = (f"1-minute load average during PPO {num(tl['ppo']['load_1min'][0], 1)}→"
+            f"{num(tl['ppo']['load_1min'][1], 1)}" if "ppo" in tl else "the machine's load not recorded")
+    f = lambda k, d: f"`{k} {line[k]:.{d}f}`"
+    return (f"*Measured* (`runs/cpu`, iteration {line['step']} of docs/runs/{BASE}/log.jsonl): {f('score', 4)} (the "
+            f"mean reward of the {c['ppo_batch_size']} rollouts), {f('kl', 4)} (nats, summed over a reply, averaged "
+            f"over the batch), `beta {line['beta']:g}` ({'fixed' if not c.get('adaptive_kl') else 'adapted'} in this "
+            f"preset), {f('pg_loss', 4)} (clipped surrogate), {f('vf_loss', 4)} (value loss; large because the "
+            f"returns are whitened scores the value head cannot predict, see exercise 6), {f('approx_kl', 5)} (how "
+            f"far the {updates} updates moved the policy from the rollout policy), {f('clipfrac', 4)} "
+            f"({pct(line['clipfrac'], 1)} of the tokens hit the clip), {f('ratio', 4)} (a mean over all {updates} "
+            f"minibatches, not the first one), {f('explained_var', 4)}, {f('length', 2)} tokens, "
+            f"{f('seconds', 2)} ({t} thread{'s' * (t > 1)}, {load}). Warning signs: KL growing without bound, "
+            f"`approx_kl` or `clipfrac` far above these (updates too large), length collapsing to the minimum of "
+            f"{c['ppo_min_new_tokens']}.\n")
+
+
+@block("answers-no-kl")
+def answers_no_kl():
+    n = f"{BASE}_no_kl"
+    k, r = results(n), results(BASE)
+    m, e, s = k["emprl"], r["emprl"], r["sft"]
+    mech = ", ".join(f"{x.upper()} {num(m[f'emp_f1_{x}'], 1)}" for x in ("er", "ip", "ex"))
+    sk, sb = results(n)["samples"][0], r["samples"][0]
+    ctx = sb["context"].split(". ")[-1] if ". " in sb["context"] else sb["context"]
+    return (f"*Measured* (`runs/cpu_no_kl`, PPO seed {k['config']['ppo_seed']}): Emp-F1 {num(m['emp_f1'])} against "
+            f"EmpRL's {num(e['emp_f1'])} ({versus(m['emp_f1'], e['emp_f1'])}; {mech}), with reward "
+            f"{m['reward']:.3f} (EmpRL {e['reward']:.3f}), perplexity {num(m['ppl'], 1)} (SFT {num(s['ppl'], 1)}, "
+            f"EmpRL {num(e['ppl'], 1)}), {pct(m['unique_frac'])} distinct replies (EmpRL {pct(e['unique_frac'])}), "
+            f"{num(m['length'], 1)} words ({num(e['length'], 1)}) and a summed KL to the SFT model of "
+            f"{num(summed_kl(n), 1)} nats over the last 20 iterations (EmpRL {num(summed_kl(BASE))}). On the first "
+            f"test dialogue (\"… {ctx}\"; human: \"{sb['reference']}\") SFT says \"{sb['sft']}\", EmpRL "
+            f"\"{sb['emprl']}\", the no-KL policy \"{sk['emprl']}\".\n")
+
+
+@block("answers-drop")
+def answers_drop():
+    r = results(BASE)
+    drops = {m: f"{BASE}_no_{m}" for m in ("er", "ip", "ex") if exists(f"{BASE}_no_{m}")}
+    if not drops:
+        return "No row without a mechanism has a record yet: run `benchmarks/ablations.py --rows=no_er,no_ip,no_ex`.\n"
+    own = []
+    for m, n in drops.items():
+        v, sft, e = value(n, f"emprl.emp_f1_{m}"), r["sft"][f"emp_f1_{m}"], r["emprl"][f"emp_f1_{m}"]
+        where = ("*below* SFT" if v < sft and num(v, 1) != num(sft, 1) else
+                 "no gain over SFT" if num(v, 1) == num(sft, 1) else
+                 "part of the gain stays" if v < e else "the gain stays")
+        own.append(f"{m.upper()} {num(v, 1)} without {m.upper()} (SFT {num(sft, 1)}, EmpRL {num(e, 1)}: {where})")
+    cross = []
+    for m in ("er", "ip", "ex"):
+        e = r["emprl"][f"emp_f1_{m}"]
+        vals = [(o, value(n, f"emprl.emp_f1_{m}")) for o, n in drops.items() if o != m]
+        if vals:
+            cross.append(f"{m.upper()} " + ", ".join(f"{num(v, 1)} without {o.upper()} "
+                                                      f"({versus(v, e, 1)})" for o, v in vals)
+                         + f" against EmpRL's {num(e, 1)}")
+    p = ppo_group()
+    whole = "; ".join(f"without {m.upper()} {'/'.join(num(value(x, 'emprl.emp_f1')) for x in seeds(n))}: "
+                      f"EmpRL − SFT against PPO {against_ppo(f'no_{m}')[1]} ({against_ppo(f'no_{m}')[0]})"
+                      for m, n in drops.items())
+    text = (f"*Measured* (`benchmarks/ablations.py`, rows {' / '.join('no_' + m for m in drops)} from the record, PPO "
+            f"seed 0; docs/ablations.md): each mechanism's own Emp-F1 when left out of the reward — "
+            f"{'; '.join(own)}. The mechanisms that stay in the reward, against EmpRL: {'; '.join(cross)}. "
+            f"Emp-F1 as a whole, against EmpRL's {num(r['emprl']['emp_f1'])} ({msd(p, 'emprl.emp_f1')} over PPO's "
+            f"seeds): {whole}.")
+    if "ex" in drops and len(seeds(drops["ex"])) > 1:
+        g = seeds(drops["ex"])
+        text += (f" Over the {len(g)} seeds of the row without EX: Emp-F1 {msd(g, 'emprl.emp_f1')}, EmpRL − SFT "
+                 f"{tint(over(g, 'difference.emp_f1.mean'))}, by the judge "
+                 f"{tint(over(g, 'difference.emp_f1_judge.mean'))} ({interval_note(g)}).")
+    one = [f"no_{m}" for m, n in drops.items() if len(seeds(n)) == 1]
+    if one:
+        text += f" {listing(one)} {'has' if len(one) == 1 else 'have'} one seed: not resolved against PPO."
+    return text + "\n"
+
+
+@block("answers-drop-mistakes")
+def answers_drop_mistakes():
+    p = ppo_group()
+    sd = over(p, "emprl.emp_f1").sd
+    noise = (f"an Emp-F1 difference below about {num(2 * sd, 1)} (twice the SD of PPO's {len(p)} seeds)"
+             if len(p) > 1 else "an Emp-F1 difference of one seed each")
+    return (f"*Common mistakes.* Reading {noise} as real; comparing the training `score` curves across rows (without "
+            f"one mechanism the reward is a product of two probabilities and therefore higher: compare the test "
+            f"reward, which uses all three).\n")
+
+
+@block("answers-drop-think")
+def answers_drop_think():
+    r = results(BASE)
+    out = ("*Think about it.* If dropping ER still raised ER's F1, the gain would come through the other two terms: "
+           "replies pushed towards the human reply's IP and EX levels would also move towards its ER level when the "
+           "levels are correlated.")
+    if exists(f"{BASE}_no_er"):
+        v, sft = value(f"{BASE}_no_er", "emprl.emp_f1_er"), r["sft"]["emp_f1_er"]
+        out += (f" Here it {'did' if v > sft and num(v, 1) != num(sft, 1) else 'did not'} ({num(v, 1)} against "
+                f"SFT's {num(sft, 1)}).")
+    if exists(f"{BASE}_no_ip"):
+        v, sft = value(f"{BASE}_no_ip", "emprl.emp_f1_ip"), r["sft"]["emp_f1_ip"]
+        kept = v > sft and num(v, 1) != num(sft, 1)
+        out += (f" IP {'kept part of its gain' if kept else 'lost its gain'} without its own term ({num(v, 1)} "
+                f"against SFT's {num(sft, 1)})" + (": the other two terms push the replies towards \"no "
+                                                    "interpretation\", the human replies' majority level for IP."
+                                                    if kept else "."))
+    return out + "\n"
+
+
+@block("answers-rloo")
+def answers_rloo():
+    n = f"{BASE}_rloo"
+    k, r = results(n), results(BASE)
+    m, e = k["emprl"], r["emprl"]
+    p = ppo_group()
+    pj = [value(x, "difference.emp_f1_judge.mean") for x in p]
+    kj = value(n, "difference.emp_f1_judge.mean")
+    top = max(("er", "ip", "ex"), key=lambda x: m[f"emp_f1_{x}"] - e[f"emp_f1_{x}"])
+    ratio_kl = summed_kl(n) / summed_kl(BASE)
+    sd = over(p, "emprl.emp_f1").sd if len(p) > 1 else float("nan")
+    d = m["emp_f1"] - over(p, "emprl.emp_f1").mean
+    return (f"*Measured* (`runs/cpu_rloo`, seed {k['config']['ppo_seed']}, on the record's SFT model and "
+            f"identifiers): RLOO reaches Emp-F1 {num(m['emp_f1'])} (EmpRL − SFT {boot(k['difference']['emp_f1'])}; "
+            f"by the judge {boot(k['difference']['emp_f1_judge'])}) against PPO's {num(e['emp_f1'])} (seed 0; "
+            f"{msd(p, 'emprl.emp_f1')} over PPO's seeds), with a {versus(m['reward'], e['reward'], 3)} reward "
+            f"({m['reward']:.3f} vs {e['reward']:.3f}), replies of {num(m['length'], 1)} words instead of "
+            f"{num(e['length'], 1)}, perplexity {num(m['ppl'], 1)} instead of {num(e['ppl'], 1)}, "
+            f"{pct(m['unique_frac'])} distinct replies instead of {pct(e['unique_frac'])}, and "
+            f"{num(ratio_kl, 1)} times PPO's KL ({num(summed_kl(n))} nats against {num(summed_kl(BASE))}); its "
+            f"largest gain over PPO is in {top.upper()} ({num(m[f'emp_f1_{top}'], 1)} against "
+            f"{num(e[f'emp_f1_{top}'], 1)}). The judge's gain ({sg(kj)}) is {where_in(kj, pj)} PPO's seed range "
+            f"({span(pj)}). One RLOO seed: its Emp-F1 is {num(abs(d), 1)} {'above' if d >= 0 else 'below'} PPO's "
+            f"mean" + (f", {'inside' if abs(d) <= 2 * sd else 'outside'} twice PPO's seed SD ({num(2 * sd, 1)})"
+                       if len(p) > 1 else "") + ": not resolved. `python benchmarks/replies.py runs/cpu "
+            f"runs/cpu_rloo --n=1000` shows what the replies look like (the levels the identifiers read, the share "
+            f"ending with \"?\", the templates repeated).\n")
+
+
+@block("answers-value-head")
+def answers_value_head():
+    mean, lo, hi = ev_stats(BASE)
+    out = (f"*Measured* (`runs/cpu`): over the {len(ppo_lines(BASE))} iterations explained variance has mean "
+           f"{num(mean, 4)}, minimum {num(lo, 4)}, maximum {num(hi, 4)}: the value head predicts "
+           f"{'almost nothing' if mean < 0.1 else 'part'} of the return.")
+    if exists(f"{BASE}_no_norm"):
+        m2, _, h2 = ev_stats(f"{BASE}_no_norm")
+        out += (f" Without score normalisation and reward whitening (`runs/cpu_no_norm`, the `no_norm` row of "
+                f"docs/ablations.md: `--score_norm=false --whiten_rewards=false`; {code(BASE + '_no_norm')}) the same "
+                f"statistic averages {num(m2)} (maximum {num(h2)})" +
+                (": the raw per-token KL terms, a large part of the return, follow from the reply so far; the "
+                 "empathy score does not." if m2 > mean else "."))
+    return out + "\n"
+
+
+@block("answers-judge")
+def answers_judge():
+    n = f"{BASE}_no_kl"
+    r, k = results(BASE), results(n)
+    s, e, m = r["sft"], r["emprl"], k["emprl"]
+    ev0 = ppo_evals(BASE)[0]
+    kid = [x["emp_f1"] - ev0["emp_f1"] for x in ppo_evals(n) if x["step"] > 0]
+    ei = eval_range(BASE, "emp_f1")
+    ej, kj = eval_range(BASE), eval_range(n)
+    hacked_above = k["difference"]["emp_f1_judge"]["mean"] > r["difference"]["emp_f1_judge"]["mean"]
+    share = r["difference"]["emp_f1_judge"]["mean"] / r["difference"]["emp_f1"]["mean"]
+    judge_lo = r["difference"]["emp_f1_judge"]["ci95"][0]
+    top = max(("er", "ip", "ex"), key=lambda x: value(BASE, f"diff.emp_f1_judge_{x}"))
+    out = (f"*Measured* (records `docs/runs/{BASE}` and `docs/runs/{n}`; `python benchmarks/records.py compare "
+           f"docs/runs/{BASE} docs/runs/{n}`): SFT Emp-F1 {num(s['emp_f1'])}, judge {num(s['emp_f1_judge'])}. EmpRL "
+           f"{num(e['emp_f1'])} / judge {num(e['emp_f1_judge'])}: EmpRL − SFT {boot(r['difference']['emp_f1'])} by "
+           f"the identifiers, {boot(r['difference']['emp_f1_judge'])} by the judge. No KL {num(m['emp_f1'])} / judge "
+           f"{num(m['emp_f1_judge'])}: {boot(k['difference']['emp_f1'])} and {boot(k['difference']['emp_f1_judge'])}, "
+           f"at perplexity {num(m['ppl'], 1)} (EmpRL {num(e['ppl'], 1)}), {pct(m['unique_frac'])} distinct replies "
+           f"({pct(e['unique_frac'])}), {num(m['length'], 1)} words ({num(e['length'], 1)}), {num(summed_kl(n), 1)} "
+           f"nats from SFT over the last 20 iterations ({num(summed_kl(BASE))}).\n"
+           f"The figure (`docs/overoptimisation.png` holds it with the other rows): the rollout reward of the no-KL "
+           f"run ends at ~{num(last_mean(n, 'score'))} (mean of the last 10 iterations) against EmpRL's "
+           f"~{num(last_mean(BASE, 'score'))}; on the {results(BASE)['config']['ppo_limit_valid']} validation "
+           f"contexts the identifiers' Emp-F1 of the no-KL run sits {num(min(kid))} to {num(max(kid))} points from "
+           f"SFT's {num(ev0['emp_f1'])} while EmpRL's wanders from {num(ei[0])} to {num(ei[1])}; the judge's stays "
+           f"within {num(ej[0])}-{num(ej[1])} for EmpRL and {num(kj[0])}-{num(kj[1])} for no KL (SFT "
+           f"{num(ev0['emp_f1_judge'])}); the KL of the no-KL run ends at ~{num(summed_kl(n), 1)} nats, EmpRL's at "
+           f"~{num(summed_kl(BASE), 1)}.\n"
+           "Conclusion: " +
+           (f"the judge confirms {'most' if share > 0.5 else 'part'} of EmpRL's gain ({pct(share)} of the "
+            f"identifiers'; on the test split mainly in {top.upper()})" if judge_lo > 0 else
+            "the judge does not confirm EmpRL's gain (its interval includes 0)") +
+           (", but it does not expose the no-KL run's reward hacking: it scores that run higher too, because it is "
+            "another level classifier trained on the same labels and the drifted policy wins by matching the human "
+            "replies' level mix. The hacking shows in perplexity, distinct replies, length and KL. A common wrong "
+            "answer: \"the judge agrees, so no KL is better\"." if hacked_above else
+            "; it scores the no-KL run lower than EmpRL, so here it does not reward the drift; the drift also shows "
+            "in perplexity, distinct replies, length and KL."))
+    if exists("cpu_fp32_earlier"):
+        a = results("cpu_fp32_earlier")["difference"]
+        out += (f" On the earlier float32 record (docs/runs/cpu_fp32_earlier, {NOTES['cpu_fp32_earlier']}): "
+                f"{sg(a['emp_f1']['mean'])} and {sg(a['emp_f1_judge']['mean'])} for EmpRL")
+        if exists("cpu_fp32_earlier_no_kl"):
+            b = results("cpu_fp32_earlier_no_kl")["difference"]
+            out += f", {sg(b['emp_f1']['mean'])} and {sg(b['emp_f1_judge']['mean'])} without the KL"
+        out += "."
+    return out + "\n"
+
+
+def algo_rows():
+    """(label, records) of PPO, RLOO and GRPO that have records."""
+    return [(lab_, g) for lab_, g in (("PPO", ppo_group()), ("RLOO", seeds(f"{BASE}_rloo")),
+                                      ("GRPO", seeds(f"{BASE}_grpo"))) if g]
+
+
+@block("answers-algos-kl")
+def answers_algos_kl():
+    rows = algo_rows()
+    kl = {lab_: [summed_kl(n) for n in g] for lab_, g in rows}
+    cell = lambda lab_, g: (f"{lab_} {'/'.join(num(v) for v in kl[lab_])} nats"
+                            + (f" (seeds {'/'.join(str(results(n)['config']['ppo_seed']) for n in g)})"
+                               if len(g) > 1 else ""))
+    means = {lab_: statistics.mean(v) for lab_, v in kl.items()}
+    far, close = max(means, key=means.get), min(means, key=means.get)
+    return (f"(a) Measured (summed KL over the last 20 iterations, the snippet's last column): "
+            f"{'; '.join(cell(l_, g) for l_, g in rows)}. {far} ends furthest from the SFT model, {close} stays "
+            f"closest" + (": its β·k3 acts on every token of every update, and its advantages carry no KL at all."
+                          if close == "GRPO" else ".") + "\n")
+
+
+@block("answers-algos-measured")
+def answers_algos_measured():
+    p = ppo_group()
+    r = results(BASE)
+    e = r["emprl"]
+
+    def desc(n):
+        m = results(n)["emprl"]
+        return (f"Emp-F1 {num(m['emp_f1'])}, judge {num(m['emp_f1_judge'])}, reward {m['reward']:.3f}, perplexity "
+                f"{num(m['ppl'], 1)}, {num(m['length'], 1)} words, {pct(m['unique_frac'])} distinct, summed KL "
+                f"{num(summed_kl(n))}")
+    out = [f"- PPO (`runs/cpu`, seed 0): {desc(BASE)}."]
+    if exists(f"{BASE}_rloo"):
+        out[0] += f" RLOO (`runs/cpu_rloo`, seed 0): {desc(BASE + '_rloo')} (exercise 5)."
+    g = seeds(f"{BASE}_grpo")
+    if g:
+        word, nums = against_ppo("grpo", "emprl.emp_f1")
+        ms = lambda path, d=2, f=num: " / ".join(f(value(n, path), d) for n in g)
+        ppl_p = [value(n, "emprl.ppl") for n in p]
+        kl_ratio = statistics.mean(summed_kl(n) for n in g) / statistics.mean(summed_kl(n) for n in p)
+        out.append(
+            f"- GRPO ({', '.join(f'`runs/{n}`' for n in g)}; seeds "
+            f"{'/'.join(str(results(n)['config']['ppo_seed']) for n in g)}): Emp-F1 {ms('emprl.emp_f1')}, judge "
+            f"{ms('emprl.emp_f1_judge')} (EmpRL − SFT {' and '.join(boot(results(n)['difference']['emp_f1']) for n in g)}"
+            f"; by the judge {' and '.join(sg(value(n, 'difference.emp_f1_judge.mean')) for n in g)}), reward "
+            f"{ms('emprl.reward', 3, lambda x, d: f'{x:.{d}f}')}, perplexity {ms('emprl.ppl', 1)}, "
+            f"{ms('emprl.length', 1)} words, {' / '.join(pct(value(n, 'emprl.unique_frac')) for n in g)} distinct, "
+            f"summed KL {' / '.join(num(summed_kl(n)) for n in g)}. Against PPO's {len(p)} seeds "
+            f"({msd(p, 'emprl.emp_f1')}; docs/results.md) GRPO's {msd(g, 'emprl.emp_f1')} in Emp-F1: {nums} "
+            f"({word}), at {num(kl_ratio, 2)} times PPO's mean KL; perplexity {span([value(n, 'emprl.ppl') for n in g], num, 1)}"
+            f" against PPO's {span(ppl_p, num, 1)}; SFT's replies: {num(r['sft']['length'], 1)} words, "
+            f"{pct(r['sft']['unique_frac'])} distinct.")
+    rows = [(l_, gg[0]) for l_, gg in algo_rows()]
+    ev0 = ppo_evals(BASE)[0]
+    score = "; ".join(f"{l_} ~{num(last_mean(n, 'score'))}" for l_, n in rows)
+    klc = "; ".join(f"{l_} ~{num(last_mean(n, 'kl', 20), 1)} nats" for l_, n in rows)
+    idr = [v for _, n in rows for v in eval_range(n, "emp_f1")]
+    jr = {l_: eval_range(n) for l_, n in rows}
+    peaks = {l_: max((x for x in ppo_evals(n) if x["step"] > 0), key=lambda x: x["emp_f1"])["step"] for l_, n in rows}
+    above = [l_ for l_, (lo, hi) in jr.items() if hi > ev0["emp_f1_judge"]]
+    out.append(
+        f"- `algos.png` (`python benchmarks/curves.py ppo=runs/cpu rloo=runs/cpu_rloo grpo=runs/cpu_grpo "
+        f"--panels=score,kl,emp_f1,emp_f1_judge --out=algos.png`): the rollout reward over the last 10 iterations, "
+        f"{score}; the KL over the last 20, {klc}. The validation Emp-F1 of "
+        f"{'all three' if len(rows) == 3 else listing([l_ for l_, _ in rows])} moves within "
+        f"{num(min(idr), 1)}-{num(max(idr), 1)} on {r['config']['ppo_limit_valid']} contexts (highest at iteration "
+        + ", ".join(f"{peaks[l_]} for {l_}" for l_, _ in rows) + "), and the judge's "
+        + "; ".join(f"{l_} {num(lo)}-{num(hi)}" for l_, (lo, hi) in jr.items())
+        + f" around SFT's {num(ev0['emp_f1_judge'])} ("
+        + (f"above it at some point: {listing(above)}" if above else "none above it") +
+        "): on 256 contexts the curves cannot rank the three; the test split does (above).")
+    return "\n".join(out) + "\n"
+
+
 # ------------------------------------------------------------------------------------------ blocks in the files
 
 
@@ -1095,7 +1596,10 @@ def wrap(text):
 def render(name):
     if name not in BLOCKS:
         raise KeyError(f"no block named {name} in benchmarks/records.py")
-    text = wrap(BLOCKS[name]())
+    try:
+        text = wrap(BLOCKS[name]())
+    except NoRecord as e:  # a row not (yet) recorded: the passage says so instead of quoting it
+        text = f"*docs/runs/{e.name} has no record: this passage, which quotes it, is not written.*\n"
     return text if text.endswith("\n") else text + "\n"
 
 

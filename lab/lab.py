@@ -54,6 +54,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -453,7 +454,7 @@ def cmd_check(args):
 # of the same method whose SFT and identifiers differ too (another --seed, float32 instead of bfloat16). Records of
 # earlier code (EARLIER) take no part: their numbers are no longer quoted (docs/ablations.md).
 BASE = "cpu"
-OTHER_PIPELINES = ["cpu_seed2", "cpu_fp32"]
+OTHER_PIPELINES = re.compile(rf"{BASE}_seed\d+|{BASE}_fp32")  # by name: cpu_seed2, cpu_seed3, ..., cpu_fp32
 EARLIER = ["cpu_fp32_earlier", "cpu_fp32_earlier_no_kl"]
 # config fields that say where and how a run ran, not what it computes; and the fields a correct reproduction may
 # differ in (its seeds and its dtype: the other pipelines and the PPO seeds differ in them)
@@ -554,6 +555,18 @@ def method(config):
     return {k: v for k, v in config.items() if k not in PLUMBING | PIPELINE}
 
 
+def config_differences(a, b, ignore=frozenset()):
+    """The fields where configs a and b differ. A field that only one of them has is not a difference: code of
+    another version added or removed the option (the records of docs/runs may mix code versions)."""
+    return {k for k in set(a) & set(b) if a[k] != b[k]} - set(ignore)
+
+
+def other_pipelines(records):
+    """The correct runs of the base method that retrain SFT and the identifiers too: BASE_seedN (by N), BASE_fp32."""
+    found = [n for n in records if OTHER_PIPELINES.fullmatch(n)]
+    return sorted(found, key=lambda n: (n.endswith("_fp32"), int(re.sub(r"\D", "", n) or 0)))
+
+
 def read_records(records_dir):
     """{name: run} of every record in records_dir (a folder with results.json)."""
     records_dir = Path(records_dir)
@@ -568,8 +581,7 @@ def seed_names(records):
     names = [BASE] + sorted((n for n in records if n.startswith(f"{BASE}_s") and n[len(BASE) + 2:].isdigit()),
                             key=lambda n: int(n[len(BASE) + 2:]))
     for name in names:
-        differ = {k for k in set(records[name]["config"]) | set(records[BASE]["config"])
-                  if records[name]["config"].get(k) != records[BASE]["config"].get(k)} - PLUMBING - {"ppo_seed"}
+        differ = config_differences(records[name]["config"], records[BASE]["config"], PLUMBING | {"ppo_seed"})
         if differ:
             raise LabError(f"record {name} is named as a PPO seed of {BASE} but its config differs in {sorted(differ)}")
     return names
@@ -632,7 +644,7 @@ def bands(records, leave_out=(), centre_names=None):
     Records in leave_out take no part (a correct run is checked against bands computed without it). A band is a
     dict: centre, sd, k, half_width, low, high, and the record names it came from."""
     seeds = [n for n in seed_names(records) if n not in leave_out]
-    spread = seeds + [n for n in OTHER_PIPELINES if n in records and n not in leave_out]
+    spread = seeds + [n for n in other_pipelines(records) if n not in leave_out]
     centre_names = [n for n in (centre_names or seeds) if n not in leave_out]
     out = {}
     for key in METRICS:
@@ -679,8 +691,7 @@ def cmd_bands(args):
 def describe_config(config, base):
     """The method fields where config differs from base, "name=value" each."""
     mine, theirs = method(config), method(base)
-    return [f"{k}={mine.get(k)!r} (the record: {theirs.get(k)!r})" for k in sorted(set(mine) | set(theirs))
-            if mine.get(k) != theirs.get(k)]
+    return [f"{k}={mine.get(k)!r} (the record: {theirs.get(k)!r})" for k in sorted(config_differences(mine, theirs))]
 
 
 def cmd_check_run(args):

@@ -65,6 +65,30 @@ ALLOWED = {
     "docs/ablations.md": {
         "6": "kl_target (config)",
     },
+    "lab/answers.md": {
+        # worked examples of the coding exercises' "Predict first" (computed by hand, no record)
+        **{n: "a worked example of a coding exercise (arithmetic, no record)" for n in (
+            "0.125", "0.0025", "0.01", "−0.2", "−0.067", "+0.067", "+0.2", "−1.161", "−0.387", "+0.387", "+1.161",
+            "0.129", "1e-4", "−2", "−3")},
+        # exercise 1: one reply scored by the identifiers of an earlier runs/cpu (weights are not recorded; the key
+        # says so)
+        **{n: "exercise 1, identifiers of an earlier runs/cpu (no record; labelled in the key)" for n in (
+            ".002", ".009", ".989", ".404", ".378", ".218", ".018", ".894", ".088", ".0352", ".087", "91")},
+        # exercise 7: the first ppo line of a runs/tiny run (not a record; labelled in the key)
+        **{n: "exercise 7, runs/tiny (no record; labelled in the key)" for n in ("1.0", "1.0001", "7e-06")},
+        "120": "seconds for all checks (lab.py CHECK_TIMEOUT)",
+        "56": "the MUTANTS of tests/test_lab.py",
+        "1e-3": "the training check's identifier / PPO lr (lab.py RUN_FLAGS); bfloat16 ratio tolerance (a test)",
+        "5e-4": "the training check's relative tolerance (lab.py FIRST_RTOL)",
+        "1e-6": "measured agreement of correct implementations (lab.py comment, tests/test_lab.py)",
+        "40": "iterations of the training check (lab.py RUN_FLAGS)",
+        "0-3": "PPO seeds of the training check's tolerances (lab.py)",
+        "0.95": "GAE λ (config)",
+        "0.05": "a β of the lab checks",
+        "0.1": "a clip range of the lab checks",
+        "32": "contexts per PPO iteration (config ppo_batch_size)",
+        "4.0": "CC BY-NC 4.0 (the data's licence)",
+    },
 }
 CODE = re.compile(r"```.*?```", re.S)
 NUMBER = re.compile(r"(?<![\w.\-])[+−-]?(?:\d+(?:[.,]\d+)*(?:-\d+(?:\.\d+)?)?|\.\d+)(?:x|×|k|M|e-\d+)?(?![\w])")
