@@ -4,7 +4,7 @@
     python lab/metric_ranges.py --write    # put them into lab/metrics.md, between its markers
 
 The correct runs are the base run's PPO seeds and the other pipelines, as check-run counts them (lab.py: BASE,
-BASE_s<N>, OTHER_PIPELINES). For each field of a PPO log line: its minimum and maximum over every iteration of
+BASE_s<N>, other_pipelines(): BASE_seed<N>, BASE_fp32). For each field of a PPO log line: its minimum and maximum over every iteration of
 those runs, and over their last 20 iterations; for each number of the sft and emprl sections of results.json: its
 minimum and maximum over those runs. A test (tests/test_lab.py) checks that lab/metrics.md holds what this prints.
 """
@@ -31,7 +31,7 @@ def correct_runs(records_dir):
     """{name: run (lab.read_run)} of the correct records: the PPO seeds of the base run and the other pipelines."""
     lab = load_lab()
     records = lab.read_records(records_dir)
-    names = lab.seed_names(records) + [n for n in lab.OTHER_PIPELINES if n in records]
+    names = lab.seed_names(records) + lab.other_pipelines(records)
     return {name: records[name] for name in names}
 
 
