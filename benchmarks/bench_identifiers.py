@@ -10,7 +10,9 @@ Rows per mechanism (ER, IP, EX), all on the split of data.load_epitome_splits (7
 Within each identifier pair, "*" marks the class-weight setting chosen on validation macro-F1.
 
     python benchmarks/bench_identifiers.py [--data=DIR] [--spm=PATH] [--init=DIR] [--epochs=5] [--lr=3e-4] ...
+    python benchmarks/bench_identifiers.py --dtype=bfloat16 ...   # under bfloat16 autocast, as train.py trains them
 """
+import contextlib
 import json
 import sys
 import time
@@ -51,6 +53,7 @@ class Args:
     seed: int = 0
     threads: int = 2
     device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 (autocast for training and prediction, as train.py runs the stage)
     out: str = ""  # optional JSON file with every row
 
 
@@ -164,10 +167,14 @@ def load_tokenizer(args, data_dir, splits):
 def run_identifier(args, make_model, lr, class_weights, ex, log_prefix):
     torch.manual_seed(args.seed)
     model = make_model()
+    autocast = contextlib.nullcontext
+    if args.dtype == "bfloat16":
+        autocast = lambda: torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)  # noqa: E731
     result = reward.train_identifier(model, ex["train"], ex["valid"], epochs=args.epochs, batch_size=args.batch_size,
                                      lr=lr, class_weights=class_weights, device=args.device, seed=args.seed,
-                                     patience=args.patience, log=lambda s: print(f"  {log_prefix} {s}", flush=True))
-    logits = reward.predict(model, ex["test"], args.batch_size, args.device)
+                                     patience=args.patience, log=lambda s: print(f"  {log_prefix} {s}", flush=True),
+                                     autocast=autocast)
+    logits = reward.predict(model, ex["test"], args.batch_size, args.device, autocast)
     return {"valid_macro_f1": result["valid"]["macro_f1"], "seconds": result["seconds"],
             "setting": f"cw={'yes' if class_weights else 'no'}, best epoch {result['best_epoch']}",
             **reward.classification_metrics(ex["test"]["level"], logits.argmax(-1))}
