@@ -25,9 +25,9 @@ class SubsetReward:
 
 
 def ppo_cfg(**kw):
-    cfg = dict(algo="ppo", grpo_loss="reply", rloo_k=4, ppo_mini_batch_size=8, ppo_grad_accum=1, ppo_epochs=4, ppo_clip_range=0.2,
-               ppo_vf_coef=0.1, ppo_lam=0.95, kl_min=0.0, kl_max=10.0, kl_estimator="k1", score_norm=True,
-               whiten_rewards=True, ppo_temperature=1.0, ppo_min_new_tokens=3, ppo_max_new_tokens=8,
+    cfg = dict(algo="ppo", grpo_loss="reply", rloo_k=4, ppo_mini_batch_size=8, ppo_grad_accum=1, ppo_epochs=4,
+               ppo_clip_range=0.2, ppo_vf_coef=0.1, ppo_lam=0.95, kl_min=0.0, kl_max=10.0, kl_estimator="k1",
+               score_norm=True, whiten_rewards=True, ppo_temperature=1.0, ppo_min_new_tokens=3, ppo_max_new_tokens=8,
                ppo_dropout=False, reward_mechanisms="er,ip,ex")
     cfg.update(kw)
     return types.SimpleNamespace(**cfg)

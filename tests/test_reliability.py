@@ -580,7 +580,8 @@ atomic_write({str(run / "sft" / "model.safetensors")!r}, chunks())
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     leftovers = list(run.glob("**/.*.tmp"))
-    assert len(leftovers) == 1 and leftovers[0].parent == run / "sft" and not (run / "sft" / "model.safetensors").exists()
+    assert len(leftovers) == 1 and leftovers[0].parent == run / "sft"
+    assert not (run / "sft" / "model.safetensors").exists()
     (run / ".emprl.tmp").mkdir()  # a model directory that a killed --from_run was copying
     (run / ".emprl.tmp" / "config.json").write_text("{}")
     (run / "notes.tmp").write_text("not ours: no leading dot")
