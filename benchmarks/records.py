@@ -61,6 +61,7 @@ CHECKED = {
     "docs/ablations.md": None,
     "docs/identifiers.md": None,
     "lab/answers.md": None,
+    "docs/speed.md": ("## The `cpu` preset, float32 and bfloat16", "## GPU"),
 }
 BEGIN = re.compile(r"<!-- records: ([\w-]+) -->\n")
 END = "<!-- end records -->"
@@ -532,6 +533,17 @@ def times_sentence(name, who):
     return (f"Time per stage of {who} ({code(name)}; seconds, {threads} torch thread{'s' * (threads > 1)}): {parts} — "
             f"{sum(t.values()) / 60:.0f} minutes in all{res}; median PPO iteration {num(median_iteration(name))} s; "
             f"{load}.")
+
+
+@block("speed-cpu")
+def speed_cpu():
+    """docs/speed.md: the stage times of the preset's whole-pipeline records, with their threads and load."""
+    out = []
+    for n in [m for m in pipelines() if m == BASE or m == f"{BASE}_fp32"]:
+        env = results(n)["environment"]
+        flushed = {True: ", denormals flushed", False: ", denormals not flushed"}.get(env.get("flush_denormal"), "")
+        out.append("- " + times_sentence(n, f"{link(n, 'runs/')} ({env['dtype']}{flushed})"))
+    return "\n".join(out) if out else f"*docs/runs/{BASE} has no record: this passage, which quotes it, is not written.*"
 
 
 @block("readme-samples")
