@@ -268,3 +268,19 @@ def test_first_ratio_is_one_up_to_rounding_under_bfloat16_autocast():
     roll.update(advantages=torch.randn_like(roll["logprobs"]) * roll["mask"], returns=torch.zeros_like(roll["mask"]))
     mb_stats, _ = emprl.ppo_update(policy, opt, sched, roll, b, cfg, bf16, torch.Generator().manual_seed(0))
     assert abs(mb_stats[0]["ratio"] - 1.0) < 1e-4 and mb_stats[0]["clipfrac"] == 0.0, mb_stats[0]
+
+
+def test_a_minibatch_with_a_wild_ratio_is_weighted_zero_and_an_update_of_only_such_makes_no_step():
+    """TRL's ratio threshold: a minibatch whose mean ratio exceeds 10 takes no part in the update. Its backward is
+    zero-weighted, so that under torchrun every process still joins the gradient averaging; an optimizer update made
+    of such minibatches only is not made at all (Adam would still move the weights on its momentum)."""
+    policy, ref, opt, sched, kl_ctl, moments = setup()
+    b, cfg = batch(), ppo_cfg(ppo_epochs=1)
+    roll = emprl.rollout(policy, ref, b, cfg, _nullctx)
+    roll.update(advantages=torch.randn_like(roll["logprobs"]) * roll["mask"], returns=torch.zeros_like(roll["values"]))
+    roll["logprobs"] = roll["logprobs"] - 5.0 * roll["mask"]  # the rollout policy 5 nats less likely: ratio e^5
+    before = [p.detach().clone() for p in policy.parameters()]
+    stats, skipped = emprl.ppo_update(policy, opt, sched, roll, b, cfg, _nullctx, torch.Generator().manual_seed(0))
+    assert stats == [] and skipped == {"ratio": 2, "nonfinite": 0}  # 16 rollouts, minibatches of 8
+    assert all(torch.equal(a, p) for a, p in zip(before, policy.parameters()))
+    assert not opt.state and sched.last_epoch == 0
