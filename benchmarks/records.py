@@ -62,6 +62,7 @@ CHECKED = {
     "docs/identifiers.md": None,
     "lab/answers.md": None,
     "docs/speed.md": ("## The `cpu` preset, float32 and bfloat16", "## GPU"),
+    "lab/README.md": ("## Schedule", "## Part 1: coding exercises (while the base run trains)"),
 }
 BEGIN = re.compile(r"<!-- records: ([\w-]+) -->\n")
 END = "<!-- end records -->"
@@ -1166,6 +1167,34 @@ def answers_times():
             f"tokenizer, SFT model, identifiers and labels are what exercises 1, 3-5 and 9 need; the records in "
             f"docs/runs hold no checkpoints); students copy it to `runs/cpu` and start from the coding exercises and "
             f"the rows.\n")
+
+
+@block("sheet-times")
+def sheet_times():
+    """lab/README.md's schedule: how long the base run and the exercises' rows took in the records, and under what."""
+    r, tl = results(BASE), timings(BASE)
+    t, env = r["time_s"], r["environment"]
+    names_ = {"sft": "SFT", "identifiers": "identifiers", "labels": "labels", "ppo": "PPO", "eval": "test evaluation"}
+    parts_ = ", ".join(f"{names_[k]} {t[k] / 60:.0f}" for k in names_ if k in t)
+    loads = [x for v in tl.values() for x in v["load_1min"]]
+    load = (f"the machine's 1-minute load average between {num(min(loads), 1)} and {num(max(loads), 1)} at its "
+            f"stages' starts and ends" if loads else "the machine's load not recorded")
+    total = lambda n: sum(results(n)["time_s"].values()) / 60
+    rl = lambda n: (results(n)["time_s"]["ppo"] + results(n)["time_s"]["eval"]) / 60  # a --from_run row: PPO, eval
+    rows = [(label, f"{BASE}_{row}") for label, row in (("no KL", "no_kl"), ("RLOO", "rloo"), ("GRPO", "grpo"),
+                                                          ("no ER", "no_er"))]
+    rows = ", ".join(f"{label} {rl(n):.0f}{code_tag(n, [BASE])}" for label, n in rows if exists(n))
+    other = [n for n in pipelines() if n != BASE]
+    return (f"*How long.* The times here are the records' own (`time_s` in each `docs/runs/*/results.json`). The "
+            f"record's base run (`docs/runs/{BASE}`, {code(BASE)}) took {total(BASE):.0f} minutes, with "
+            f"{env['threads']} torch thread{'s' * (env['threads'] > 1)} on a 2-core {env['machine']} CPU "
+            f"({env['dtype']}), {load}: {parts_}"
+            + (f"; the other whole-pipeline records took " + ", ".join(f"{total(n):.0f} (`{n}`{code_tag(n, [BASE])})"
+                                                                       for n in other) if other else "")
+            + (f". A row started with `--from_run=runs/cpu` trains PPO and evaluates only, in minutes: {rows}"
+               if rows else "")
+            + ". A laptop differs from that machine, and so does a machine with other work on it: read these as an "
+              "order of magnitude, and time your own run's stages in its `results.json`.\n")
 
 
 @block("answers-reference")

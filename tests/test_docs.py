@@ -65,6 +65,13 @@ ALLOWED = {
     "docs/ablations.md": {
         "6": "kl_target (config)",
     },
+    "lab/README.md": {  # the schedule's student times are a teacher's estimates, not measurements of a record
+        "15": "minutes of setup (estimate)", "15-25": "minutes for coding exercise C3 (estimate)",
+        "20-30": "minutes for coding exercise C1 (estimate)", "20-35": "minutes for one group of functions (estimate)",
+        "25": "minutes for exercises 3 and 8 (estimate)", "25-30": "minutes for an exercise block (estimate)",
+        "25-35": "minutes for coding exercise C2 (estimate)", "3-5": "exercise numbers 3 to 5",
+        "5-10": "minutes for exercise 6 (estimate)", "60-90": "minutes for the three coding exercises (estimate)",
+    },
     "lab/answers.md": {
         # worked examples of the coding exercises' "Predict first" (computed by hand, no record)
         **{n: "a worked example of a coding exercise (arithmetic, no record)" for n in (
