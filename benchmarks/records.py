@@ -471,12 +471,13 @@ def readme_bullets():
         k = results("cpu_no_kl")
         above = all(k["difference"][x]["mean"] > r["difference"][x]["mean"] for x in ("emp_f1", "emp_f1_judge"))
         out.append(
-            f"- **{'The judge does not catch reward hacking either' if above else 'No KL penalty'}.** Without the KL penalty (β = 0, "
-            f"{link('cpu_no_kl')}; one PPO seed) the policy drifts to {num(summed_kl('cpu_no_kl'), 1)} nats from SFT, "
+            f"- **{'The judge does not catch reward hacking either' if above else 'No KL penalty'}.** Without the "
+            f"KL penalty (β = 0, {link('cpu_no_kl')}{code_tag('cpu_no_kl', [BASE])}; one PPO seed) the policy drifts to {num(summed_kl('cpu_no_kl'), 1)} nats from SFT, "
             f"perplexity {num(k['emprl']['ppl'], 1)}, {pct(k['emprl']['unique_frac'])} distinct replies of "
             f"{num(k['emprl']['length'], 1)} words, and both the identifiers ({boot(k['difference']['emp_f1'])}) and "
             f"the judge ({boot(k['difference']['emp_f1_judge'])}) score it "
-            + ("above the record. Both are level classifiers trained on the same EPITOME labels; perplexity, "
+            + ("above the record" + (", whose code differs, so the comparison is indicative only" if
+                                      code_tag("cpu_no_kl", [BASE]) else "") + ". Both are level classifiers trained on the same EPITOME labels; perplexity, "
                "diversity and length are what show the drift. " if above else "(against the record's table row). ")
             + f"Curves of the proxy, both Emp-F1s and the KL, row by row: "
             f"[docs/overoptimisation.png](docs/overoptimisation.png); details in [docs/results.md](docs/results.md).")
@@ -598,7 +599,12 @@ def ablation_summary():
                         f"({nums}); by the judge {tint(over(g, 'difference.emp_f1_judge.mean'))}, {wj} ({nj})")
     few = [f"{r} ({len(row_group(r))})" for r in rows if len(row_group(r)) < 3]
     drift = [r for r in rows if summed_kl(row_group(r)[0]) > 3 * max(summed_kl(n) for n in ppo_group())]
-    return ("Ablations on this pipeline ([docs/ablations.md](docs/ablations.md); differences from PPO as intervals "
+    earlier = [r for r in rows if any(commit(n) != commit(BASE) for n in row_group(r))]
+    where = ("on this pipeline" if not earlier else
+             f"({', '.join(earlier)}: earlier code, run from the earlier record's pipeline — another SFT model and "
+             f"other identifiers — so their numbers are not comparable with this record's; they are quoted until "
+             f"they are rerun)")
+    return (f"Ablations {where} ([docs/ablations.md](docs/ablations.md); differences from PPO as intervals "
             "over seeds of the difference, Welch, df = min(n) − 1): " + ("; ".join(resolved) + ". " if resolved else "")
             + ("Rows with fewer than 3 seeds, not resolved against PPO: " + ", ".join(few) + ". " if few else "")
             + ("Rows that drift more than three times PPO's summed KL: " + ", ".join(
@@ -848,6 +854,20 @@ def pipelines_bullets():
 
 
 # ----------------------------------------------------------------------------------------- docs/ablations.md
+
+
+@block("ablation-status")
+def ablation_status():
+    """docs/ablations.md: which rows come from the record's own code and pipeline, and which do not (yet)."""
+    rows = [r for r in row_names() if r != "emprl"]
+    earlier = [n for r in rows for n in row_group(r) if commit(n) != commit(BASE)]
+    if not earlier:
+        return "Every row below comes from the record's code and pipeline.\n"
+    return (f"**Not yet rerun.** The record ({link(BASE, 'runs/')}) and its PPO seeds come from {code(BASE)}; the rows "
+            f"{', '.join(f'`{n}`' for n in earlier)} come from earlier code and were run from the earlier record's "
+            f"pipeline (another SFT model, other identifiers and labels). The rows' numbers therefore compare with "
+            f"each other, and with PPO only where a row says so; the table's EmpRL row is the new record. Rerun them "
+            f"from the new base with the commands above.\n")
 
 
 @block("ablation-times")
