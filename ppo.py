@@ -228,8 +228,8 @@ def grpo_advantages(rewards, k, eps=1e-4):
 # ----------------------------------------------------------------------------- 4. losses
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2):
-    """Clipped surrogate: ρ_t = exp(log π - log π_old), L_pg = mean_m(max(-A·ρ, -A·clip(ρ, 1-c, 1+c))), ρ differentiable
-    in both terms (d/dlog π: -A·ρ/n where the unclipped term is the larger, else 0); the inputs are left unchanged.
+    """Clipped surrogate: ρ_t = exp(log π - log π_old), L_pg = mean_m(max(-A·ρ, -A·clip(ρ, 1-c, 1+c))), with ρ
+    differentiable in both terms (d/dlog π: -A·ρ/n where the unclipped term is larger, else 0); inputs unchanged.
 
     stats (detached 0-dim tensors): ratio = mean_m(ρ); clipfrac = mean_m([-A·clip(ρ) > -A·ρ]);
     approx_kl = ½·mean_m((log π - log π_old)²); approx_kl_k3 = mean_m((ρ - 1) - log ρ).

@@ -48,7 +48,7 @@ ALLOWED = {
     "docs/identifiers.md": {
         # the bag-of-words sweep and the epoch study: one-off outputs of benchmarks/bench_identifiers.py and
         # benchmarks/identifier_epochs.py with an earlier version of the code, labelled so in the page; no record
-        # was kept (issue 26: record or remove them)
+        # was kept (a number without a record is recorded or removed)
         **{n: "bench_identifiers.py sweep, no record (labelled in the page)" for n in (
             ".266", ".693", ".666", ".647", ".224", ".571", ".538", ".546", ".304", ".588", ".629", ".660",
             ".593", ".548", ".656", ".524", ".542", "3e-4")},

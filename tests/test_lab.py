@@ -277,7 +277,7 @@ MUTANTS = [
     ("reward.reward_from_logits", "a sum of probabilities, not a product",
      "test_reward_is_the_product_of_the_target_levels_probabilities", "torch.stack(probs).prod()",
      "torch.stack(probs).sum()"),
-    # the mistakes that change learning but not a value, and side effects (issue 25)
+    # the mistakes that change learning but not a value, and side effects
     ("ppo.policy_loss", "unclipped term detached (same value, gradient halved at ρ = 1)",
      "test_gradient_at_ratio_1_is_minus_the_advantage",
      "unclipped = -advantages[b, t] * ratio", "unclipped = -advantages[b, t] * ratio.detach()"),
