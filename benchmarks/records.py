@@ -49,7 +49,8 @@ PATH_FIELDS = ("out_dir", "data_dir", "from_run")  # the run section's paths: ke
 RUNS = ROOT / "docs" / "runs"
 README_RECORD = RUNS / "cpu" / "results.json"
 BASE = "cpu"  # the record's pipeline: its PPO seeds are BASE, BASE_s1, BASE_s2, ...
-PIPELINE_NAME = re.compile(r"cpu(_seed\d+|_fp32)?")  # whole pipelines of the preset (not cpu_fp32_earlier)
+PIPELINE_NAME = re.compile(r"cpu(_seed\d+|_fp32|_quiet)?")  # whole pipelines of the preset (not cpu_fp32_earlier)
+QUIET = "cpu_quiet"  # the base run as a newcomer runs it: `python train.py --preset=cpu`, default threads, machine idle
 CODE_COMMIT = "411bfb6"  # the commit from which results.json stores environment.commit
 NOTES = {"cpu_fp32_earlier": "code before the attention change"}  # records older than the others without a commit
 
@@ -472,12 +473,14 @@ def readme_bullets():
         above = all(k["difference"][x]["mean"] > r["difference"][x]["mean"] for x in ("emp_f1", "emp_f1_judge"))
         out.append(
             f"- **{'The judge does not catch reward hacking either' if above else 'No KL penalty'}.** Without the "
-            f"KL penalty (β = 0, {link('cpu_no_kl')}{code_tag('cpu_no_kl', [BASE])}; one PPO seed) the policy drifts to {num(summed_kl('cpu_no_kl'), 1)} nats from SFT, "
+            f"KL penalty (β = 0, {link('cpu_no_kl')}{code_tag('cpu_no_kl', [BASE])}; one PPO seed) the policy drifts "
+            f"to {num(summed_kl('cpu_no_kl'), 1)} nats from SFT, "
             f"perplexity {num(k['emprl']['ppl'], 1)}, {pct(k['emprl']['unique_frac'])} distinct replies of "
             f"{num(k['emprl']['length'], 1)} words, and both the identifiers ({boot(k['difference']['emp_f1'])}) and "
             f"the judge ({boot(k['difference']['emp_f1_judge'])}) score it "
             + ("above the record" + (", whose code differs, so the comparison is indicative only" if
-                                      code_tag("cpu_no_kl", [BASE]) else "") + ". Both are level classifiers trained on the same EPITOME labels; perplexity, "
+                                      code_tag("cpu_no_kl", [BASE]) else "")
+               + ". Both are level classifiers trained on the same EPITOME labels; perplexity, "
                "diversity and length are what show the drift. " if above else "(against the record's table row). ")
             + f"Curves of the proxy, both Emp-F1s and the KL, row by row: "
             f"[docs/overoptimisation.png](docs/overoptimisation.png); details in [docs/results.md](docs/results.md).")
@@ -537,11 +540,29 @@ def times_sentence(name, who):
             f"{load}.")
 
 
+STAGE_NAMES = {"sft": "SFT", "identifiers": "identifiers", "labels": "labels", "ppo": "PPO", "eval": "test evaluation"}
+
+
+def quiet_sentence():
+    """The stage times of the quiet-machine run of the base command, with its machine, threads and load."""
+    r, tl = results(QUIET), timings(QUIET)
+    t, env = r["time_s"], r["environment"]
+    loads = [x for v in tl.values() for x in v["load_1min"]]
+    threads = env["threads"]
+    parts = ", ".join(f"{STAGE_NAMES[k]} {t[k] / 60:.0f}" for k in STAGE_NAMES if k in t)
+    return (f"On an otherwise idle machine, run as a newcomer runs it (`{env['command']}`, torch's default of "
+            f"{threads} thread{'s' * (threads > 1)}; {link(QUIET)}, {code(QUIET)}), the base run took "
+            f"{sum(t.values()) / 60:.0f} minutes on a 2-core {env['machine']} CPU (torch's CPU capability "
+            f"{env['cpu_capability']}, {env['dtype']}), the 1-minute load average between {num(min(loads), 1)} and "
+            f"{num(max(loads), 1)} at its stages' starts and ends; minutes: {parts}; median PPO iteration "
+            f"{num(median_iteration(QUIET))} s.")
+
+
 @block("speed-cpu")
 def speed_cpu():
     """docs/speed.md: the stage times of the preset's whole-pipeline records, with their threads and load."""
     out = []
-    for n in [m for m in pipelines() if m == BASE or m == f"{BASE}_fp32"]:
+    for n in [m for m in pipelines() if m in (QUIET, BASE, f"{BASE}_fp32")]:
         env = results(n)["environment"]
         flushed = {True: ", denormals flushed", False: ", denormals not flushed"}.get(env.get("flush_denormal"), "")
         out.append("- " + times_sentence(n, f"{link(n, 'runs/')} ({env['dtype']}{flushed})"))
@@ -1155,7 +1176,8 @@ def answers_intro():
     return (f"Unless said otherwise the measured numbers come from this repository's record of the `cpu` preset "
             f"(`docs/runs/{BASE}`: `python train.py --preset=cpu --out_dir=runs/cpu` with {t} torch "
             f"thread{'s' * (t > 1)} on a 2-core {env['machine']} CPU (torch's CPU capability: {env['cpu_capability']}),"
-            f" where `--dtype=auto` chose {env['dtype']}; the record's code: {code(BASE)}; SFT Emp-F1 {num(r['sft']['emp_f1'])}, EmpRL "
+            f" where `--dtype=auto` chose {env['dtype']}; the record's code: {code(BASE)}; "
+            f"SFT Emp-F1 {num(r['sft']['emp_f1'])}, EmpRL "
             f"{num(r['emprl']['emp_f1'])}) and from rows rerun from it with `--from_run=runs/cpu` "
             f"(`benchmarks/ablations.py`, rows {', '.join(rows) if rows else 'none recorded yet'}"
             + (f"; PPO seed{'s' * (len(seeds_) > 1)} {listing(seeds_)}" if seeds_ else "") +
@@ -1180,9 +1202,11 @@ def answers_times():
             f"thread{'s' * (r['environment']['threads'] > 1)}, {load})"
             + (f", {span([total(n) for n in other], lambda x, d: f'{x:.0f}', 0)} minutes for the other "
                f"whole-pipeline records" if other else "")
-            + (f"; a `--from_run` row {span([rl(n) for n in rows], lambda x, d: f'{x:.0f}', 0)} minutes (PPO and evaluation)" if rows
-               else "") + ". No quiet-machine run of the whole pipeline is recorded. For a session shorter than about "
-            f"{math.ceil(2 * total(BASE) / 60)} h, or for laptops that cannot train it, train it once yourself "
+            + (f"; a `--from_run` row {span([rl(n) for n in rows], lambda x, d: f'{x:.0f}', 0)} minutes "
+               f"(PPO and evaluation)" if rows
+               else "") + ". " + (quiet_sentence() if exists(QUIET) else "No quiet-machine run of the whole pipeline "
+                                  "is recorded.") + " For a session shorter than about "
+            f"{math.ceil(2 * total(QUIET if exists(QUIET) else BASE) / 60)} h, or for laptops that cannot train it, train it once yourself "
             f"(`python train.py --preset=cpu --out_dir=runs/cpu`) and hand out the whole `runs/cpu` directory (its "
             f"tokenizer, SFT model, identifiers and labels are what exercises 1, 3-5 and 9 need; the records in "
             f"docs/runs hold no checkpoints); students copy it to `runs/cpu` and start from the coding exercises and "
@@ -1204,8 +1228,9 @@ def sheet_times():
     rows = [(label, f"{BASE}_{row}") for label, row in (("no KL", "no_kl"), ("RLOO", "rloo"), ("GRPO", "grpo"),
                                                           ("no ER", "no_er"))]
     rows = ", ".join(f"{label} {rl(n):.0f}{code_tag(n, [BASE])}" for label, n in rows if exists(n))
-    other = [n for n in pipelines() if n != BASE]
-    return (f"*How long.* The times here are the records' own (`time_s` in each `docs/runs/*/results.json`). The "
+    other = [n for n in pipelines() if n not in (BASE, QUIET)]
+    return (f"*How long.* The times here are the records' own (`time_s` in each `docs/runs/*/results.json`). "
+            + (quiet_sentence() + " " if exists(QUIET) else "") + "The "
             f"record's base run (`docs/runs/{BASE}`, {code(BASE)}) took {total(BASE):.0f} minutes, with "
             f"{env['threads']} torch thread{'s' * (env['threads'] > 1)} on a 2-core {env['machine']} CPU "
             f"({env['dtype']}), {load}: {parts_}"
@@ -1590,13 +1615,15 @@ def answers_algos_measured():
         out.append(
             f"- GRPO ({', '.join(f'`runs/{n}`' for n in g)}; seeds "
             f"{'/'.join(str(results(n)['config']['ppo_seed']) for n in g)}): Emp-F1 {ms('emprl.emp_f1')}, judge "
-            f"{ms('emprl.emp_f1_judge')} (EmpRL − SFT {' and '.join(boot(results(n)['difference']['emp_f1']) for n in g)}"
+            f"{ms('emprl.emp_f1_judge')} (EmpRL − SFT "
+            f"{' and '.join(boot(results(n)['difference']['emp_f1']) for n in g)}"
             f"; by the judge {' and '.join(sg(value(n, 'difference.emp_f1_judge.mean')) for n in g)}), reward "
             f"{ms('emprl.reward', 3, lambda x, d: f'{x:.{d}f}')}, perplexity {ms('emprl.ppl', 1)}, "
             f"{ms('emprl.length', 1)} words, {' / '.join(pct(value(n, 'emprl.unique_frac')) for n in g)} distinct, "
             f"summed KL {' / '.join(num(summed_kl(n)) for n in g)}. Against PPO's {len(p)} seeds "
             f"({msd(p, 'emprl.emp_f1')}; docs/results.md) GRPO's {msd(g, 'emprl.emp_f1')} in Emp-F1: {nums} "
-            f"({word}), at {num(kl_ratio, 2)} times PPO's mean KL; perplexity {span([value(n, 'emprl.ppl') for n in g], num, 1)}"
+            f"({word}), at {num(kl_ratio, 2)} times PPO's mean KL; perplexity "
+            f"{span([value(n, 'emprl.ppl') for n in g], num, 1)}"
             f" against PPO's {span(ppl_p, num, 1)}; SFT's replies: {num(r['sft']['length'], 1)} words, "
             f"{pct(r['sft']['unique_frac'])} distinct.")
     rows = [(l_, gg[0]) for l_, gg in algo_rows()]

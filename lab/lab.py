@@ -451,10 +451,11 @@ def cmd_check(args):
 
 # The records check-run grades against (docs/runs/<name>/: results.json and log.jsonl of a finished run). The base
 # run's PPO seeds are BASE and every BASE_s<N> (N = 1, 2, ...; whichever exist); the other pipelines are correct runs
-# of the same method whose SFT and identifiers differ too (another --seed, float32 instead of bfloat16). Records of
+# of the same method whose SFT and identifiers differ too (another --seed, float32 instead of bfloat16, or the same
+# seed at torch's default threads on an idle machine: other rounding, so another SFT model and identifiers). Records of
 # earlier code (EARLIER) take no part: their numbers are no longer quoted (docs/ablations.md).
 BASE = "cpu"
-OTHER_PIPELINES = re.compile(rf"{BASE}_seed\d+|{BASE}_fp32")  # by name: cpu_seed2, cpu_seed3, ..., cpu_fp32
+OTHER_PIPELINES = re.compile(rf"{BASE}_seed\d+|{BASE}_fp32|{BASE}_quiet")  # cpu_seed2, ..., cpu_fp32, cpu_quiet
 EARLIER = ["cpu_fp32_earlier", "cpu_fp32_earlier_no_kl"]
 # config fields that say where and how a run ran, not what it computes; and the fields a correct reproduction may
 # differ in (its seeds and its dtype: the other pipelines and the PPO seeds differ in them)
@@ -562,9 +563,10 @@ def config_differences(a, b, ignore=frozenset()):
 
 
 def other_pipelines(records):
-    """The correct runs of the base method that retrain SFT and the identifiers too: BASE_seedN (by N), BASE_fp32."""
+    """The correct runs of the base method that retrain SFT and the identifiers too: BASE_seedN (by N), BASE_fp32,
+    BASE_quiet."""
     found = [n for n in records if OTHER_PIPELINES.fullmatch(n)]
-    return sorted(found, key=lambda n: (n.endswith("_fp32"), int(re.sub(r"\D", "", n) or 0)))
+    return sorted(found, key=lambda n: (n.endswith("_quiet"), n.endswith("_fp32"), int(re.sub(r"\D", "", n) or 0)))
 
 
 def read_records(records_dir):

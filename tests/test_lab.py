@@ -680,10 +680,10 @@ def record_names(pattern):
 
 
 # The correct runs, from the names in docs/runs: the base run's PPO seeds (cpu, cpu_sN) and the other pipelines
-# (cpu_seedN, cpu_fp32). The ablations a relabelled copy of which must be caught: no ER, no KL and k3 (seed 0), no EX
+# (cpu_seedN, cpu_fp32, cpu_quiet). The ablations a relabelled copy of which must be caught: no ER, no KL and k3 (seed 0), no EX
 # and GRPO (every seed). No value or metric is expected: only that each correct run passes and each ablation fails.
 SEEDS = record_names(r"cpu(_s\d+)?")
-OTHER_PIPELINES = sorted(record_names(r"cpu_seed\d+"), key=lambda n: int(n[8:])) + record_names(r"cpu_fp32")
+OTHER_PIPELINES = sorted(record_names(r"cpu_seed\d+"), key=lambda n: int(n[8:])) + record_names(r"cpu_fp32") + record_names(r"cpu_quiet")
 CORRECT = SEEDS + OTHER_PIPELINES
 ABLATIONS = record_names(r"cpu_(no_er|no_kl|k3)") + record_names(r"cpu_(no_ex|grpo)(_s\d+)?")
 

@@ -1,0 +1,115 @@
+"""Run every command of the lab sheet (lab/README.md) as written, in order, and write a transcript.
+
+    python benchmarks/lab_sheet.py --out=sheet.txt                 # in a fresh clone, with EMPRL_DATA set
+    python benchmarks/lab_sheet.py --only=train --out=train.txt    # only the train.py commands (the long ones)
+    python benchmarks/lab_sheet.py --skip=train --out=rest.txt     # everything else, once the runs are there
+
+Each fenced block of the sheet is read as the student would type it: a ```bash block line by line (a heredoc
+`python - <<'EOF'` ... `EOF` as one command, continuation lines joined), a ```python block as one script given to
+`python -`. The setup block (venv, pip) is not run: it is what made the interpreter that runs this. The transcript
+gives, per command, its exit status, its wall time and the last lines of its output; the script exits 1 when a
+command failed. A train.py command whose --out_dir already holds a results.json is not run again (train.py would
+only say so): the transcript says so and gives that run's own time. The `export EMPRL_DATA=...` line is not run:
+its path is a placeholder, and the EMPRL_DATA this script is started with is what the commands see. With --solve, the
+student copy made by `lab.py new` gets this repository's reward.py and ppo.py, as if every blank had been written
+correctly, so that `check` runs through to its training check.
+"""
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FENCE = re.compile(r"```(bash|python)\n(.*?)```", re.S)
+
+
+def commands(sheet):
+    """The sheet's commands in order: (kind, text), kind "bash" or "python"."""
+    out = []
+    for lang, body in FENCE.findall(sheet):
+        if "python -m venv" in body:  # the setup block
+            continue
+        if lang == "python":
+            out.append(("python", body))
+            continue
+        lines, i = body.splitlines(), 0
+        while i < len(lines):
+            line = lines[i]
+            if not line.strip() or line.lstrip().startswith("#"):
+                i += 1
+                continue
+            if "<<'EOF'" in line:  # a heredoc: up to its EOF line
+                j = lines.index("EOF", i)
+                out.append(("bash", "\n".join(lines[i:j + 1])))
+                i = j + 1
+                continue
+            while line.endswith("\\"):
+                i += 1
+                line = line[:-1] + lines[i].strip()
+            out.append(("bash", line))
+            i += 1
+    return out
+
+
+def out_dir(cmd):
+    m = re.search(r"--out_dir=(\S+)", cmd)
+    return Path(m.group(1)) if m else None
+
+
+def run(kind, text, timeout):
+    t0 = time.time()
+    if kind == "python":
+        p = subprocess.run([sys.executable, "-"], input=text, capture_output=True, text=True, timeout=timeout)
+    else:
+        p = subprocess.run(["bash", "-c", text], capture_output=True, text=True, timeout=timeout)
+    return p.returncode, time.time() - t0, (p.stdout + p.stderr)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sheet", default=str(ROOT / "lab" / "README.md"))
+    ap.add_argument("--out", required=True, help="the transcript to write")
+    ap.add_argument("--only", choices=["train"], help="run only the train.py commands")
+    ap.add_argument("--skip", choices=["train"], help="run all but the train.py commands")
+    ap.add_argument("--solve", action="store_true", help="fill the student copy's blanks with the repository's code")
+    ap.add_argument("--tail", type=int, default=6, help="lines of each command's output kept (default 6)")
+    ap.add_argument("--timeout", type=int, default=7200, help="seconds per command")
+    args = ap.parse_args()
+    lines, failed = [], 0
+    for kind, text in commands(Path(args.sheet).read_text()):
+        is_train = kind == "bash" and text.startswith("python train.py")
+        if (args.only == "train" and not is_train) or (args.skip == "train" and is_train):
+            continue
+        if text.startswith("export EMPRL_DATA="):
+            continue
+        lines.append(f"$ {text}" if kind == "bash" else "$ python - <<'EOF'\n" + text + "EOF")
+        d = out_dir(text) if is_train else None
+        if d is not None and (d / "results.json").exists():
+            t = json.loads((d / "results.json").read_text())["time_s"]
+            lines.append(f"[not run again: {d}/results.json exists; that run took {sum(t.values()) / 60:.0f} min]")
+            continue
+        try:
+            rc, seconds, output = run(kind, text, args.timeout)
+        except subprocess.TimeoutExpired:
+            rc, seconds, output = "timeout", args.timeout, ""
+        failed += rc != 0
+        new = re.match(r"python lab/lab.py new (\S+)", text)
+        if new and args.solve and rc == 0:
+            for f in ("reward.py", "ppo.py"):
+                shutil.copy(ROOT / f, Path(new.group(1)) / f)
+            output += f"\n[--solve: copied this repository's reward.py and ppo.py into {new.group(1)}]"
+        kept = [ln[-200:] for ln in output.replace("\r", "\n").splitlines() if ln.strip()][-args.tail:]
+        lines += [f"[exit {rc}, {seconds:.1f} s]"] + ["  " + ln for ln in kept]
+        print("\n".join(lines[-len(kept) - 2:]), flush=True)
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"{failed} command(s) failed" if failed else "every command exited 0")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
