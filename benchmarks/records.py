@@ -25,8 +25,8 @@ fails on a number outside the blocks that is not on its allowlist.
 Statistics. *Over PPO seeds* (training noise of one pipeline): the mean over the records cpu, cpu_s1, cpu_s2, ...
 that exist, with a 95 % Student-t interval over the seeds, mean ± t(0.975, n − 1) · SD / √n. *Paired bootstrap*
 (results.json "difference", written by train.py): resamples the test contexts of one run: evaluation noise of that
-run only. *Over pipelines* (cpu, cpu_seedN, cpu_fp32: each its own tokenizer, SFT model and identifiers): mean and
-range, one PPO seed each.
+run only. *Over pipelines* (cpu, cpu_seedN, cpu_fp32, cpu_quiet: each its own tokenizer, SFT model and identifiers;
+cpu_quiet is the record's command and seed at torch's default threads): mean and range, one PPO seed each.
 """
 import argparse
 import json
@@ -499,6 +499,8 @@ def readme_bullets():
             f"Absolute Emp-F1 belongs to the identifiers: " + seed2_sentence() +
             " Compare Emp-F1 with the majority constant and the SFT model of the same run, never across runs.")
     out.append("- " + ablation_summary())
+    if exists(QUIET):
+        out.append("- **How long the base run takes.** " + quiet_sentence())
     out.append("- " + times_sentence(BASE, "this record") + (
         " " + times_sentence("cpu_fp32", "the float32 run of the same preset (" + link("cpu_fp32") + ")")
         if exists("cpu_fp32") else "") + " Speed comparisons made on a quiet machine are in "
@@ -554,7 +556,8 @@ def quiet_sentence():
             f"{threads} thread{'s' * (threads > 1)}; {link(QUIET)}, {code(QUIET)}), the base run took "
             f"{sum(t.values()) / 60:.0f} minutes on a 2-core {env['machine']} CPU (torch's CPU capability "
             f"{env['cpu_capability']}, {env['dtype']}), the 1-minute load average between {num(min(loads), 1)} and "
-            f"{num(max(loads), 1)} at its stages' starts and ends; minutes: {parts}; median PPO iteration "
+            f"{num(max(loads), 1)} at its stages' starts and ends (its own {threads} threads make a load of about "
+            f"{threads}); minutes: {parts}; median PPO iteration "
             f"{num(median_iteration(QUIET))} s.")
 
 
@@ -1190,7 +1193,7 @@ def answers_times():
     t = r["time_s"]
     names_ = {"sft": "SFT", "identifiers": "identifiers", "labels": "labels", "ppo": "PPO", "eval": "evaluation"}
     parts_ = ", ".join(f"{names_[k]} {t[k] / 60:.0f}" for k in names_ if k in t)
-    other = [n for n in pipelines() if n != BASE]
+    other = [n for n in pipelines() if n not in (BASE, QUIET)]
     rows = [n for row in row_names() for n in row_group(row) if n != BASE]
     tl = timings(BASE)
     load = (f"1-minute load average during PPO {num(tl['ppo']['load_1min'][0], 1)}→"
