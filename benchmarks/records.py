@@ -508,7 +508,7 @@ def readme_bullets():
     return "\n".join(out) + "\n"
 
 
-def seed2_sentence():
+def seed2_sentence(prefix="docs/runs/"):
     other = [n for n in pipelines() if n.startswith(BASE + "_seed")]
     if not other:
         return "every Emp-F1 depends on the identifiers that grade it."
@@ -516,7 +516,7 @@ def seed2_sentence():
     a, b = results(BASE), results(n)
     shift = [b[k]["emp_f1"] - a[k]["emp_f1"] for k in ("sft", "emprl", "majority")]
     seed = b["config"]["seed"]
-    return (f"the `--seed={seed}` pipeline ({link(n)}) trained an IP identifier that labels "
+    return (f"the `--seed={seed}` pipeline ({link(n, prefix)}) trained an IP identifier that labels "
             f"{pct(label_share(n, 'ip'))} of ED's human training replies \"no interpretation\" (the record's: "
             f"{pct(label_share(BASE, 'ip'))}), and its SFT, EmpRL and majority Emp-F1 lie {span(shift)} points from "
             f"the record's ({num(b['sft']['emp_f1'])}, {num(b['emprl']['emp_f1'])}, {num(b['majority']['emp_f1'])}).")
@@ -545,7 +545,7 @@ def times_sentence(name, who):
 STAGE_NAMES = {"sft": "SFT", "identifiers": "identifiers", "labels": "labels", "ppo": "PPO", "eval": "test evaluation"}
 
 
-def quiet_sentence():
+def quiet_sentence(prefix="docs/runs/"):
     """The stage times of the quiet-machine run of the base command, with its machine, threads and load."""
     r, tl = results(QUIET), timings(QUIET)
     t, env = r["time_s"], r["environment"]
@@ -553,7 +553,7 @@ def quiet_sentence():
     threads = env["threads"]
     parts = ", ".join(f"{STAGE_NAMES[k]} {t[k] / 60:.0f}" for k in STAGE_NAMES if k in t)
     return (f"On an otherwise idle machine, run as a newcomer runs it (`{env['command']}`, torch's default of "
-            f"{threads} thread{'s' * (threads > 1)}; {link(QUIET)}, {code(QUIET)}), the base run took "
+            f"{threads} thread{'s' * (threads > 1)}; {link(QUIET, prefix)}, {code(QUIET)}), the base run took "
             f"{sum(t.values()) / 60:.0f} minutes on a 2-core {env['machine']} CPU (torch's CPU capability "
             f"{env['cpu_capability']}, {env['dtype']}), the 1-minute load average between {num(min(loads), 1)} and "
             f"{num(max(loads), 1)} at its stages' starts and ends (its own {threads} threads make a load of about "
@@ -569,7 +569,8 @@ def speed_cpu():
         env = results(n)["environment"]
         flushed = {True: ", denormals flushed", False: ", denormals not flushed"}.get(env.get("flush_denormal"), "")
         out.append("- " + times_sentence(n, f"{link(n, 'runs/')} ({env['dtype']}{flushed})"))
-    return "\n".join(out) if out else f"*docs/runs/{BASE} has no record: this passage, which quotes it, is not written.*"
+    missing = f"*docs/runs/{BASE} has no record: this passage, which quotes it, is not written.*"
+    return "\n".join(out) if out else missing
 
 
 @block("readme-samples")
@@ -839,7 +840,7 @@ def pipelines_bullets():
         ppl = [value(x, "sft.ppl") for x in p]
         out.append(
             f"- **The absolute Emp-F1 is a property of the identifiers, not of the dialogue model.** "
-            + seed2_sentence()[0].upper() + seed2_sentence()[1:] +
+            + seed2_sentence("runs/")[0].upper() + seed2_sentence("runs/")[1:] +
             f" IP's F1 is {span(ipf[1::2], num)} there against {span(ipf[0::2], num)} in the record. The SFT models "
             f"of the pipelines have perplexity {span(ppl, num)}. Compare Emp-F1 only with the majority "
             f"constant and the SFT model of the same run.")
@@ -850,6 +851,20 @@ def pipelines_bullets():
         f"; EmpRL over the majority constant "
         f"{span([value(x, 'emprl.emp_f1') - value(x, 'majority.emp_f1') for x in p])}."
         f" With {len(p)} pipelines this is a range, not an interval.")
+    if exists(QUIET):
+        a, q = results(BASE), results(QUIET)
+        ids = ", ".join(f"{m.upper()} {lvl(a['identifiers'][m]['macro_f1'])} → {lvl(q['identifiers'][m]['macro_f1'])}"
+                        for m in ("er", "ip", "ex"))
+        out.append(
+            f"- **The thread count alone makes another pipeline.** {link(QUIET, 'runs/')} ran the record's command "
+            f"and seed "
+            f"with {q['environment']['threads']} torch threads instead of {a['environment']['threads']}: other "
+            f"rounding in every sum, so another SFT model and other identifiers (test macro-F1 {ids}; majority-level "
+            f"Emp-F1 {num(a['majority']['emp_f1'])} → {num(q['majority']['emp_f1'])}), and EmpRL − SFT "
+            f"{boot(q['difference']['emp_f1'])} against {boot(a['difference']['emp_f1'])} (judge "
+            f"{sg(q['difference']['emp_f1_judge']['mean'])} against {sg(a['difference']['emp_f1_judge']['mean'])}). "
+            f"So a run of yours meets the records through differences within it and the bands of `lab.py check-run`, "
+            f"not digit by digit.")
     if exists("cpu_fp32"):
         a, b = results(BASE), results("cpu_fp32")
         dmf = max(abs(a["identifiers"][m]["macro_f1"] - b["identifiers"][m]["macro_f1"]) for m in ("er", "ip", "ex"))
@@ -1207,9 +1222,11 @@ def answers_times():
                f"whole-pipeline records" if other else "")
             + (f"; a `--from_run` row {span([rl(n) for n in rows], lambda x, d: f'{x:.0f}', 0)} minutes "
                f"(PPO and evaluation)" if rows
-               else "") + ". " + (quiet_sentence() if exists(QUIET) else "No quiet-machine run of the whole pipeline "
+               else "") + ". "
+            + (quiet_sentence("../docs/runs/") if exists(QUIET) else "No quiet-machine run of the whole pipeline "
                                   "is recorded.") + " For a session shorter than about "
-            f"{math.ceil(2 * total(QUIET if exists(QUIET) else BASE) / 60)} h, or for laptops that cannot train it, train it once yourself "
+            f"{math.ceil(2 * total(QUIET if exists(QUIET) else BASE) / 60)} h, or for laptops that cannot train it, "
+            f"train it once yourself "
             f"(`python train.py --preset=cpu --out_dir=runs/cpu`) and hand out the whole `runs/cpu` directory (its "
             f"tokenizer, SFT model, identifiers and labels are what exercises 1, 3-5 and 9 need; the records in "
             f"docs/runs hold no checkpoints); students copy it to `runs/cpu` and start from the coding exercises and "
@@ -1233,7 +1250,7 @@ def sheet_times():
     rows = ", ".join(f"{label} {rl(n):.0f}{code_tag(n, [BASE])}" for label, n in rows if exists(n))
     other = [n for n in pipelines() if n not in (BASE, QUIET)]
     return (f"*How long.* The times here are the records' own (`time_s` in each `docs/runs/*/results.json`). "
-            + (quiet_sentence() + " " if exists(QUIET) else "") + "The "
+            + (quiet_sentence("../docs/runs/") + " " if exists(QUIET) else "") + "The "
             f"record's base run (`docs/runs/{BASE}`, {code(BASE)}) took {total(BASE):.0f} minutes, with "
             f"{env['threads']} torch thread{'s' * (env['threads'] > 1)} on a 2-core {env['machine']} CPU "
             f"({env['dtype']}), {load}: {parts_}"
