@@ -935,3 +935,21 @@ def test_planted_mistakes_fail_in_a_copy_whose_checks_are_emptied(tmp_path):
     lines = verdicts(p.stdout)
     for exercise, doc in docstrings.items():
         assert lines[exercise].startswith(f"FAIL {exercise}: {doc} — "), lines[exercise]
+
+
+def test_lab_sheet_runner_finds_every_command_of_the_sheet():
+    """benchmarks/lab_sheet.py, which runs the sheet as written, reads every command a student types: each
+    `python train.py` line of lab/README.md's code blocks once per occurrence, each heredoc whole up to its EOF,
+    the python block of exercise 1 as one script, and never the setup block (venv and pip)."""
+    spec = importlib.util.spec_from_file_location("lab_sheet", ROOT / "benchmarks" / "lab_sheet.py")
+    sheet_runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sheet_runner)
+    sheet = (ROOT / "lab" / "README.md").read_text(encoding="utf-8")
+    found = sheet_runner.commands(sheet)
+    blocks = "".join(body for _, body in sheet_runner.FENCE.findall(sheet))
+    train = [c for k, c in found if k == "bash" and c.startswith("python train.py")]
+    assert len(train) == blocks.count("\npython train.py") + blocks.startswith("python train.py") > 0
+    heredocs = [c for k, c in found if "<<'EOF'" in c]
+    assert len(heredocs) == blocks.count("<<'EOF'") > 0 and all(c.endswith("\nEOF") for c in heredocs)
+    assert any(k == "python" and "reward_from_logits" in c for k, c in found)
+    assert not any("pip install" in c or "python -m venv" in c for _, c in found)
