@@ -1330,7 +1330,7 @@ def answers_bands():
             f"so the SFT numbers the seeds share count once), and the half-width is k × SD with k = t(1 − α/2, n − 1) "
             f"· sqrt(1 + 1/n_centre), α = {lab.ALPHA:g}: a prediction interval for one new correct run, a false alarm "
             f"of {pct(lab.ALPHA)} per metric if the metric is normal ({n_metrics} metrics: at most about "
-            f"{pct(min(1.0, n_metrics * lab.ALPHA))} that some metric of a correct run is flagged, less as they move "
+            f"{pct(1 - (1 - lab.ALPHA) ** n_metrics)} that some metric of a correct run is flagged, less as they move "
             f"together). The metrics are differences within a run (absolute Emp-F1 moves with the identifiers{s2}): "
             f"the gain over SFT overall and per mechanism, by the identifiers and by the judge; EmpRL (also required "
             f"> 0) and SFT against the majority constant; SFT's perplexity and its rise under EmpRL; distinct "
@@ -1368,8 +1368,8 @@ def bands_measured(lab):
     if len(flagged_others) > 1:
         most = max(n_flags[n] for n in flagged_others)
         text += (f"That is {len(flagged_others)} of the {len(others)} pipelines other than the record's, "
-                 f"{'each on one metric' if most == 1 else f'on at most {most} metrics each'}, where a false alarm of {lab.ALPHA:g} per metric would flag a correct run on some metric at "
-                 f"most about {1 - (1 - lab.ALPHA) ** n_metrics:.0%} of the time: whole pipelines (their own SFT "
+                 f"{'each on one metric' if most == 1 else f'on at most {most} metrics each'}, where a false alarm of {pct(lab.ALPHA)} per metric would flag a correct run on some metric at "
+                 f"most about {pct(1 - (1 - lab.ALPHA) ** n_metrics)} of the time: whole pipelines (their own SFT "
                  f"model and identifiers) vary more than the bands' SD, which comes mostly from the PPO seeds of one "
                  f"pipeline, allows on the metrics that depend on the identifiers. Read one such flag on your own "
                  f"base run as a question to look into, not as a wrong run; more recorded pipelines would widen "
