@@ -685,11 +685,13 @@ def record_names(pattern):
 # ablation fails.
 SEEDS = record_names(r"cpu(_s\d+)?")
 OTHER_PIPELINES = sorted(record_names(r"cpu_seed\d+"), key=lambda n: int(n[8:])) + record_names(r"cpu_fp32")
-# The base command at torch's default threads on an idle machine (cpu_quiet): a correct run, but not one of those the
-# grader is required to pass. One metric out of range is the false alarm the rule allows (ALPHA per metric: one of
-# 15 flagged has a chance of up to 14 %, two or more about 1 %), so it may show one and no more.
-ONE_FALSE_ALARM = record_names(r"cpu_quiet")
-CORRECT = SEEDS + OTHER_PIPELINES + ONE_FALSE_ALARM
+# The grader must pass the PPO seeds, the --seed=2 pipeline and the float32 record. Any further correct pipeline
+# (--seed=3 and later, and the base command at torch's default threads on an idle machine, cpu_quiet) may show the one
+# false alarm the rule allows (ALPHA per metric: one of 15 flagged has a chance of up to 14 %, two or more about
+# 1 %), and no more.
+ONE_FALSE_ALARM = [n for n in OTHER_PIPELINES if n.startswith("cpu_seed") and int(n[8:]) >= 3] + \
+    record_names(r"cpu_quiet")
+CORRECT = SEEDS + OTHER_PIPELINES + record_names(r"cpu_quiet")
 ABLATIONS = record_names(r"cpu_(no_er|no_kl|k3)") + record_names(r"cpu_(no_ex|grpo)(_s\d+)?")
 
 
@@ -747,7 +749,8 @@ def as_correct_run(record):
 def test_check_run_passes_every_correct_run_against_bands_made_without_it(record, tmp_path):
     """Every PPO seed of the base run's pipeline, the --seed=2 pipeline and the float32 record pass, each against
     bands computed without it (check-run leaves a record out of its own bands), relabelled as the base run or not;
-    the quiet default-threads run shows at most one metric out of range (ONE_FALSE_ALARM).
+    further pipelines (ONE_FALSE_ALARM: --seed=3 and later, the quiet default-threads run) show at most one metric
+    out of range.
     Records of earlier code than the base run's are run too and expected to pass, but may not (xfail, not strict)."""
     allowed = 1 if record in ONE_FALSE_ALARM else 0
     p = check_run(RECORDS / record)
