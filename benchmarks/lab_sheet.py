@@ -1,15 +1,16 @@
 """Run every command of the lab sheet (lab/README.md) as written, in order, and write a transcript.
 
     python benchmarks/lab_sheet.py --out=sheet.txt                 # in a fresh clone, with EMPRL_DATA set
-    python benchmarks/lab_sheet.py --only=train --out=train.txt    # only the train.py commands (the long ones)
-    python benchmarks/lab_sheet.py --skip=train --out=rest.txt     # everything else, once the runs are there
+    python benchmarks/lab_sheet.py --only=train --out=train.txt    # only the `cpu` preset's train.py commands
+    python benchmarks/lab_sheet.py --skip=train --out=rest.txt     # everything else, once those runs are there
 
 Each fenced block of the sheet is read as the student would type it: a ```bash block line by line (a heredoc
 `python - <<'EOF'` ... `EOF` as one command, continuation lines joined), a ```python block as one script given to
 `python -`. The setup block (venv, pip) is not run: it is what made the interpreter that runs this. The transcript
 gives, per command, its exit status, its wall time and the last lines of its output; the script exits 1 when a
 command failed. A train.py command whose --out_dir already holds a results.json is not run again (train.py would
-only say so): the transcript says so and gives that run's own time. The `export EMPRL_DATA=...` line is not run:
+only say so): the transcript says so and gives that run's own time. A command that reads a run directory which
+does not exist (its train.py command was not run) is not run either, and the transcript says which. The `export EMPRL_DATA=...` line is not run:
 its path is a placeholder, and the EMPRL_DATA this script is started with is what the commands see. With --solve, the
 student copy made by `lab.py new` gets this repository's reward.py and ppo.py, as if every blank had been written
 correctly, so that `check` runs through to its training check.
@@ -79,15 +80,21 @@ def main():
     ap.add_argument("--tail", type=int, default=6, help="lines of each command's output kept (default 6)")
     ap.add_argument("--timeout", type=int, default=7200, help="seconds per command")
     args = ap.parse_args()
-    lines, failed = [], 0
+    lines, failed, skipped = [], 0, 0
     for kind, text in commands(Path(args.sheet).read_text()):
-        is_train = kind == "bash" and text.startswith("python train.py")
+        is_train = kind == "bash" and text.startswith("python train.py --preset=cpu")  # the long ones, not tiny
         if (args.only == "train" and not is_train) or (args.skip == "train" and is_train):
             continue
         if text.startswith("export EMPRL_DATA="):
             continue
         lines.append(f"$ {text}" if kind == "bash" else "$ python - <<'EOF'\n" + text + "EOF")
         d = out_dir(text) if is_train else None
+        needed = [Path(r) for r in re.findall(r"runs/\w+", text) if Path(r) != d and "--out_dir=" + r not in text]
+        missing = [str(r) for r in needed if not r.exists()]
+        if missing and not args.only:
+            lines.append(f"[not run: {', '.join(missing)} does not exist here (its train.py command was not run)]")
+            skipped += 1
+            continue
         if d is not None and (d / "results.json").exists():
             t = json.loads((d / "results.json").read_text())["time_s"]
             lines.append(f"[not run again: {d}/results.json exists; that run took {sum(t.values()) / 60:.0f} min]")
@@ -106,9 +113,11 @@ def main():
         lines += [f"[exit {rc}, {seconds:.1f} s]"] + ["  " + ln for ln in kept]
         print("\n".join(lines[-len(kept) - 2:]), flush=True)
         Path(args.out).write_text("\n".join(lines) + "\n")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"{failed} command(s) failed" if failed else "every command exited 0")
-    sys.exit(1 if failed else 0)
+    summary = (f"{failed} command(s) failed" if failed else "every command run exited 0") + (
+        f"; {skipped} not run for want of a run directory" if skipped else "")
+    Path(args.out).write_text("\n".join(lines + [summary]) + "\n")
+    print(summary)
+    sys.exit(1 if failed or skipped else 0)
 
 
 if __name__ == "__main__":
