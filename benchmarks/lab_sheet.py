@@ -8,7 +8,7 @@ Each fenced block of the sheet is read as the student would type it: a ```bash b
 `python - <<'EOF'` ... `EOF` as one command, continuation lines joined), a ```python block as one script given to
 `python -`. The setup block (venv, pip) is not run: it is what made the interpreter that runs this. The transcript
 gives, per command, its exit status, its wall time and the last lines of its output; the script exits 1 when a
-command failed. A train.py command whose --out_dir already holds a results.json is not run again (train.py would
+command exited non-zero (which can be the right outcome: `check-run` exits 1 on a run it flags). A train.py command whose --out_dir already holds a results.json is not run again (train.py would
 only say so): the transcript says so and gives that run's own time. A command that reads a run directory which
 does not exist (its train.py command was not run) is not run either, and the transcript says which. The `export EMPRL_DATA=...` line is not run:
 its path is a placeholder, and the EMPRL_DATA this script is started with is what the commands see. With --solve, the
@@ -113,7 +113,7 @@ def main():
         lines += [f"[exit {rc}, {seconds:.1f} s]"] + ["  " + ln for ln in kept]
         print("\n".join(lines[-len(kept) - 2:]), flush=True)
         Path(args.out).write_text("\n".join(lines) + "\n")
-    summary = (f"{failed} command(s) failed" if failed else "every command run exited 0") + (
+    summary = (f"{failed} command(s) exited non-zero" if failed else "every command run exited 0") + (
         f"; {skipped} not run for want of a run directory" if skipped else "")
     Path(args.out).write_text("\n".join(lines + [summary]) + "\n")
     print(summary)
