@@ -92,7 +92,8 @@ def main():
         needed = [Path(r) for r in re.findall(r"runs/\w+", text) if Path(r) != d and "--out_dir=" + r not in text]
         missing = [str(r) for r in needed if not r.exists()]
         if missing and not args.only:
-            lines.append(f"[not run: {', '.join(missing)} does not exist here (its train.py command was not run)]")
+            lines.append(f"[not run: {', '.join(missing)} {'does' if len(missing) == 1 else 'do'} not exist here "
+                         f"(the train.py command that makes {'it' if len(missing) == 1 else 'them'} was not run)]")
             skipped += 1
             continue
         if d is not None and (d / "results.json").exists():

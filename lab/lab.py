@@ -696,6 +696,14 @@ def describe_config(config, base):
     return [f"{k}={mine.get(k)!r} (the record: {theirs.get(k)!r})" for k in sorted(config_differences(mine, theirs))]
 
 
+def same_results(a, b):
+    """Whether two results.json are one run's: equal but for where the run lived (a record keeps only the last part
+    of out_dir, data_dir and from_run)."""
+    strip = lambda r: {k: ({f: x for f, x in v.items() if f not in PLUMBING} if k == "config" else v)
+                       for k, v in r.items()}
+    return strip(a) == strip(b)
+
+
 def cmd_check_run(args):
     run = read_run(args.run_dir)
     records = read_records(args.records)
@@ -704,7 +712,7 @@ def cmd_check_run(args):
     unknown = [n for n in leave_out if n not in records]
     if unknown:
         raise LabError(f"--leave-out: no record {', '.join(unknown)} in {args.records}", code=2)
-    same = [n for n, r in records.items() if r["results"] == run["results"]]
+    same = [n for n, r in records.items() if same_results(r["results"], run["results"])]
     for name in same:  # the run is a record itself: judge it by the others
         if name not in leave_out:
             leave_out.append(name)

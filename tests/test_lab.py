@@ -2,6 +2,7 @@
 
 The lab checks themselves (lab/checks/) are tested here against implementations a student might write: correct
 ones written with Python loops must pass, and the usual mistakes must fail, each on the check that names it."""
+import copy
 import importlib.util
 import json
 import math
@@ -759,6 +760,24 @@ def test_check_run_passes_every_correct_run_against_bands_made_without_it(record
     p = check_run(relabel(record, tmp_path / record), f"--leave-out={record}")
     assert (p.returncode == 0) == (not out_of_range(p.stdout)) and len(out_of_range(p.stdout)) <= allowed, p.stdout
     assert "graded as a reproduction" in p.stdout
+
+
+def test_check_run_knows_a_record_copied_back_into_a_run_directory(tmp_path):
+    """A run directory that holds a record's run (its results.json with the full paths a run writes, where the record
+    keeps only their last part) is that record: it is left out of the bands it is checked against, not counted in
+    them. Another run with one number changed is not."""
+    results = json.loads((RECORDS / "cpu" / "results.json").read_text())
+    results["config"].update(out_dir="runs/cpu", data_dir="/data/emprl")
+    for name, changed in (("copy", False), ("other", True)):
+        run = tmp_path / name
+        run.mkdir()
+        r = copy.deepcopy(results)
+        if changed:
+            r["emprl"]["length"] += 0.01
+        (run / "results.json").write_text(json.dumps(r))
+        (run / "log.jsonl").write_bytes((RECORDS / "cpu" / "log.jsonl").read_bytes())
+        p = check_run(run)
+        assert ("this run is the record cpu: it is left out" in p.stdout) != changed, p.stdout
 
 
 @pytest.mark.parametrize("record", ABLATIONS)
