@@ -98,7 +98,9 @@ def main():
             continue
         if d is not None and (d / "results.json").exists():
             t = json.loads((d / "results.json").read_text())["time_s"]
-            lines.append(f"[not run again: {d}/results.json exists; that run took {sum(t.values()) / 60:.0f} min]")
+            own = ("ppo", "eval") if "--from_run" in text else tuple(t)  # a row reuses the earlier stages
+            lines.append(f"[not run again: {d}/results.json exists; that run took {sum(t[k] for k in own) / 60:.0f} "
+                         f"min]")
             continue
         try:
             rc, seconds, output = run(kind, text, args.timeout)
