@@ -116,7 +116,7 @@ def seeds(base):
 
 
 def pipelines():
-    """The whole pipelines of the preset: cpu, cpu_seedN (by N), cpu_fp32."""
+    """The whole pipelines of the preset: cpu, cpu_quiet, cpu_seedN (by N), cpu_fp32."""
     found = [n for n in names() if PIPELINE_NAME.fullmatch(n)]
     return sorted(found, key=lambda n: (n != BASE, n.endswith("_fp32"), int(re.sub(r"\D", "", n) or 0)))
 

@@ -4,8 +4,8 @@
     python lab/metric_ranges.py --write    # put them into lab/metrics.md, between its markers
 
 The correct runs are the base run's PPO seeds and the other pipelines, as check-run counts them (lab.py: BASE,
-BASE_s<N>, other_pipelines(): BASE_seed<N>, BASE_fp32). For each field of a PPO log line: its minimum and maximum
-over every iteration of those runs, and over their last 20 iterations; for each number of the sft and emprl
+BASE_s<N>, other_pipelines(): BASE_seed<N>, BASE_fp32, BASE_quiet). For each field of a PPO log line: its minimum
+and maximum over every iteration of those runs, and over their last 20 iterations; for each number of the sft and emprl
 sections of results.json: its minimum and maximum over those runs. A test (tests/test_lab.py) checks that
 lab/metrics.md holds what this prints.
 """
