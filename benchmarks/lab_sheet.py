@@ -7,7 +7,8 @@
 Each fenced block of the sheet is read as the student would type it: a ```bash block line by line (a heredoc
 `python - <<'EOF'` ... `EOF` as one command, continuation lines joined), a ```python block as one script given to
 `python -`. The setup block (venv, pip) is not run: it is what made the interpreter that runs this. The transcript
-gives, per command, its exit status, its wall time and the last lines of its output; the script exits 1 when a
+gives, per command, its exit status, its wall time and the last lines of its output (and any OUT OF RANGE, FAIL or
+"this run is the record" line above them); the script exits 1 when a
 command exited non-zero (which can be the right outcome: `check-run` exits 1 on a run it flags). A train.py command whose --out_dir already holds a results.json is not run again (train.py would
 only say so): the transcript says so and gives that run's own time. A command that reads a run directory which
 does not exist (its train.py command was not run) is not run either, and the transcript says which. The `export EMPRL_DATA=...` line is not run:
@@ -112,7 +113,9 @@ def main():
             for f in ("reward.py", "ppo.py"):
                 shutil.copy(ROOT / f, Path(new.group(1)) / f)
             output += f"\n[--solve: copied this repository's reward.py and ppo.py into {new.group(1)}]"
-        kept = [ln[-200:] for ln in output.replace("\r", "\n").splitlines() if ln.strip()][-args.tail:]
+        out = [ln[:200] for ln in output.replace("\r", "\n").splitlines() if ln.strip()]
+        verdicts = [ln for ln in out[:-args.tail] if ln.startswith(("OUT OF RANGE", "FAIL", "this run is the record"))]
+        kept = verdicts + out[-args.tail:]  # the last lines, and any verdict line above them
         lines += [f"[exit {rc}, {seconds:.1f} s]"] + ["  " + ln for ln in kept]
         print("\n".join(lines[-len(kept) - 2:]), flush=True)
         Path(args.out).write_text("\n".join(lines) + "\n")
