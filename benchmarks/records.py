@@ -1238,8 +1238,7 @@ def sheet_times():
     """lab/README.md's schedule: how long the base run and the exercises' rows took in the records, and under what."""
     r, tl = results(BASE), timings(BASE)
     t, env = r["time_s"], r["environment"]
-    names_ = {"sft": "SFT", "identifiers": "identifiers", "labels": "labels", "ppo": "PPO", "eval": "test evaluation"}
-    parts_ = ", ".join(f"{names_[k]} {t[k] / 60:.0f}" for k in names_ if k in t)
+    parts_ = ", ".join(f"{STAGE_NAMES[k]} {t[k] / 60:.0f}" for k in STAGE_NAMES if k in t)
     loads = [x for v in tl.values() for x in v["load_1min"]]
     load = (f"the machine's 1-minute load average between {num(min(loads), 1)} and {num(max(loads), 1)} at its "
             f"stages' starts and ends" if loads else "the machine's load not recorded")

@@ -276,3 +276,20 @@ def test_blocks_without_ablation_rows_say_so_and_do_not_crash(tmp_path, monkeypa
     finally:
         for f in (records.results, records.log):
             f.cache_clear()
+
+
+def test_readme_speed_figures_are_the_committed_benchmark_outputs():
+    """The README's speed figures are those of the committed outputs in docs/bench: the T5 ratios of
+    bench_t5.py and the seconds, ratio and memory of bench_ppo.py against TRL (editing either fails here)."""
+    readme = (ROOT / "README.md").read_text()
+    speed = " ".join(readme[readme.index("## Speed"):readme.index("## Code")].split())  # lines joined
+    t5 = (ROOT / "docs" / "bench" / "t5_against_transformers.txt").read_text()
+    m = re.search(r"training (\d+\.\d+)x, sampling (\d+\.\d+)x", t5)
+    tok = re.findall(r"(\d+) (?:new )?tokens/s", t5)  # train ours, train hf, sample ours, sample hf
+    assert f"training **{m[1]}x** ({tok[0]} against {tok[1]} tokens/s)" in speed
+    assert f"sampling **{m[2]}x** ({tok[2]} against {tok[3]} new tokens/s)" in speed
+    trl = (ROOT / "docs" / "bench" / "ppo_against_trl.txt").read_text()
+    row = re.search(r"\| t5-small-gated \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+) GB \| ([\d.]+) GB \|", trl)
+    bf16 = re.search(r"\| t5-small-gated \| bfloat16 \| [\d.]+M \| ([\d.]+) \|", trl)
+    assert f"**{row[1]} s here against TRL's {row[2]} s in float32, {row[3]}x**" in speed
+    assert f"{row[4]} against {row[5]} GB" in speed and f"bfloat16 autocast {bf16[1]} s" in speed
