@@ -1369,10 +1369,11 @@ def bands_measured(lab):
         text += (f"That is {len(flagged_others)} of the {len(others)} pipelines other than the record's, "
                  f"{'each on one metric' if most == 1 else f'on at most {most} metrics each'}, where a false alarm of {pct(lab.ALPHA)} per metric would flag a correct run on some metric at "
                  f"most about {pct(1 - (1 - lab.ALPHA) ** n_metrics)} of the time: whole pipelines (their own SFT "
-                 f"model and identifiers) vary more than the bands' SD, which comes mostly from the PPO seeds of one "
-                 f"pipeline, allows on the metrics that depend on the identifiers. Read one such flag on your own "
-                 f"base run as a question to look into, not as a wrong run; more recorded pipelines would widen "
-                 f"these bands. ")
+                 f"model and identifiers) vary more than the bands' SD allows, which comes mostly from the PPO seeds "
+                 f"of one pipeline. So a flag on your own base run (a new pipeline) is a question to look into, not "
+                 f"proof of a wrong run: a correct pipeline was flagged on up to {most} metrics here, so check-run "
+                 f"cannot yet tell a subtly wrong new pipeline from an unlucky correct one. More recorded pipelines "
+                 f"would widen these bands. ")
     table = lab.bands(recs)
     flagged, clean = [], []
     for row in rows_done():
