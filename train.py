@@ -423,7 +423,7 @@ def stage_eval(cfg, run, env):
     results["environment"] = dict(torch=torch.__version__, threads=torch.get_num_threads(),
                                   cpu_capability=torch.backends.cpu.get_cpu_capability(), device=str(env["device"]),
                                   dtype=env["dtype"], machine=platform.machine(), python=platform.python_version(),
-                                  flush_denormal=env["flush_denormal"], **code_version())
+                                  flush_denormal=env["flush_denormal"], **env["code"])
     results.update(identifiers=read(run / "identifiers.json"), config=dataclasses.asdict(cfg),
                    time_s={**read(run / "stages.json"), "eval": time.time() - t0}, n_test=len(test["ctx"]))
     results["samples"] = [dict(context=tok.decode(test["ctx"][i]), reference=tok.decode(test["tgt"][i]),
@@ -458,7 +458,8 @@ def run_pipeline(cfg, preset):
     if cfg.pretrained and not (Path(cfg.pretrained) / "config.json").exists():
         raise RunError(f"--pretrained={cfg.pretrained} is not a T5 checkpoint directory: download config.json, "
                        f"model.safetensors and spiece.model (see the README) and pass their directory")
-    env = dict(device=device, dtype=dtype, autocast=autocast, world=world, data_dir=None, flush_denormal=flush)
+    env = dict(device=device, dtype=dtype, autocast=autocast, world=world, data_dir=None, flush_denormal=flush,
+               code=code_version())  # the commit of the code this process loaded, not of the checkout at the end
     if rank() == 0:  # only rank 0 touches the run directory's settings, the data and the lock
         env["data_dir"], env["lock"] = data.ensure_data(cfg.data_dir or None), open_run(cfg, run, preset)
         print(f"preset {preset} | device {device} | {dtype}{tf32} ({why}) | torch threads {torch.get_num_threads()}"

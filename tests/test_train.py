@@ -185,14 +185,15 @@ def test_tiny_preset_on_the_real_data_runs_end_to_end_with_finite_metrics(tiny_r
 def test_results_carry_the_judge_the_intervals_and_the_environment(tiny_run):
     """results.json holds Emp-F1 by the independent judge for both models, EmpRL - SFT with a paired-bootstrap
     interval around the full-set difference (lo <= mean <= hi) for the identifiers and the judge, the machine it
-    ran on, and the judge's test scores beside the identifiers' in identifiers.json."""
+    ran on and the code (its commit, read when the run started), and the judge's test scores beside the identifiers' in identifiers.json."""
     out, p = tiny_run
     res = json.loads((out / "results.json").read_text())
     for key in ("emp_f1", "emp_f1_judge"):
         d = res["difference"][key]
         assert d["ci95"][0] <= d["mean"] <= d["ci95"][1], (key, d)
         assert d["mean"] == pytest.approx(res["emprl"][key] - res["sft"][key])
-    assert set(res["environment"]) >= {"torch", "threads", "cpu_capability", "device", "dtype"}
+    assert set(res["environment"]) >= {"torch", "threads", "cpu_capability", "device", "dtype", "commit", "dirty",
+                                       "command"}
     assert res["environment"]["threads"] == 1 and res["environment"]["dtype"] == "float32"
     for mech in ("er", "ip", "ex"):
         assert {"acc", "macro_f1"} <= set(res["identifiers"][mech]["judge"])
