@@ -1366,9 +1366,11 @@ def bands_measured(lab):
     flagged_others = [n for n in others if n_flags[n]]
     if flagged_others:
         most = max(n_flags[n] for n in flagged_others)
-        text += (f"That is {len(flagged_others)} of the {len(others)} pipelines other than the record's, "
-                 f"{'on ' if len(flagged_others) == 1 else 'each on ' if most == 1 else 'on at most '}"
-                 f"{'one metric' if most == 1 else f'{most} metrics'}{'' if len(flagged_others) == 1 or most == 1 else ' each'}, where a false alarm of {pct(lab.ALPHA)} per metric would flag a correct run on some metric at "
+        metrics = "one metric" if most == 1 else f"{most} metrics"
+        where = (f"on {metrics}" if len(flagged_others) == 1 else "each on one metric" if most == 1
+                 else f"on at most {metrics} each")
+        text += (f"That is {len(flagged_others)} of the {len(others)} pipelines other than the record's, {where}, "
+                 f"where a false alarm of {pct(lab.ALPHA)} per metric would flag a correct run on some metric at "
                  f"most about {pct(1 - (1 - lab.ALPHA) ** n_metrics)} of the time: whole pipelines (their own SFT "
                  f"model and identifiers) vary more than the bands' SD allows, which comes mostly from the PPO seeds "
                  f"of one pipeline. So a flag on your own base run (a new pipeline) is a question to look into, not "

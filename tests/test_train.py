@@ -185,7 +185,8 @@ def test_tiny_preset_on_the_real_data_runs_end_to_end_with_finite_metrics(tiny_r
 def test_results_carry_the_judge_the_intervals_and_the_environment(tiny_run):
     """results.json holds Emp-F1 by the independent judge for both models, EmpRL - SFT with a paired-bootstrap
     interval around the full-set difference (lo <= mean <= hi) for the identifiers and the judge, the machine it
-    ran on and the code (its commit, read when the run started), and the judge's test scores beside the identifiers' in identifiers.json."""
+    ran on, the code that ran (commit, uncommitted changes, command), and the judge's test scores beside the
+    identifiers' in identifiers.json."""
     out, p = tiny_run
     res = json.loads((out / "results.json").read_text())
     for key in ("emp_f1", "emp_f1_judge"):
