@@ -37,13 +37,15 @@ their advantages are exercises).
 (results.json and log.jsonl each). It first compares the run's config with the base record's (docs/runs/cpu): a run
 of another algorithm, reward, KL setting or preset is reported as a variant and checked against the records of that
 variant (the centres from them), or NOT GRADED when there is none; seeds and dtype may differ (PIPELINE). Then, for
-each metric of METRICS (the gains over SFT overall and per mechanism, by the identifiers and by the judge; EmpRL and
-SFT against the majority constant; perplexity and its rise; distinct replies; length; the KL to the SFT model over
-the last PPO iterations of log.jsonl), it prints the value and the band [low, high] = centre ± k × SD with where
-each comes from (bands(): centre = mean over the base run's PPO seeds cpu, cpu_s1, ...; SD over those and the other
-pipelines; k for a false alarm of ALPHA per metric). A run that is itself a record is checked against bands made
-without it. `bands --write=lab/tolerances.json` writes the bands of the records, for reading; a test checks the
-committed file matches the records.
+each metric of METRICS (the gains over SFT overall and per mechanism, by the identifiers and by the judge; SFT's
+perplexity and its rise; the change in distinct replies and in length; the KL to the SFT model over the last PPO
+iterations of log.jsonl), it prints the value and the band [low, high] = centre ± k × SD with where each comes from
+(bands(): centre = mean over the base run's PPO seeds cpu, cpu_s1, ...; SD over those and the other pipelines; k
+such that a correct run is flagged on some metric with probability at most ALPHA). EmpRL must lie above the majority
+constant (MUST_BE_POSITIVE, no band); SFT against the majority constant is shown beside the recorded range, not
+graded (SHOWN). A run that is itself a record is checked against bands made without it. `bands
+--write=lab/tolerances.json` writes the bands of the records, for reading; a test checks the committed file matches
+the records.
 
 Exit status: 0 when everything passes (is in range), 1 when something fails or a file is missing or damaged,
 2 for a command-line mistake such as an unknown exercise.
@@ -461,11 +463,13 @@ EARLIER = ["cpu_fp32_earlier", "cpu_fp32_earlier_no_kl"]
 # differ in (its seeds and its dtype: the other pipelines and the PPO seeds differ in them)
 PLUMBING = {"out_dir", "data_dir", "from_run", "device", "max_nonfinite"}
 PIPELINE = {"seed", "ppo_seed", "dtype"}
-ALPHA = 0.01  # the chance that a correct run falls outside one band (see bands()): the false-alarm rate per metric
+ALPHA = 0.05  # the chance that a correct run is flagged on some metric: the false-alarm rate per run (see multiplier())
 KL_LAST = 20  # the KL to the SFT model: mean of the logged `kl` over the last KL_LAST PPO iterations
-# metric -> what it is. A key is a dotted path into results.json, a difference "a - b" of two, or "log:FIELD" (the
-# mean of FIELD over the last KL_LAST PPO iterations of log.jsonl). Differences within one run, not absolute
-# Emp-F1: a pipeline whose identifiers label differently moves every Emp-F1 of the run by 10 points (cpu_seed2).
+# metric -> what it is, for the graded metrics (a band each). A key is a dotted path into results.json, a difference
+# "a - b" of two, or "log:FIELD" (the mean of FIELD over the last KL_LAST PPO iterations of log.jsonl). What PPO
+# changed, measured within one run against the run's own SFT model, not absolute numbers: a pipeline whose
+# identifiers label differently moves every Emp-F1 of the run by 10 points (cpu_seed2), and its SFT model's own
+# diversity and length move with it. SFT's perplexity is the one number of the SFT model graded on its own.
 METRICS = {
     "emprl.emp_f1 - sft.emp_f1": "EmpRL's gain in Emp-F1 over SFT, by the identifiers (the reward's own models)",
     "emprl.emp_f1_er - sft.emp_f1_er": "the gain in ER, by the identifiers",
@@ -475,15 +479,20 @@ METRICS = {
     "emprl.emp_f1_judge_er - sft.emp_f1_judge_er": "the gain in ER, by the judge",
     "emprl.emp_f1_judge_ip - sft.emp_f1_judge_ip": "the gain in IP, by the judge",
     "emprl.emp_f1_judge_ex - sft.emp_f1_judge_ex": "the gain in EX, by the judge",
-    "emprl.emp_f1 - majority.emp_f1": "EmpRL above the constant majority level (must also be > 0)",
-    "sft.emp_f1 - majority.emp_f1": "SFT against the constant majority level",
     "sft.ppl": "perplexity of the human replies under SFT",
     "emprl.ppl - sft.ppl": "the rise in perplexity from SFT to EmpRL (drift from the language model)",
-    "emprl.unique_frac": "share of distinct EmpRL replies",
-    "emprl.length": "mean EmpRL reply length, words",
+    "emprl.unique_frac - sft.unique_frac": "the change in the share of distinct replies from SFT to EmpRL",
+    "emprl.length - sft.length": "the change in mean reply length from SFT to EmpRL, words",
     "log:kl": f"KL to the SFT model, summed over a reply, mean of the last {KL_LAST} PPO iterations",
 }
-MUST_BE_POSITIVE = ["emprl.emp_f1 - majority.emp_f1"]
+# Checked without a band: must be > 0.
+MUST_BE_POSITIVE = {"emprl.emp_f1 - majority.emp_f1": "EmpRL above the constant majority level (a floor, no band)"}
+# Shown beside the range of the correct records, not graded. The majority constant measures the identifiers more than
+# the run: how much of the test split they put at one level, which moves it by many points between pipelines; the
+# --seed=2 pipeline's SFT lies far below it where the others lie close (lab/answers.md, exercise 0, has the numbers),
+# and a band made from a handful of pipelines calls that correct pipeline wrong. EmpRL against the constant is graded
+# by its floor and through the gains over SFT.
+SHOWN = {"sft.emp_f1 - majority.emp_f1": "SFT against the constant majority level (shown, not graded)"}
 
 
 def read_json(path, what):
@@ -628,10 +637,17 @@ def distinct(values):
 
 
 def multiplier(n_centre, n_spread):
-    """k of a band centre ± k·SD: a prediction interval for one new correct run at the false-alarm rate ALPHA, with
-    the SD estimated from n_spread runs (Student's t, n_spread - 1 degrees of freedom) and the centre a mean of
-    n_centre: k = t_{1 - ALPHA/2, n_spread - 1} · sqrt(1 + 1/n_centre)."""
-    return t_quantile(1 - ALPHA, n_spread - 1) * math.sqrt(1 + 1 / n_centre)
+    """k of a band centre ± k·SD: a prediction interval for one new correct run with the SD estimated from n_spread
+    runs (Student's t, n_spread - 1 degrees of freedom) and the centre a mean of n_centre: k = t_{1 - a/2,
+    n_spread - 1} · sqrt(1 + 1/n_centre), at a = alpha_per_metric(). check-run gives one verdict per run, so the
+    false-alarm rate that matters is the run's: ALPHA split evenly over the banded metrics (Bonferroni), which
+    bounds it whether or not the metrics move together."""
+    return t_quantile(1 - alpha_per_metric(), n_spread - 1) * math.sqrt(1 + 1 / n_centre)
+
+
+def alpha_per_metric():
+    """The false-alarm rate of one band: ALPHA / the number of banded metrics."""
+    return ALPHA / len(METRICS)
 
 
 def bands(records, leave_out=(), centre_names=None):
@@ -642,7 +658,8 @@ def bands(records, leave_out=(), centre_names=None):
     sd         = its standard deviation (n - 1) over the correct runs: the PPO seeds and the other pipelines
                  (OTHER_PIPELINES), which also retrain SFT and the identifiers; equal values (the SFT numbers of
                  PPO seeds that share one SFT model) count once;
-    half-width = multiplier(n_centre, n_spread) · sd: a correct run falls outside with probability ALPHA.
+    half-width = multiplier(n_centre, n_spread) · sd: a correct run falls outside one band with probability
+                 ALPHA / len(METRICS), outside some band with probability at most ALPHA.
     Records in leave_out take no part (a correct run is checked against bands computed without it). A band is a
     dict: centre, sd, k, half_width, low, high, and the record names it came from."""
     seeds = [n for n in seed_names(records) if n not in leave_out]
@@ -672,9 +689,12 @@ def bands_table(records_dir):
     table = bands(read_records(records_dir))
     first = next(iter(table.values()))
     return {"rule": "centre = mean over the base run's PPO seeds; sd over those seeds and the other pipelines (equal "
-                    "values once); half_width = k x sd, k = t(1 - alpha/2, n - 1) x sqrt(1 + 1/n_centre); kl = mean "
-                    f"of the logged kl over the last {KL_LAST} PPO iterations",
-            "alpha_per_metric": ALPHA, "centre_from": first["centre_from"], "spread_from": first["spread_from"],
+                    "values once); half_width = k x sd, k = t(1 - alpha/2, n - 1) x sqrt(1 + 1/n_centre), alpha = "
+                    "alpha_per_run / the number of bands (Bonferroni); kl = mean of the logged kl over the last "
+                    f"{KL_LAST} PPO iterations; {', '.join(MUST_BE_POSITIVE)} must be > 0 (no band); "
+                    f"{', '.join(SHOWN)} is shown, not graded",
+            "alpha_per_run": ALPHA, "alpha_per_metric": round(alpha_per_metric(), 6),
+            "centre_from": first["centre_from"], "spread_from": first["spread_from"],
             "bands": {key: {k: round(band[k], 4) for k in ("centre", "sd", "k", "half_width", "low", "high")}
                       for key, band in table.items()}}
 
@@ -735,30 +755,38 @@ def cmd_check_run(args):
     table = bands(records, leave_out, centre_names)
     first = next(iter(table.values()))
     print(f"bands: centre = mean over {', '.join(first['centre_from'])}; half-width = k × SD over "
-          f"{', '.join(first['spread_from'])} (correct runs; equal values once), k for a false alarm of "
-          f"{ALPHA:g} per metric (Student's t)")
+          f"{', '.join(first['spread_from'])} (correct runs; equal values once), k for a false alarm of {ALPHA:g} "
+          f"per run: {alpha_per_metric():.4f} per metric over {len(table)} metrics (Bonferroni, Student's t)")
     out_of_range = 0
-    width = max(len(key) for key in METRICS)
+    width = max(len(key) for key in [*METRICS, *MUST_BE_POSITIVE, *SHOWN])
+    number = lambda got: f"{got:10.3f}" if got is not None else f"{'missing':>10}"
     for key, band in table.items():
         got = metric(run, key)
         inside = got is not None and math.isfinite(got) and band["low"] <= got <= band["high"]
-        if key in MUST_BE_POSITIVE and not (got is not None and got > 0):
-            inside = False
         out_of_range += not inside
-        shown = f"{got:10.3f}" if got is not None else f"{'missing':>10}"
         verdict = "in range" if inside else "OUT OF RANGE"
-        print(f"{verdict:<12} {key:<{width}} {shown}   [{band['low']:.3f}, {band['high']:.3f}] = {band['centre']:.3f} "
-              f"± {band['k']:.2f} × SD {band['sd']:.3f} (mean of {band['n_centre']}, SD of {band['n_spread']}); "
-              f"{METRICS[key]}")
+        print(f"{verdict:<12} {key:<{width}} {number(got)}   [{band['low']:.3f}, {band['high']:.3f}] = "
+              f"{band['centre']:.3f} ± {band['k']:.2f} × SD {band['sd']:.3f} (mean of {band['n_centre']}, SD of "
+              f"{band['n_spread']}); {METRICS[key]}")
+    for key, what in MUST_BE_POSITIVE.items():
+        got = metric(run, key)
+        inside = got is not None and math.isfinite(got) and got > 0
+        out_of_range += not inside
+        print(f"{'in range' if inside else 'OUT OF RANGE':<12} {key:<{width}} {number(got)}   > 0; {what}")
+    correct = [n for n in seed_names(records) + other_pipelines(records) if n not in leave_out]
+    for key, what in SHOWN.items():
+        values = [v for v in (metric(records[n], key) for n in correct) if v is not None]
+        recorded = f"{min(values):.3f} .. {max(values):.3f} in {len(correct)} correct records" if values else "none"
+        print(f"{'not graded':<12} {key:<{width}} {number(metric(run, key))}   recorded {recorded}; {what}")
     steps = run["config"].get("ppo_steps")
     if is_number(steps) and len(run["log"]) < steps:
         out_of_range += 1
         print(f"OUT OF RANGE log.jsonl has {len(run['log'])} PPO iterations of the config's {steps}: the run is not "
               f"finished, or its log is not the run's")
     if out_of_range:
-        print(f"{out_of_range} of {len(table)} metrics out of range: not a reproduction")
+        print(f"{out_of_range} of {len(table) + len(MUST_BE_POSITIVE)} checks out of range: not a reproduction")
         return 1
-    print(f"all {len(table)} metrics in range")
+    print(f"all {len(table) + len(MUST_BE_POSITIVE)} checks in range")
     return 0
 
 
