@@ -820,6 +820,27 @@ def test_check_run_prints_each_band_and_where_it_comes_from():
     assert all(" recorded " in line and " correct records; " in line for line in shown)
 
 
+def test_student_t_quantiles_of_the_grader_match_the_tables():
+    """lab.t_quantile (a finite sum, no scipy) gives the two-sided Student-t quantiles of the printed tables."""
+    for within, dof, t in [(0.95, 4, 2.776445), (0.99, 8, 3.355387), (0.99, 1, 63.656741), (0.95, 30, 2.042272)]:
+        assert abs(lab.t_quantile(within, dof) - t) < 1e-5, (within, dof)
+
+
+def test_the_bands_flag_a_correct_run_at_the_stated_false_alarm_rate():
+    """The rule's promise, simulated where its assumptions hold (every metric normal and independent, runs alike):
+    with the centre a mean of 5 runs and the SD taken over 9 (the 5 among them, as in the records), one band is left
+    by a new correct run a fraction ALPHA / len(METRICS) of the time, and some band of all of them at most ALPHA."""
+    generator = torch.Generator().manual_seed(0)
+    trials, n_centre, n_spread, m = 200_000, 5, 9, len(lab.METRICS)
+    k = lab.multiplier(n_centre, n_spread)
+    runs = torch.randn(trials, n_spread + 1, generator=generator, dtype=torch.float64)
+    centre, sd, new = runs[:, :n_centre].mean(1), runs[:, :n_spread].std(1), runs[:, -1]
+    per_metric = ((new - centre).abs() > k * sd).double().mean().item()
+    noise = 4 * math.sqrt(lab.ALPHA / m / trials)  # 4 binomial SDs
+    assert abs(per_metric - lab.ALPHA / m) < noise, (per_metric, lab.ALPHA / m)
+    assert 1 - (1 - per_metric) ** m <= lab.ALPHA + m * noise
+
+
 def test_lab_tolerances_json_is_the_bands_of_the_records():
     """lab/tolerances.json is what `lab.py bands --write=lab/tolerances.json` makes of docs/runs: re-made records
     or a changed rule fail here until it is regenerated."""
