@@ -1294,21 +1294,6 @@ def metric_label(key):
             "distinct replies", "emprl.length - sft.length": "the change in length", "log:kl": "the KL"}.get(key, key)
 
 
-def lab_flags(lab, run, table):
-    """The metrics of table (lab.bands) on which a run is out of range, and the floors (lab.MUST_BE_POSITIVE) it
-    does not clear, as `check-run` decides."""
-    out = []
-    for key, band in table.items():
-        got = lab.metric(run, key)
-        if not (got is not None and math.isfinite(got) and band["low"] <= got <= band["high"]):
-            out.append(key)
-    for key in lab.MUST_BE_POSITIVE:
-        got = lab.metric(run, key)
-        if not (got is not None and math.isfinite(got) and got > 0):
-            out.append(key)
-    return out
-
-
 @block("answers-bands")
 def answers_bands():
     lab = lab_module()
@@ -1333,9 +1318,10 @@ def answers_bands():
             f"(docs/runs/{', '.join(seeds_)} and any later {BASE}_sN), the SD is taken over those seeds and the other "
             f"correct pipelines ({'docs/runs/' + ', '.join(others) if others else 'none recorded'}; equal values "
             f"count once, so the SFT numbers the seeds share count once), and the half-width is k × SD with "
-            f"k = t(1 − a/2, n − 1) · sqrt(1 + 1/n_centre): a prediction interval for one new correct run. `check-run` "
-            f"gives one verdict per run, so its false-alarm rate is set per run: α = {pct(lab.ALPHA)}, split evenly "
-            f"over the {n_metrics} bands (Bonferroni: a = {pct(lab.alpha_per_metric(), 2)} each), so a correct run "
+            f"k = t(1 − a/2, n − 1) · sqrt(1 + 1/n_centre): a prediction interval for one new correct run. "
+            f"`check-run` gives one verdict per run, so its false-alarm rate is set per run: α = {pct(lab.ALPHA)}, "
+            f"split evenly over the {n_metrics} bands (Bonferroni: a = {pct(lab.alpha_per_metric(), 2)} each), so a "
+            f"correct run "
             f"is flagged on some metric at most {pct(lab.ALPHA)} of the time if the metrics are normal, whether or "
             f"not they move together. The graded metrics are what PPO changed, measured against the run's own SFT "
             f"model: the gain over SFT overall and per mechanism, by the identifiers and by the judge; the rise in "
@@ -1364,7 +1350,7 @@ def bands_measured(lab):
     n_checks = len(lab.METRICS) + len(lab.MUST_BE_POSITIVE)
     passed, failed = [], []
     for n in correct:
-        flags = lab_flags(lab, recs[n], lab.bands(recs, leave_out=[n]))
+        flags = lab.failed_checks(recs[n], lab.bands(recs, leave_out=[n]))
         (failed if flags else passed).append(f"{n} (by {listing([metric_label(k) for k in flags])})" if flags else n)
     text = ("Measured (`tests/test_lab.py`, the same rule): " +
             (f"each correct record ({', '.join(passed)}) is in range on all {n_checks} checks against bands "
@@ -1379,7 +1365,7 @@ def bands_measured(lab):
     if held_out:
         flagged_then = {}
         for n in held_out:  # against the bands of the records the rule was set on: every held-out pipeline left out
-            flagged_then[n] = lab_flags(lab, recs[n], lab.bands(recs, leave_out=held_out))
+            flagged_then[n] = lab.failed_checks(recs[n], lab.bands(recs, leave_out=held_out))
         verdicts = [f"{n} is flagged by {listing([metric_label(k) for k in f])}" if f else
                     f"{n} is in range on all {n_checks} checks" for n, f in flagged_then.items()]
         text += (f"{listing(held_out)} finished after it was committed ({RULE_COMMIT}), so the rule was not made to "
@@ -1389,13 +1375,13 @@ def bands_measured(lab):
         if n_flagged:
             chance = 1 - (1 - lab.ALPHA) ** len(held_out)
             text += (f"So {n_flagged} of {len(held_out)} correct pipelines the rule had not seen "
-                     f"{'was' if n_flagged == 1 else 'were'} flagged. At a false alarm of {pct(lab.ALPHA)} per run, one or more "
-                     f"of {len(held_out)} are flagged {pct(chance)} of the time, so this does not prove the rate higher; but the "
-                     f"{pct(lab.ALPHA)} holds for runs alike to those the bands come from, and whole pipelines are "
-                     f"not alike to the record pipeline's PPO seeds. ")
+                     f"{'was' if n_flagged == 1 else 'were'} flagged. At a false alarm of {pct(lab.ALPHA)} per run, "
+                     f"one or more of {len(held_out)} are flagged {pct(chance)} of the time, so this does not prove "
+                     f"the rate higher; but the {pct(lab.ALPHA)} holds for runs alike to those the bands come from, "
+                     f"and whole pipelines are not alike to the record pipeline's PPO seeds. ")
             er = "emprl.emp_f1_er - sft.emp_f1_er"
             if any(er in f for f in flagged_then.values()):
-                others = [n for n in lab.other_pipelines(recs)]
+                others = lab.other_pipelines(recs)
                 text += (f"The identifiers' ER gain shows it: the record pipeline's PPO seeds give "
                          f"{span([lab.metric(recs[n], er) for n in lab.seed_names(recs)])}, the "
                          f"{len(others)} other pipelines {span([lab.metric(recs[n], er) for n in others])}, so the "
@@ -1409,7 +1395,7 @@ def bands_measured(lab):
             if n not in recs:
                 continue
             run = dict(recs[n], config=dict(recs[BASE]["config"]))  # relabelled as the base run
-            flags = lab_flags(lab, run, table)
+            flags = lab.failed_checks(run, table)
             (flagged if flags else clean).append((n, flags))
     if flagged:
         text += ("The ablation records relabelled so that their config claims to be the base run are flagged by "

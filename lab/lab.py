@@ -683,6 +683,15 @@ def bands(records, leave_out=(), centre_names=None):
     return out
 
 
+def failed_checks(run, table):
+    """The checks of a run that fail, as check-run decides: the bands of table (bands()) its metric lies outside
+    (or is missing from), and the floors of MUST_BE_POSITIVE it does not clear."""
+    value = {key: metric(run, key) for key in [*table, *MUST_BE_POSITIVE]}
+    finite = {key: v is not None and math.isfinite(v) for key, v in value.items()}
+    return ([key for key, band in table.items() if not (finite[key] and band["low"] <= value[key] <= band["high"])] +
+            [key for key in MUST_BE_POSITIVE if not (finite[key] and value[key] > 0)])
+
+
 def bands_table(records_dir):
     """The committed lab/tolerances.json: the rule, its parameters, and the bands of the base run (`lab.py bands
     --write=lab/tolerances.json` writes it from docs/runs; a test checks that it matches the records)."""
@@ -757,22 +766,17 @@ def cmd_check_run(args):
     print(f"bands: centre = mean over {', '.join(first['centre_from'])}; half-width = k × SD over "
           f"{', '.join(first['spread_from'])} (correct runs; equal values once), k for a false alarm of {ALPHA:g} "
           f"per run: {alpha_per_metric():.4f} per metric over {len(table)} metrics (Bonferroni, Student's t)")
-    out_of_range = 0
+    failed = failed_checks(run, table)
+    out_of_range = len(failed)
     width = max(len(key) for key in [*METRICS, *MUST_BE_POSITIVE, *SHOWN])
     number = lambda got: f"{got:10.3f}" if got is not None else f"{'missing':>10}"
+    verdict = lambda key: "OUT OF RANGE" if key in failed else "in range"
     for key, band in table.items():
-        got = metric(run, key)
-        inside = got is not None and math.isfinite(got) and band["low"] <= got <= band["high"]
-        out_of_range += not inside
-        verdict = "in range" if inside else "OUT OF RANGE"
-        print(f"{verdict:<12} {key:<{width}} {number(got)}   [{band['low']:.3f}, {band['high']:.3f}] = "
-              f"{band['centre']:.3f} ± {band['k']:.2f} × SD {band['sd']:.3f} (mean of {band['n_centre']}, SD of "
-              f"{band['n_spread']}); {METRICS[key]}")
+        print(f"{verdict(key):<12} {key:<{width}} {number(metric(run, key))}   [{band['low']:.3f}, "
+              f"{band['high']:.3f}] = {band['centre']:.3f} ± {band['k']:.2f} × SD {band['sd']:.3f} (mean of "
+              f"{band['n_centre']}, SD of {band['n_spread']}); {METRICS[key]}")
     for key, what in MUST_BE_POSITIVE.items():
-        got = metric(run, key)
-        inside = got is not None and math.isfinite(got) and got > 0
-        out_of_range += not inside
-        print(f"{'in range' if inside else 'OUT OF RANGE':<12} {key:<{width}} {number(got)}   > 0; {what}")
+        print(f"{verdict(key):<12} {key:<{width}} {number(metric(run, key))}   > 0; {what}")
     correct = [n for n in seed_names(records) + other_pipelines(records) if n not in leave_out]
     for key, what in SHOWN.items():
         values = [v for v in (metric(records[n], key) for n in correct) if v is not None]

@@ -912,6 +912,23 @@ def test_check_run_fails_an_unfinished_run_and_a_run_below_the_majority_constant
     assert p.returncode == 1 and out_of_range(p.stdout) == ["emprl.emp_f1 - majority.emp_f1"], p.stdout
 
 
+def test_check_run_shows_sft_against_the_majority_constant_without_grading_it(tmp_path):
+    """A correct run whose identifiers put more of the test split at one level (here: the majority constant 5 points
+    lower, so SFT against it lies far outside every record's) still passes: that number is printed beside the
+    recorded range as "not graded", while EmpRL above the constant stays a floor."""
+    seed = SEEDS[-1]
+    run = relabel(seed, tmp_path / "skewed")
+    results = json.loads((run / "results.json").read_text())
+    results["majority"]["emp_f1"] -= 5.0
+    (run / "results.json").write_text(json.dumps(results))
+    p = check_run(run, f"--leave-out={seed}")
+    assert p.returncode == 0 and not out_of_range(p.stdout), p.stdout
+    shown = [line for line in p.stdout.splitlines() if line.startswith("not graded")]
+    assert len(shown) == 1 and metric_of(shown[0]) == "sft.emp_f1 - majority.emp_f1", p.stdout
+    value, low, high = (float(x) for x in re.search(r"\s(\S+)   recorded (\S+) \.\. (\S+) ", shown[0]).groups())
+    assert value > high + 1, shown[0]
+
+
 @pytest.mark.parametrize("damage", ["missing run", "damaged run", "missing records", "unknown leave-out"])
 def test_check_run_on_a_missing_or_damaged_file_is_one_error_line(tmp_path, capsys, damage):
     """A missing or truncated results.json, a records folder without the base record, an unknown --leave-out: one
