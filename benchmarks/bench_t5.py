@@ -1,19 +1,22 @@
-"""Speed of t5.py against transformers' T5ForConditionalGeneration on the same random t5-small-sized model.
+"""Speed of t5.py against transformers' T5ForConditionalGeneration on the same random t5-small-sized
+model.
 
 Measures, in one run on the same machine (fp32, CPU unless --device says otherwise):
-  * training throughput: forward + backward + AdamW step, batch 16, 128 source / 32 target tokens, dropout on;
+  * training throughput: forward + backward + AdamW step, batch 16, 128 source / 32 target tokens,
+    dropout on;
   * sampling throughput: generate with KV cache, batch 32, 128 source tokens, exactly 30 new tokens
     (min_new_tokens=30 on both), top_k 20; tokens/s counts new tokens, encoder time included;
   * the machine's fp32 matmul rate, so that training can be stated as a fraction of it:
     6 * parameters * tokens per step / rate (the usual forward + backward FLOP estimate). For T5 it
-    overcounts: the embedding table costs no matmul and the decoder and LM head see only the 32 target
-    tokens, so a fast implementation can exceed 100 %.
-Ours and transformers alternate, and each figure is the best of --repeats, which damps (but does not remove)
-noise from other processes sharing the CPU.
+    overcounts: the embedding table costs no matmul and the decoder and LM head see only the 32
+    target tokens, so a fast implementation can exceed 100 %.
+Ours and transformers alternate, and each figure is the best of --repeats, which damps (but does not
+remove) noise from other processes sharing the CPU.
 
     python benchmarks/bench_t5.py            # a few minutes on 2 cores
     python benchmarks/bench_t5.py --device cuda
 """
+
 import argparse
 import sys
 import tempfile
@@ -36,7 +39,7 @@ def matmul_gflops(device, n=2048, reps=5):
         a @ b
         sync(device)
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def sync(device):
@@ -53,9 +56,13 @@ def timed(fn, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (best is kept)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed repetitions per measurement (best is kept)"
+    )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,8 +76,11 @@ def main():
         ours.save_pretrained(d)
         hf = transformers.T5ForConditionalGeneration.from_pretrained(d).to(device)
     n_params = sum(p.numel() for p in ours.parameters())  # a tied lm_head counted once
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"device {device}; model {n_params / 1e6:.1f}M parameters")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, "
+        f"device {device}; model {n_params / 1e6:.1f}M parameters"
+    )
     rate = matmul_gflops(device)
     print(f"fp32 matmul: {rate:.0f} GFLOP/s")
 
@@ -79,7 +89,7 @@ def main():
     g = torch.Generator().manual_seed(1)
     src = torch.randint(3, config.vocab_size, (B, S), generator=g).to(device)
     src_mask = torch.ones_like(src)
-    src_mask[B // 2:, S - 40:] = 0  # half the rows padded, as real batches are
+    src_mask[B // 2 :, S - 40 :] = 0  # half the rows padded, as real batches are
     labels = torch.randint(3, config.vocab_size, (B, T), generator=g).to(device)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)
@@ -106,8 +116,10 @@ def main():
     train_tps = {k: B * (S + T) / v for k, v in train.items()}
     flops_per_step = 6 * n_params * B * (S + T)
     for k in ("ours", "hf"):
-        print(f"train  {k:4s}: {train[k]:6.2f} s/step  {train_tps[k]:7.0f} tokens/s  "
-              f"{flops_per_step / train[k] / 1e9 / rate:5.1%} of matmul rate")
+        print(
+            f"train  {k:4s}: {train[k]:6.2f} s/step  {train_tps[k]:7.0f} tokens/s  "
+            f"{flops_per_step / train[k] / 1e9 / rate:5.1%} of matmul rate"
+        )
 
     # ---- sampling with cache: batch 32, 128 source tokens, 30 new tokens, top_k 20 ----
     B, S, N = 32, 128, 30
@@ -116,9 +128,18 @@ def main():
     ours.eval()
     hf.eval()
     sample = {
-        "ours": lambda: ours.generate(src, src_mask, max_new_tokens=N, min_new_tokens=N, do_sample=True, top_k=20),
-        "hf": lambda: hf.generate(input_ids=src, attention_mask=src_mask, max_new_tokens=N, min_new_tokens=N,
-                                  do_sample=True, top_k=20, temperature=1.0),
+        "ours": lambda: ours.generate(
+            src, src_mask, max_new_tokens=N, min_new_tokens=N, do_sample=True, top_k=20
+        ),
+        "hf": lambda: hf.generate(
+            input_ids=src,
+            attention_mask=src_mask,
+            max_new_tokens=N,
+            min_new_tokens=N,
+            do_sample=True,
+            top_k=20,
+            temperature=1.0,
+        ),
     }
     best = {"ours": float("inf"), "hf": float("inf")}
     with torch.no_grad():
@@ -132,8 +153,10 @@ def main():
     for k in ("ours", "hf"):
         print(f"sample {k:4s}: {best[k]:6.2f} s/call  {sample_tps[k]:7.0f} new tokens/s")
 
-    print(f"ours / transformers: training {train_tps['ours'] / train_tps['hf']:.2f}x, "
-          f"sampling {sample_tps['ours'] / sample_tps['hf']:.2f}x")
+    print(
+        f"ours / transformers: training {train_tps['ours'] / train_tps['hf']:.2f}x, "
+        f"sampling {sample_tps['ours'] / sample_tps['hf']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

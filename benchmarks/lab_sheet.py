@@ -1,21 +1,28 @@
 """Run every command of the lab sheet (lab/README.md) as written, in order, and write a transcript.
 
-    python benchmarks/lab_sheet.py --out=sheet.txt                 # in a fresh clone, with EMPRL_DATA set
-    python benchmarks/lab_sheet.py --only=train --out=train.txt    # only the `cpu` preset's train.py commands
-    python benchmarks/lab_sheet.py --skip=train --out=rest.txt     # everything else, once those runs are there
+    # in a fresh clone, with EMPRL_DATA set
+    python benchmarks/lab_sheet.py --out=sheet.txt
+    # only the `cpu` preset's train.py commands
+    python benchmarks/lab_sheet.py --only=train --out=train.txt
+    # everything else, once those runs are there
+    python benchmarks/lab_sheet.py --skip=train --out=rest.txt
 
-Each fenced block of the sheet is read as the student would type it: a ```bash block line by line (a heredoc
-`python - <<'EOF'` ... `EOF` as one command, continuation lines joined), a ```python block as one script given to
-`python -`. The setup block (venv, pip) is not run: it is what made the interpreter that runs this. The transcript
-gives, per command, its exit status, its wall time and the last lines of its output (and any OUT OF RANGE, FAIL or
-"this run is the record" line above them); the script exits 1 when a
-command exited non-zero (which can be the right outcome: `check-run` exits 1 on a run it flags). A train.py command whose --out_dir already holds a results.json is not run again (train.py would
-only say so): the transcript says so and gives that run's own time. A command that reads a run directory which
-does not exist (its train.py command was not run) is not run either, and the transcript says which. The `export EMPRL_DATA=...` line is not run:
-its path is a placeholder, and the EMPRL_DATA this script is started with is what the commands see. With --solve, the
-student copy made by `lab.py new` gets this repository's reward.py and ppo.py, as if every blank had been written
-correctly, so that `check` runs through to its training check.
+Each fenced block of the sheet is read as the student would type it: a ```bash block line by line (a
+heredoc `python - <<'EOF'` ... `EOF` as one command, continuation lines joined), a ```python block
+as one script given to `python -`. The setup block (venv, pip) is not run: it is what made the
+interpreter that runs this. The transcript gives, per command, its exit status, its wall time and
+the last lines of its output (and any OUT OF RANGE, FAIL or "this run is the record" line above
+them); the script exits 1 when a command exited non-zero (which can be the right outcome:
+`check-run` exits 1 on a run it flags). A train.py command whose --out_dir already holds a
+results.json is not run again (train.py would only say so): the transcript says so and gives that
+run's own time. A command that reads a run directory which does not exist (its train.py command was
+not run) is not run either, and the transcript says which. The `export EMPRL_DATA=...` line is not
+run: its path is a placeholder, and the EMPRL_DATA this script is started with is what the commands
+see. With --solve, the student copy made by `lab.py new` gets this repository's reward.py and
+ppo.py, as if every blank had been written correctly, so that `check` runs through to its training
+check.
 """
+
 import argparse
 import json
 import re
@@ -46,7 +53,7 @@ def commands(sheet):
                 continue
             if "<<'EOF'" in line:  # a heredoc: up to its EOF line
                 j = lines.index("EOF", i)
-                out.append(("bash", "\n".join(lines[i:j + 1])))
+                out.append(("bash", "\n".join(lines[i : j + 1])))
                 i = j + 1
                 continue
             while line.endswith("\\"):
@@ -65,7 +72,9 @@ def out_dir(cmd):
 def run(kind, text, timeout):
     t0 = time.time()
     if kind == "python":
-        p = subprocess.run([sys.executable, "-"], input=text, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(
+            [sys.executable, "-"], input=text, capture_output=True, text=True, timeout=timeout
+        )
     else:
         p = subprocess.run(["bash", "-c", text], capture_output=True, text=True, timeout=timeout)
     return p.returncode, time.time() - t0, (p.stdout + p.stderr)
@@ -77,31 +86,50 @@ def main():
     ap.add_argument("--out", required=True, help="the transcript to write")
     ap.add_argument("--only", choices=["train"], help="run only the train.py commands")
     ap.add_argument("--skip", choices=["train"], help="run all but the train.py commands")
-    ap.add_argument("--solve", action="store_true", help="fill the student copy's blanks with the repository's code")
-    ap.add_argument("--tail", type=int, default=6, help="lines of each command's output kept (default 6)")
+    ap.add_argument(
+        "--solve",
+        action="store_true",
+        help="fill the student copy's blanks with the repository's code",
+    )
+    ap.add_argument(
+        "--tail", type=int, default=6, help="lines of each command's output kept (default 6)"
+    )
     ap.add_argument("--timeout", type=int, default=7200, help="seconds per command")
     args = ap.parse_args()
     lines, failed, skipped = [], 0, 0
     for kind, text in commands(Path(args.sheet).read_text()):
-        is_train = kind == "bash" and text.startswith("python train.py --preset=cpu")  # the long ones, not tiny
+        # the long ones, not tiny
+        is_train = kind == "bash" and text.startswith("python train.py --preset=cpu")
         if (args.only == "train" and not is_train) or (args.skip == "train" and is_train):
             continue
         if text.startswith("export EMPRL_DATA="):
             continue
         lines.append(f"$ {text}" if kind == "bash" else "$ python - <<'EOF'\n" + text + "EOF")
         d = out_dir(text) if is_train else None
-        needed = [Path(r) for r in re.findall(r"runs/\w+", text) if Path(r) != d and "--out_dir=" + r not in text]
+        needed = [
+            Path(r)
+            for r in re.findall(r"runs/\w+", text)
+            if Path(r) != d and "--out_dir=" + r not in text
+        ]
         missing = [str(r) for r in needed if not r.exists()]
         if missing and not args.only:
-            lines.append(f"[not run: {', '.join(missing)} {'does' if len(missing) == 1 else 'do'} not exist here "
-                         f"(the train.py command that makes {'it' if len(missing) == 1 else 'them'} was not run)]")
+            lines.append(
+                f"[not run: {', '.join(missing)} {'does' if len(missing) == 1 else 'do'} "
+                "not exist here "
+                "(the train.py command that makes "
+                f"{'it' if len(missing) == 1 else 'them'} was not run)]"
+            )
             skipped += 1
             continue
         if d is not None and (d / "results.json").exists():
             t = json.loads((d / "results.json").read_text())["time_s"]
-            own = ("ppo", "eval") if "--from_run" in text else tuple(t)  # a row reuses the earlier stages
-            lines.append(f"[not run again: {d}/results.json exists; that run took {sum(t[k] for k in own) / 60:.0f} "
-                         f"min]")
+            # a row reuses the earlier stages
+            own = ("ppo", "eval") if "--from_run" in text else tuple(t)
+            lines.append(
+                f"[not run again: {d}/results.json exists; that run took "
+                f"{sum(t[k] for k in own) / 60:.0f} "
+                f"min]"
+            )
             continue
         try:
             rc, seconds, output = run(kind, text, args.timeout)
@@ -112,15 +140,22 @@ def main():
         if new and args.solve and rc == 0:
             for f in ("reward.py", "ppo.py"):
                 shutil.copy(ROOT / f, Path(new.group(1)) / f)
-            output += f"\n[--solve: copied this repository's reward.py and ppo.py into {new.group(1)}]"
+            output += (
+                f"\n[--solve: copied this repository's reward.py and ppo.py into {new.group(1)}]"
+            )
         out = [ln[:200] for ln in output.replace("\r", "\n").splitlines() if ln.strip()]
-        verdicts = [ln for ln in out[:-args.tail] if ln.startswith(("OUT OF RANGE", "FAIL", "this run is the record"))]
-        kept = verdicts + out[-args.tail:]  # the last lines, and any verdict line above them
+        verdicts = [
+            ln
+            for ln in out[: -args.tail]
+            if ln.startswith(("OUT OF RANGE", "FAIL", "this run is the record"))
+        ]
+        kept = verdicts + out[-args.tail :]  # the last lines, and any verdict line above them
         lines += [f"[exit {rc}, {seconds:.1f} s]"] + ["  " + ln for ln in kept]
-        print("\n".join(lines[-len(kept) - 2:]), flush=True)
+        print("\n".join(lines[-len(kept) - 2 :]), flush=True)
         Path(args.out).write_text("\n".join(lines) + "\n")
-    summary = (f"{failed} command(s) exited non-zero" if failed else "every command run exited 0") + (
-        f"; {skipped} not run for want of a run directory" if skipped else "")
+    summary = (
+        f"{failed} command(s) exited non-zero" if failed else "every command run exited 0"
+    ) + (f"; {skipped} not run for want of a run directory" if skipped else "")
     Path(args.out).write_text("\n".join(lines + [summary]) + "\n")
     print(summary)
     sys.exit(1 if failed or skipped else 0)

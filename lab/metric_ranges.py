@@ -3,15 +3,15 @@
     python lab/metric_ranges.py            # print the two tables (markdown)
     python lab/metric_ranges.py --write    # put them into lab/metrics.md, between its markers
 
-The correct runs are the base run's PPO seeds and the other pipelines, as check-run counts them (lab.py: BASE,
-BASE_s<N>, other_pipelines(): BASE_seed<N>, BASE_fp32, BASE_quiet). For each field of a PPO log line: its minimum
-and maximum over every iteration of those runs, and over their last 20 iterations; for each number of the sft and emprl
-sections of results.json: its minimum and maximum over those runs. A test (tests/test_lab.py) checks that
-lab/metrics.md holds what this prints.
+The correct runs are the base run's PPO seeds and the other pipelines, as check-run counts them
+(lab.py: BASE, BASE_s<N>, other_pipelines(): BASE_seed<N>, BASE_fp32, BASE_quiet). For each field of
+a PPO log line: its minimum and maximum over every iteration of those runs, and over their last 20
+iterations; for each number of the sft and emprl sections of results.json: its minimum and maximum
+over those runs. A test (tests/test_lab.py) checks that lab/metrics.md holds what this prints.
 """
+
 import argparse
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +29,8 @@ def load_lab():
 
 
 def correct_runs(records_dir):
-    """{name: run (lab.read_run)} of the correct records: the PPO seeds of the base run and the other pipelines."""
+    """{name: run (lab.read_run)} of the correct records: the PPO seeds of the base run and the
+    other pipelines."""
     lab = load_lab()
     records = lab.read_records(records_dir)
     names = lab.seed_names(records) + lab.other_pipelines(records)
@@ -41,7 +42,9 @@ def number(x):
 
 
 def span(values):
-    values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+    values = [
+        v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    ]
     if not values:
         return "nan"
     low, high = min(values), max(values)
@@ -52,8 +55,12 @@ def tables(records_dir):
     """The markdown of the two range tables."""
     runs = correct_runs(records_dir)
     fields = [k for k in runs[next(iter(runs))]["log"][0] if k not in ("stage", "step")]
-    lines = [f"Correct runs: {', '.join(runs)} (docs/runs).", "",
-             f"| PPO log field | every iteration | last {LAST} iterations |", "|---|---|---|"]
+    lines = [
+        f"Correct runs: {', '.join(runs)} (docs/runs).",
+        "",
+        f"| PPO log field | every iteration | last {LAST} iterations |",
+        "|---|---|---|",
+    ]
     for field in fields:
         every = [row.get(field) for run in runs.values() for row in run["log"]]
         last = [row.get(field) for run in runs.values() for row in run["log"][-LAST:]]

@@ -1,4 +1,5 @@
 """Shared test fixtures: where the real data lives, and the project root on sys.path."""
+
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ sys.path.insert(0, str(ROOT))
 
 @pytest.fixture(scope="session")
 def real_data_dir():
-    """The real data directory (EMPRL_DATA). Skips when absent, unless EMPRL_REQUIRE_DATA=1 (CI), where it fails."""
+    """The real data directory (EMPRL_DATA). Skips when absent, unless EMPRL_REQUIRE_DATA=1 (CI),
+    where it fails."""
     d = os.environ.get("EMPRL_DATA")
     if d and (Path(d) / "empatheticdialogues" / "train.csv").exists():
         return Path(d)

@@ -1,4 +1,6 @@
-"""ppo.py against its definitions, in float64 on small hand-made tensors (B batch, T reply tokens)."""
+"""ppo.py against its definitions, in float64 on small hand-made tensors (B batch, T reply
+tokens)."""
+
 import math
 
 import numpy as np
@@ -23,6 +25,7 @@ def rand(shape, seed):
 
 
 # ----------------------------------------------------------------------------- masked statistics
+
 
 def test_masked_mean_and_var_ignore_padding():
     x = rand((3, 5), 0)
@@ -64,6 +67,7 @@ def test_masked_whiten_without_shift_keeps_the_mean_and_scales_deviations():
 
 # ----------------------------------------------------------------------------- 2. reward
 
+
 def test_per_token_kl_is_clamped_nonnegative_bounded_and_masked():
     logprobs = t([[-1.0, -2.0, -30.0, -0.5, -0.1]])
     ref = t([[-2.0, -1.0, -0.1, -40.0, -9.0]])
@@ -91,8 +95,9 @@ def test_score_lands_on_last_real_token_and_nothing_after_eos():
 
 def test_rows_with_empty_mask_get_no_score():
     mask = t([[0, 0, 0], [1, 0, 0]])
-    rewards = ppo.kl_penalized_rewards(t([5.0, 7.0]), torch.zeros(2, 3, dtype=F64), torch.zeros(2, 3, dtype=F64),
-                                       mask, 0.2)
+    rewards = ppo.kl_penalized_rewards(
+        t([5.0, 7.0]), torch.zeros(2, 3, dtype=F64), torch.zeros(2, 3, dtype=F64), mask, 0.2
+    )
     torch.testing.assert_close(rewards, t([[0.0, 0.0, 0.0], [7.0, 0.0, 0.0]]))
 
 
@@ -125,7 +130,8 @@ def test_running_moments_state_dict_round_trips_as_plain_floats():
 def test_normalize_scores_uses_running_moments():
     moments = ppo.RunningMoments()
     scores = t([1.0, 2.0, 3.0, 6.0])
-    assert torch.equal(ppo.normalize_scores(scores, moments), scores / (1 + 1e-8))  # before any update: ~identity
+    # before any update: ~identity
+    assert torch.equal(ppo.normalize_scores(scores, moments), scores / (1 + 1e-8))
     moments.update(scores)
     s = ppo.normalize_scores(scores, moments)
     assert s.mean().item() == pytest.approx(0.0, abs=1e-12)
@@ -133,6 +139,7 @@ def test_normalize_scores_uses_running_moments():
 
 
 # ----------------------------------------------------------------------------- 3. GAE
+
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
 def test_gae_equals_explicit_sum_of_discounted_td_errors(gamma, lam):
@@ -143,7 +150,7 @@ def test_gae_equals_explicit_sum_of_discounted_td_errors(gamma, lam):
         v = [values[b, i].item() if i < n else 0.0 for i in range(n + 1)]
         deltas = [rewards[b, i].item() + gamma * v[i + 1] - v[i] for i in range(n)]
         for i in range(n):
-            expected = sum((gamma * lam) ** l * deltas[i + l] for l in range(n - i))
+            expected = sum((gamma * lam) ** k * deltas[i + k] for k in range(n - i))
             assert advantages[b, i].item() == pytest.approx(expected, abs=1e-12)
     torch.testing.assert_close(returns, (advantages + values) * MASK)  # R = A + V on real tokens
 
@@ -171,17 +178,33 @@ def test_nothing_lands_after_eos_in_advantages_and_returns():
 def test_rloo_advantages_are_reward_minus_the_mean_of_the_other_replies_to_the_same_context():
     """k = 3 replies per context, two contexts, against the definition written out by hand."""
     r = t([1.0, 2.0, 6.0, -1.0, 0.0, 4.0])
-    expected = [1 - (2 + 6) / 2, 2 - (1 + 6) / 2, 6 - (1 + 2) / 2, -1 - (0 + 4) / 2, 0 - (-1 + 4) / 2, 4 - (-1 + 0) / 2]
+    expected = [
+        1 - (2 + 6) / 2,
+        2 - (1 + 6) / 2,
+        6 - (1 + 2) / 2,
+        -1 - (0 + 4) / 2,
+        0 - (-1 + 4) / 2,
+        4 - (-1 + 0) / 2,
+    ]
     assert ppo.rloo_advantages(r, 3).tolist() == pytest.approx(expected)
-    assert ppo.rloo_advantages(r, 3).view(2, 3).sum(1).tolist() == pytest.approx([0.0, 0.0])  # zero-mean per context
-    assert ppo.rloo_advantages(t([5.0, 5.0]), 2).tolist() == [0.0, 0.0]  # equal rewards: nothing to learn
+    # zero-mean per context
+    assert ppo.rloo_advantages(r, 3).view(2, 3).sum(1).tolist() == pytest.approx([0.0, 0.0])
+    # equal rewards: nothing to learn
+    assert ppo.rloo_advantages(t([5.0, 5.0]), 2).tolist() == [0.0, 0.0]
 
 
 def test_grpo_advantages_standardise_each_reply_within_its_context_group():
-    """Hand case: groups (1, 2, 3) and (5, 5, 8), k = 3: (r - mean) / (unbiased std + 1e-4), reply included."""
+    """Hand case: groups (1, 2, 3) and (5, 5, 8), k = 3: (r - mean) / (unbiased std + 1e-4), reply
+    included."""
     a = ppo.grpo_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 8.0], dtype=torch.float64), k=3)
-    want = [-1 / 1.0001, 0.0, 1 / 1.0001, -1 / (math.sqrt(3) + 1e-4), -1 / (math.sqrt(3) + 1e-4),
-            2 / (math.sqrt(3) + 1e-4)]
+    want = [
+        -1 / 1.0001,
+        0.0,
+        1 / 1.0001,
+        -1 / (math.sqrt(3) + 1e-4),
+        -1 / (math.sqrt(3) + 1e-4),
+        2 / (math.sqrt(3) + 1e-4),
+    ]
     assert torch.allclose(a, torch.tensor(want, dtype=torch.float64))
     with pytest.raises(ValueError, match="not groups of k"):
         ppo.grpo_advantages(torch.zeros(5), k=3)
@@ -195,8 +218,8 @@ def test_rloo_refuses_k_1_and_groups_that_do_not_divide_the_batch():
 
 
 def test_rloo_rows_with_no_real_token_get_no_advantage():
-    """Laid out over the reply tokens (as emprl.ppo_iteration does), a row without a real token gets 0 everywhere,
-    like every position after </s>."""
+    """Laid out over the reply tokens (as emprl.ppo_iteration does), a row without a real token gets
+    0 everywhere, like every position after </s>."""
     mask = t([[1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1]])
     per_token = ppo.rloo_advantages(t([1.0, 3.0, 2.0, 2.0]), 2)[:, None] * mask
     assert per_token[1].tolist() == [0.0, 0.0, 0.0] and (per_token[mask == 0] == 0).all()
@@ -205,6 +228,7 @@ def test_rloo_rows_with_no_real_token_get_no_advantage():
 
 # ----------------------------------------------------------------------------- 4. losses
 
+
 def test_policy_clipping_triggers_exactly_outside_the_trust_region():
     ratios = [0.7, 0.85, 1.0, 1.15, 1.3]
     logprobs = t([ratios, ratios]).log()
@@ -212,21 +236,23 @@ def test_policy_clipping_triggers_exactly_outside_the_trust_region():
     advantages = t([[1.0] * 5, [-1.0] * 5])
     mask = torch.ones(2, 5, dtype=F64)
     pg_loss, stats = ppo.policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
-    # A > 0: the objective is capped at ρ = 1.2 (the 1.3 token is clipped); ρ < 0.8 is NOT clipped (pessimism)
-    # A < 0: the objective is capped at ρ = 0.8 (the 0.7 token is clipped); ρ > 1.2 is NOT clipped
+    # A > 0: the objective is capped at ρ = 1.2 (the 1.3 token is clipped); ρ < 0.8 is NOT clipped
+    # (pessimism) A < 0: the objective is capped at ρ = 0.8 (the 0.7 token is clipped); ρ > 1.2 is
+    # NOT clipped
     per_token = t([[-0.7, -0.85, -1.0, -1.15, -1.2], [0.8, 0.85, 1.0, 1.15, 1.3]])
     assert pg_loss.item() == pytest.approx(per_token.mean().item())
     assert stats["clipfrac"].item() == pytest.approx(2 / 10)
     assert stats["ratio"].item() == pytest.approx(np.mean(ratios))
     lr = np.log(ratios)
-    assert stats["approx_kl"].item() == pytest.approx(0.5 * np.mean(lr ** 2))
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * np.mean(lr**2))
     assert stats["approx_kl_k3"].item() == pytest.approx(np.mean(np.array(ratios) - 1 - lr))
 
 
 def test_clipped_tokens_get_no_policy_gradient():
     logprobs = t([[math.log(1.3), math.log(1.1), math.log(0.7)]]).requires_grad_()
-    pg_loss, _ = ppo.policy_loss(logprobs, torch.zeros(1, 3, dtype=F64), t([[1.0, 1.0, -1.0]]),
-                                 torch.ones(1, 3, dtype=F64))
+    pg_loss, _ = ppo.policy_loss(
+        logprobs, torch.zeros(1, 3, dtype=F64), t([[1.0, 1.0, -1.0]]), torch.ones(1, 3, dtype=F64)
+    )
     pg_loss.backward()
     g = logprobs.grad[0]
     assert g[0] == 0 and g[2] == 0 and g[1] != 0
@@ -254,15 +280,19 @@ def test_value_clipping():
     old_values = torch.zeros(1, 4, dtype=F64)
     values = t([[0.1, 0.5, -0.5, 0.5]])
     returns = t([[1.0, 1.0, 1.0, 0.0]])
-    vf_loss, stats = ppo.value_loss(values, old_values, returns, torch.ones(1, 4, dtype=F64), clip_range_value=0.2)
-    # token 0 inside the range: (0.1-1)^2; token 1 moved toward R past +0.2: clipped 0.2 is worse -> (0.2-1)^2;
-    # token 2 moved away from R: unclipped is worse -> (-0.5-1)^2; token 3 moved away past +0.2: (0.5-0)^2
+    vf_loss, stats = ppo.value_loss(
+        values, old_values, returns, torch.ones(1, 4, dtype=F64), clip_range_value=0.2
+    )
+    # token 0 inside the range: (0.1-1)^2; token 1 moved toward R past +0.2: clipped 0.2 is worse ->
+    # (0.2-1)^2; token 2 moved away from R: unclipped is worse -> (-0.5-1)^2; token 3 moved away
+    # past +0.2: (0.5-0)^2
     per_token = [0.81, 0.64, 2.25, 0.25]
     assert vf_loss.item() == pytest.approx(0.5 * np.mean(per_token))
     assert stats["vf_clipfrac"].item() == pytest.approx(1 / 4)
 
 
 # ----------------------------------------------------------------------------- 5. statistics
+
 
 def test_entropy_equals_minus_sum_p_log_p():
     logits = 3 * rand((2, 3, 7), 17)
@@ -271,7 +301,8 @@ def test_entropy_equals_minus_sum_p_log_p():
     uniform = torch.zeros(1, 1, 7, dtype=F64)
     assert ppo.entropy_from_logits(uniform).item() == pytest.approx(math.log(7))
     masked = uniform.clone()
-    masked[..., 0] = float("-inf")  # </s> forbidden before the minimum length: the entropy of the other 6, not nan
+    # </s> forbidden before the minimum length: the entropy of the other 6, not nan
+    masked[..., 0] = float("-inf")
     assert ppo.entropy_from_logits(masked).item() == pytest.approx(math.log(6))
 
 

@@ -1,4 +1,5 @@
 """Tests for reward.py: the reward [R1], Emp-F1 [E1-E3], the identifier and its training."""
+
 import math
 
 import numpy as np
@@ -8,28 +9,44 @@ import torch.nn.functional as F
 
 import data
 import reward
-from judge import Judge
 import t5
+from judge import Judge
 
 
 def tiny_config(vocab_size=64, **kw):
-    kw = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4, "dropout_rate": 0.1, **kw}
+    kw = {
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 1,
+        "num_heads": 4,
+        "dropout_rate": 0.1,
+        **kw,
+    }
     return t5.T5Config(vocab_size=vocab_size, **kw)
 
 
 def random_batch(gen, B=4, S=9, T=6, vocab=64):
-    """Random ids in [3, vocab) with right padding of different lengths: ctx (B, S), resp (B, T), masks."""
-    ctx, resp = torch.randint(3, vocab, (B, S), generator=gen), torch.randint(3, vocab, (B, T), generator=gen)
+    """Random ids in [3, vocab) with right padding of different lengths: ctx (B, S), resp (B, T),
+    masks."""
+    ctx, resp = (
+        torch.randint(3, vocab, (B, S), generator=gen),
+        torch.randint(3, vocab, (B, T), generator=gen),
+    )
     ctx_len, resp_len = torch.tensor([S, S - 3, 2, S - 1])[:B], torch.tensor([T, 1, T - 2, 3])[:B]
     ctx_mask = (torch.arange(S)[None, :] < ctx_len[:, None]).long()  # (B, S)
     resp_mask = (torch.arange(T)[None, :] < resp_len[:, None]).long()  # (B, T)
     return ctx * ctx_mask, ctx_mask, resp * resp_mask, resp_mask
 
 
-# ---------------------------------------------------------------------------------------------- the reward
+# --------------------------------------------------------------------------------------- the reward
 
-LOGITS = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [-3.0, 1.0, 4.0]],
-                       [[0.0, 0.0, 0.0], [10.0, -10.0, 0.0], [1.0, 2.0, 3.0]]])  # (B=2, M=3, C=3)
+LOGITS = torch.tensor(
+    [
+        [[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [-3.0, 1.0, 4.0]],
+        [[0.0, 0.0, 0.0], [10.0, -10.0, 0.0], [1.0, 2.0, 3.0]],
+    ]
+)  # (B=2, M=3, C=3)
 TARGETS = torch.tensor([[0, 2, 1], [1, 0, 2]])  # (B, M)
 
 
@@ -38,16 +55,22 @@ def softmax_prob(row, level):
 
 
 def test_reward_is_product_of_target_probabilities_in_unit_interval():
-    """[R1]: r = prod_k p_k(y*_k), computed by hand from fixed logits; equals exp(-sum CE); lies in (0, 1]."""
+    """[R1]: r = prod_k p_k(y*_k), computed by hand from fixed logits; equals exp(-sum CE); lies in
+    (0, 1]."""
     r = reward.reward_from_logits(LOGITS, TARGETS)
     for b in range(2):
-        expected = math.prod(softmax_prob(LOGITS[b, k].tolist(), TARGETS[b, k].item()) for k in range(3))
+        expected = math.prod(
+            softmax_prob(LOGITS[b, k].tolist(), TARGETS[b, k].item()) for k in range(3)
+        )
         assert r[b].item() == pytest.approx(expected, rel=1e-5)
-    ce = F.cross_entropy(LOGITS.reshape(-1, 3), TARGETS.reshape(-1), reduction="none").view(2, 3)  # (B, M)
+    # (B, M)
+    ce = F.cross_entropy(LOGITS.reshape(-1, 3), TARGETS.reshape(-1), reduction="none").view(2, 3)
     torch.testing.assert_close(r, torch.exp(-ce.sum(-1)))  # the authors' form
     assert r.shape == (2,) and bool(((r > 0) & (r <= 1)).all())
     certain = torch.tensor([[[50.0, -50.0, -50.0]] * 3])  # every target level has probability ~1
-    assert reward.reward_from_logits(certain, torch.zeros(1, 3, dtype=torch.long)).item() == pytest.approx(1.0)
+    assert reward.reward_from_logits(
+        certain, torch.zeros(1, 3, dtype=torch.long)
+    ).item() == pytest.approx(1.0)
 
 
 def test_dropping_a_mechanism_drops_its_factor():
@@ -55,7 +78,9 @@ def test_dropping_a_mechanism_drops_its_factor():
     full = reward.reward_from_logits(LOGITS, TARGETS)
     keep = [0, 2]  # ER, EX
     without_ip = reward.reward_from_logits(LOGITS[:, keep], TARGETS[:, keep])
-    p_ip = torch.tensor([softmax_prob(LOGITS[b, 1].tolist(), TARGETS[b, 1].item()) for b in range(2)])
+    p_ip = torch.tensor(
+        [softmax_prob(LOGITS[b, 1].tolist(), TARGETS[b, 1].item()) for b in range(2)]
+    )
     torch.testing.assert_close(full, without_ip * p_ip)
 
 
@@ -66,22 +91,28 @@ def make_identifiers(seed=0, config=None):
 
 
 def test_identifiers_score_matches_reward_of_their_logits_and_respects_mechanisms():
-    """score() = reward_from_logits(forward()) on the chosen mechanisms; targets are always given as (B, 3)."""
+    """score() = reward_from_logits(forward()) on the chosen mechanisms; targets are always given as
+    (B, 3)."""
     ids = make_identifiers()
     batch = random_batch(torch.Generator().manual_seed(1))
     targets = torch.tensor([[0, 1, 2], [2, 2, 0], [1, 0, 0], [0, 0, 1]])
     logits = ids(*batch)  # (B, 3, C)
     assert logits.shape == (4, 3, reward.NUM_LEVELS)
-    torch.testing.assert_close(ids.score(*batch, targets), reward.reward_from_logits(logits, targets))
+    torch.testing.assert_close(
+        ids.score(*batch, targets), reward.reward_from_logits(logits, targets)
+    )
     r_er_ex = ids.score(*batch, targets, mechanisms=("er", "ex"))
-    torch.testing.assert_close(r_er_ex, reward.reward_from_logits(logits[:, [0, 2]], targets[:, [0, 2]]))
+    torch.testing.assert_close(
+        r_er_ex, reward.reward_from_logits(logits[:, [0, 2]], targets[:, [0, 2]])
+    )
     with pytest.raises(ValueError, match="unknown mechanism"):
         ids(*batch, mechanisms=("er", "empathy"))
 
 
 def test_no_gradient_flows_into_identifiers():
-    """The identifiers are frozen: no parameter needs a gradient, a parent's .train() keeps them in eval mode
-    (deterministic reward), and backward through a loss that uses the reward leaves every .grad None."""
+    """The identifiers are frozen: no parameter needs a gradient, a parent's .train() keeps them in
+    eval mode (deterministic reward), and backward through a loss that uses the reward leaves every
+    .grad None."""
     ids = make_identifiers()
     policy = torch.nn.Linear(4, 1)  # stands in for the policy that the reward trains
     parent = torch.nn.ModuleDict({"policy": policy, "identifiers": ids})
@@ -99,17 +130,20 @@ def test_no_gradient_flows_into_identifiers():
     assert all(p.grad is None for p in ids.parameters())
 
 
-# ---------------------------------------------------------------------------------------------- Emp-F1
+# ------------------------------------------------------------------------------------------- Emp-F1
+
 
 def test_weighted_f1_matches_hand_computation_with_classes_absent_from_one_side():
     """[E1, E2] on small vectors; level 2 never predicted, level 1 predicted but never true."""
     y_true = [0, 0, 0, 2, 2]
     y_pred = [0, 1, 0, 0, 1]
-    # level 0: TP 2, FP 1, FN 1 -> F1 = 4/6; level 1: TP 0 (FP 2) -> 0, support 0; level 2: TP 0 -> 0, support 2
+    # level 0: TP 2, FP 1, FN 1 -> F1 = 4/6; level 1: TP 0 (FP 2) -> 0, support 0; level 2: TP 0 ->
+    # 0, support 2
     m = reward.classification_metrics(y_true, y_pred)
     assert m["acc"] == pytest.approx(2 / 5)
     assert m["weighted_f1"] == pytest.approx((3 * 4 / 6 + 0 * 0 + 2 * 0) / 5)
-    assert m["macro_f1"] == pytest.approx((4 / 6 + 0 + 0) / 3)  # labels present in either side: 0, 1, 2
+    # labels present in either side: 0, 1, 2
+    assert m["macro_f1"] == pytest.approx((4 / 6 + 0 + 0) / 3)
     # a level absent from both sides does not count in the macro average
     m = reward.classification_metrics([0, 1, 1], [0, 1, 0])
     f1_0, f1_1 = 2 * 1 / (2 * 1 + 1 + 0), 2 * 1 / (2 * 1 + 0 + 1)
@@ -122,7 +156,8 @@ def test_emp_f1_is_mean_of_per_mechanism_weighted_f1_times_100():
     target = np.array([[0, 0, 0], [0, 2, 0], [1, 2, 0], [1, 0, 2]])  # (N, 3)
     generated = np.array([[0, 0, 0], [1, 2, 0], [1, 2, 0], [1, 2, 0]])
     out = reward.emp_f1(generated, target)
-    er = (2 * (2 / 3) + 2 * (4 / 5)) / 4  # level 0: TP 1 FP 0 FN 1 -> 2/3; level 1: TP 2 FP 1 -> 4/5
+    # level 0: TP 1 FP 0 FN 1 -> 2/3; level 1: TP 2 FP 1 -> 4/5
+    er = (2 * (2 / 3) + 2 * (4 / 5)) / 4
     ip = (2 * (2 / 3) + 2 * (4 / 5)) / 4  # level 0: TP 1 FN 1 -> 2/3; level 2: TP 2 FP 1 -> 4/5
     ex = (3 * (6 / 7) + 1 * 0) / 4  # level 0: TP 3 FP 1 -> 6/7; level 2 never predicted -> 0
     assert out["er"] == pytest.approx(100 * er) and out["ip"] == pytest.approx(100 * ip)
@@ -132,10 +167,12 @@ def test_emp_f1_is_mean_of_per_mechanism_weighted_f1_times_100():
     assert reward.emp_f1(target, target)["emp_f1"] == pytest.approx(100.0)
 
 
-# ---------------------------------------------------------------------------------------------- the identifier
+# ----------------------------------------------------------------------------------- the identifier
+
 
 def test_masked_pooling_ignores_padding():
-    """Adding padding columns to context and reply, or batching with longer rows, does not change the logits."""
+    """Adding padding columns to context and reply, or batching with longer rows, does not change
+    the logits."""
     torch.manual_seed(0)
     model = reward.EmpathyIdentifier(tiny_config()).eval()
     ctx, ctx_mask, resp, resp_mask = random_batch(torch.Generator().manual_seed(3))
@@ -159,12 +196,16 @@ def test_from_t5_copies_the_encoder_into_two_independent_stacks():
         for (name, p), q in zip(stack.state_dict().items(), model.encoder.state_dict().values()):
             torch.testing.assert_close(p, q, msg=name)
     with torch.no_grad():
-        next(ident.context_encoder.parameters()).add_(1.0)  # training one encoder leaves the other alone
-    torch.testing.assert_close(next(ident.response_encoder.parameters()), next(model.encoder.parameters()))
+        # training one encoder leaves the other alone
+        next(ident.context_encoder.parameters()).add_(1.0)
+    torch.testing.assert_close(
+        next(ident.response_encoder.parameters()), next(model.encoder.parameters())
+    )
 
 
 def cue_word_examples(n, seed, vocab=40):
-    """Synthetic task: level 1 if the reply contains word 3, level 2 if it contains word 4, else 0."""
+    """Synthetic task: level 1 if the reply contains word 3, level 2 if it contains word 4, else
+    0."""
     rng = np.random.default_rng(seed)
     out = dict(ctx=[], resp=[], level=[])
     for _ in range(n):
@@ -184,8 +225,19 @@ def test_identifier_learns_cue_word_task():
     torch.manual_seed(0)
     model = reward.EmpathyIdentifier(tiny_config(vocab_size=40, dropout_rate=0.0))
     train, valid = cue_word_examples(600, seed=0), cue_word_examples(200, seed=1)
-    result = reward.train_identifier(model, train, valid, epochs=5, batch_size=32, lr=3e-3, class_weights=False,
-                                     device="cpu", seed=0, patience=5, log=lambda s: None)
+    result = reward.train_identifier(
+        model,
+        train,
+        valid,
+        epochs=5,
+        batch_size=32,
+        lr=3e-3,
+        class_weights=False,
+        device="cpu",
+        seed=0,
+        patience=5,
+        log=lambda s: None,
+    )
     logits = reward.predict(model, valid, batch_size=64, device="cpu")
     assert logits.shape == (200, 3)
     acc = reward.classification_metrics(valid["level"], logits.argmax(-1))["acc"]
@@ -194,25 +246,43 @@ def test_identifier_learns_cue_word_task():
 
 
 def test_tiny_training_on_real_epitome_improves_validation_loss(real_data_dir, tmp_path):
-    """The real ER file: 300 pairs, a small tokenizer, 3 epochs; validation cross-entropy goes down."""
+    """The real ER file: 300 pairs, a small tokenizer, 3 epochs; validation cross-entropy goes
+    down."""
     records = data.load_epitome(real_data_dir / "epitome" / data.EPITOME_FILES["er"])[:360]
-    tok = data.Tokenizer.train([t for r in records for t in (r.seeker_post, r.response_post)],
-                               tmp_path / "tok.model", vocab_size=800)
+    tok = data.Tokenizer.train(
+        [t for r in records for t in (r.seeker_post, r.response_post)],
+        tmp_path / "tok.model",
+        vocab_size=800,
+    )
     examples = reward.epitome_examples(records, tok, ctx_len=64, resp_len=32)
-    assert all(c[-1] == r[-1] == tok.eos_id and len(c) <= 64 for c, r in zip(examples["ctx"], examples["resp"]))
+    assert all(
+        c[-1] == r[-1] == tok.eos_id and len(c) <= 64
+        for c, r in zip(examples["ctx"], examples["resp"])
+    )
     first, rest = ({k: v[s] for k, v in examples.items()} for s in (slice(300), slice(300, None)))
     torch.manual_seed(0)
     model = reward.EmpathyIdentifier(tiny_config(vocab_size=tok.vocab_size))
-    result = reward.train_identifier(model, first, rest, epochs=3, batch_size=32, lr=1e-3,
-                                     class_weights=False, device="cpu", seed=0, patience=3, log=lambda s: None)
+    result = reward.train_identifier(
+        model,
+        first,
+        rest,
+        epochs=3,
+        batch_size=32,
+        lr=1e-3,
+        class_weights=False,
+        device="cpu",
+        seed=0,
+        patience=3,
+        log=lambda s: None,
+    )
     losses = [h["valid_loss"] for h in result["history"]]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0], losses
 
 
 def test_identifiers_save_load_round_trip_and_damaged_file(tmp_path):
-    """Saved identifiers (safetensors, like a T5 checkpoint) score exactly as before; a damaged file raises
-    CheckpointError naming the directory."""
+    """Saved identifiers (safetensors, like a T5 checkpoint) score exactly as before; a damaged file
+    raises CheckpointError naming the directory."""
     ids = make_identifiers(seed=3)
     ids.save(tmp_path / "identifiers")
     loaded = reward.Identifiers.load(tmp_path / "identifiers")
@@ -228,23 +298,27 @@ def test_identifiers_save_load_round_trip_and_damaged_file(tmp_path):
         reward.Identifiers.load(tmp_path / "missing")
 
 
-# ---------------------------------------------------------------------------------------------- the judge
+# ---------------------------------------------------------------------------------------- the judge
+
 
 def test_judge_features_are_l2_normalised_tfidf_of_words_and_bigrams():
-    """[J1] by hand: counts of the known terms times their idf, divided by the row's norm; unknown terms drop."""
+    """[J1] by hand: counts of the known terms times their idf, divided by the row's norm; unknown
+    terms drop."""
     terms = ["so", "so sorry", "sorry"]
     idf = torch.tensor([1.0, 2.0, 3.0])
     judge = Judge({"er": dict(terms=terms, idf=idf)})
     x = judge.features("er", ["So sorry, so SORRY!", "nothing known", "sorry"]).to_dense()  # (3, V)
-    raw = torch.tensor([2 * 1.0, 2 * 2.0, 2 * 3.0])  # "so" x2, "so sorry" x2, "sorry" x2 ("sorry so" unknown)
+    # "so" x2, "so sorry" x2, "sorry" x2 ("sorry so" unknown)
+    raw = torch.tensor([2 * 1.0, 2 * 2.0, 2 * 3.0])
     assert torch.allclose(x[0], raw / raw.norm())
     assert torch.equal(x[1], torch.zeros(3)) and torch.allclose(x[2], torch.tensor([0.0, 0.0, 1.0]))
 
 
 def test_judge_learns_cue_words_for_each_mechanism_and_survives_a_save():
-    """Each mechanism's regression finds its own cue (held-out texts labelled right), and the state written as a
-    run file (weights-only torch.save) gives the same levels back."""
+    """Each mechanism's regression finds its own cue (held-out texts labelled right), and the state
+    written as a run file (weights-only torch.save) gives the same levels back."""
     import io
+
     rng = np.random.default_rng(0)
     filler = ["the", "a", "day", "went", "it", "was", "ok", "my", "cat", "work"]
     cues = {"er": ["sad", "awful"], "ip": ["understand", "feel"], "ex": ["why", "how"]}
@@ -258,6 +332,7 @@ def test_judge_learns_cue_words_for_each_mechanism_and_survives_a_save():
                 levels[m].append(lv[m])
             texts.append(" ".join(rng.permutation(words)))
         return {m: (texts, levels[m]) for m in cues}
+
     train, valid, test = split(300), split(60), split(100)
     judge = Judge.fit(train, valid)
     got = judge.levels(test["er"][0])  # (N, 3)

@@ -1,11 +1,13 @@
-"""The lab checks: the code under test and this folder on sys.path (for ppo, reward, checklib), and, when
-`lab.py check` asks for it through the environment variable LAB_REPORT, one JSON line per check in that file: its
-test id, outcome, docstring, and the exception that failed it. Without LAB_REPORT (a plain pytest run) they are
-ordinary tests.
+"""The lab checks: the code under test and this folder on sys.path (for ppo, reward, checklib), and,
+when `lab.py check` asks for it through the environment variable LAB_REPORT, one JSON line per check
+in that file: its test id, outcome, docstring, and the exception that failed it. Without LAB_REPORT
+(a plain pytest run) they are ordinary tests.
 
-The code under test is the student copy named by the environment variable LAB_CODE (`lab.py check DIR` sets it
-to DIR), else the repository these checks belong to. The checks themselves always come from the grader's
-repository: `lab.py check` runs its own lab/checks, never the copy's, so editing the copy's checks changes nothing."""
+The code under test is the student copy named by the environment variable LAB_CODE (`lab.py check
+DIR` sets it to DIR), else the repository these checks belong to. The checks themselves always come
+from the grader's repository: `lab.py check` runs its own lab/checks, never the copy's, so editing
+the copy's checks changes nothing."""
+
 import json
 import os
 import re
@@ -35,20 +37,37 @@ def pytest_runtest_makereport(item, call):
     if report.failed and call.excinfo is not None:
         error = call.excinfo.type.__name__
         lines = str(call.excinfo.value).strip().splitlines()
-        message = lines[0] if lines else ""  # an assert's own message, without pytest's explanation below it
-    record(test=report.nodeid, outcome=report.outcome, doc=item.function.__doc__ or "", error=error, message=message)
+        # an assert's own message, without pytest's explanation below it
+        message = lines[0] if lines else ""
+    record(
+        test=report.nodeid,
+        outcome=report.outcome,
+        doc=item.function.__doc__ or "",
+        error=error,
+        message=message,
+    )
 
 
 def pytest_collectreport(report):
-    """A check file that does not import (a syntax error in ppo.py, say) fails all of its checks; the message is
-    the error and where it is, "ppo.py line 254: SyntaxError: '(' was never closed"."""
+    """A check file that does not import (a syntax error in ppo.py, say) fails all of its checks;
+    the message is the error and where it is, "ppo.py line 254: SyntaxError: '(' was never closed".
+    """
     if not report.failed:
         return
     lines = str(report.longrepr).splitlines()
     errors = [line[1:].strip() for line in lines if line.startswith("E ")]
     where = ""
-    for line in lines:  # the deepest frame: "ppo.py:12: in <module>" lines, then a SyntaxError's File "..." line
-        frame = re.match(r"(\S+\.py):(\d+): in ", line) or re.match(r'E\s+File "(.+)", line (\d+)', line)
+    # the deepest frame: "ppo.py:12: in <module>" lines, then a SyntaxError's File "..." line
+    for line in lines:
+        frame = re.match(r"(\S+\.py):(\d+): in ", line) or re.match(
+            r'E\s+File "(.+)", line (\d+)', line
+        )
         if frame:
             where = f"{Path(frame[1]).name} line {frame[2]}: "
-    record(test=report.nodeid, outcome="failed", doc="", error="collection", message=where + (errors or ["?"])[-1])
+    record(
+        test=report.nodeid,
+        outcome="failed",
+        doc="",
+        error="collection",
+        message=where + (errors or ["?"])[-1],
+    )
