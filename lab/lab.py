@@ -39,19 +39,21 @@ student's functions and once with this repository's, and compares the two runs (
 cores per algorithm; RLOO and GRPO too when their advantages are exercises).
 
 `check-run` tells a correct run of the base preset from a subtly wrong one, using the run records in
-docs/runs (results.json and log.jsonl each). It first compares the run's config with the base
-record's (docs/runs/cpu): a run of another algorithm, reward, KL setting or preset is reported as a
-variant and checked against the records of that variant (the centres from them), or NOT GRADED when
-there is none; seeds and dtype may differ (PIPELINE). Then, for each metric of METRICS (the gains
-over SFT overall and per mechanism, by the identifiers and by the judge; SFT's perplexity and its
-rise; the change in distinct replies and in length; the KL to the SFT model over the last PPO
-iterations of log.jsonl), it prints the value and the band [low, high] = centre ± k × SD with where
-each comes from (bands(): centre = mean over the base run's PPO seeds cpu, cpu_s1, ...; SD over
-those and the other pipelines; k such that a correct run is flagged on some metric with probability
-at most ALPHA). EmpRL must lie above the majority constant (MUST_BE_POSITIVE, no band); SFT against
-the majority constant is shown beside the recorded range, not graded (SHOWN). A run that is itself a
-record is checked against bands made without it. `bands --write=lab/tolerances.json` writes the
-bands of the records, for reading; a test checks the committed file matches the records.
+docs/runs (results.json and log.jsonl each; docs/runs/index.json says what each is). Its rule lives
+in lab/bands.py and docs/bands.md derives it. It compares the run's config with the base record's: a
+run of another algorithm, reward, KL setting or preset is a variant, graded against the records of
+that variant, or NOT GRADED when there is none; seeds and dtype may differ (PIPELINE). A run whose
+SFT results equal a recorded pipeline's (--from_run of that base) is graded as a new PPO seed of it,
+against its seeds; any other run as a new pipeline, against bands that carry the spread between
+pipelines as well as between PPO seeds. For each metric of METRICS (the gains over SFT overall and
+per mechanism, by the identifiers and by the judge; SFT's perplexity and its rise; the change in
+distinct replies and in length; the KL to the SFT model over the last PPO iterations of log.jsonl)
+the band is centre ± k × SD, k such that a correct run is flagged on some metric with probability at
+most ALPHA; EmpRL must lie above the majority constant (MUST_BE_POSITIVE, no band); SFT against the
+majority constant is shown, not graded (SHOWN). It prints the verdict and each check out of range;
+--details prints every band and where it comes from. A run that is itself a record is checked
+against bands made without it. `bands --write=lab/tolerances.json` writes the bands of the records,
+for reading; a test checks the committed file matches the records.
 
 Exit status: 0 when everything passes (is in range), 1 when something fails or a file is missing or
 damaged, 2 for a command-line mistake such as an unknown exercise.
@@ -595,9 +597,6 @@ def cmd_check(args):
 # lab/metric_ranges.py and the tests read them as lab.<name>.
 band_rule = load_module(Path(__file__).resolve().with_name("bands.py"), "lab_bands")
 band_rule.LabError = LabError
-BASE = band_rule.BASE
-OTHER_PIPELINES = band_rule.OTHER_PIPELINES
-EARLIER = band_rule.EARLIER
 PLUMBING = band_rule.PLUMBING
 PIPELINE = band_rule.PIPELINE
 ALPHA = band_rule.ALPHA
@@ -612,20 +611,29 @@ read_run = band_rule.read_run
 metric = band_rule.metric
 method = band_rule.method
 config_differences = band_rule.config_differences
-other_pipelines = band_rule.other_pipelines
+read_index = band_rule.read_index
 read_records = band_rule.read_records
+base_name = band_rule.base_name
+pipeline_of = band_rule.pipeline_of
+in_bands = band_rule.in_bands
+correct_names = band_rule.correct_names
+groups = band_rule.groups
 seed_names = band_rule.seed_names
+other_pipelines = band_rule.other_pipelines
+of_sft_alone = band_rule.of_sft_alone
 t_within = band_rule.t_within
 t_quantile = band_rule.t_quantile
-distinct = band_rule.distinct
-multiplier = band_rule.multiplier
 alpha_per_metric = band_rule.alpha_per_metric
+summary = band_rule.summary
+new_pipeline_band = band_rule.new_pipeline_band
+new_seed_band = band_rule.new_seed_band
 bands = band_rule.bands
 failed_checks = band_rule.failed_checks
-bands_table = band_rule.bands_table
-cmd_bands = band_rule.cmd_bands
 describe_config = band_rule.describe_config
 same_results = band_rule.same_results
+grading = band_rule.grading
+bands_table = band_rule.bands_table
+cmd_bands = band_rule.cmd_bands
 cmd_check_run = band_rule.cmd_check_run
 
 
@@ -665,6 +673,9 @@ def main(argv=None):
         dest="leave_out",
         default="",
         help="records (comma-separated) to leave out of the bands",
+    )
+    check_run.add_argument(
+        "--details", action="store_true", help="every band and where it comes from"
     )
     band = commands.add_parser(
         "bands", help="print the bands check-run uses (--write=lab/tolerances.json)"

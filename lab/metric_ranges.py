@@ -3,9 +3,9 @@
     python lab/metric_ranges.py            # print the two tables (markdown)
     python lab/metric_ranges.py --write    # put them into lab/metrics.md, between its markers
 
-The correct runs are the base run's PPO seeds and the other pipelines, as check-run counts them
-(lab.py: BASE, BASE_s<N>, other_pipelines(): BASE_seed<N>, BASE_fp32, BASE_quiet). For each field of
-a PPO log line: its minimum and maximum over every iteration of those runs, and over their last 20
+The correct runs are those check-run makes its bands from (lab/bands.py, correct_names(): the
+records docs/runs/index.json marks in_bands, the base run's pipeline first). For each field of a PPO
+log line: its minimum and maximum over every iteration of those runs, and over their last 20
 iterations; for each number of the sft and emprl sections of results.json: its minimum and maximum
 over those runs. A test (tests/test_lab.py) checks that lab/metrics.md holds what this prints.
 """
@@ -29,12 +29,11 @@ def load_lab():
 
 
 def correct_runs(records_dir):
-    """{name: run (lab.read_run)} of the correct records: the PPO seeds of the base run and the
-    other pipelines."""
+    """{name: run (lab.read_run)} of the correct records: the base run's pipeline, then the other
+    pipelines."""
     lab = load_lab()
     records = lab.read_records(records_dir)
-    names = lab.seed_names(records) + lab.other_pipelines(records)
-    return {name: records[name] for name in names}
+    return {name: records[name] for name in lab.correct_names(records)}
 
 
 def number(x):
