@@ -13,8 +13,9 @@ the RL stage and the evaluation run again. The base run itself is the EmpRL row.
 
 A row's run directory is runs/cpu_<row> beside the base; a finished row is skipped, an interrupted
 one resumes. `--seed=1` runs the rows (and the base's PPO stage, as row `emprl`) with PPO seed 1
-into runs/cpu_<row>_s1; `report` shows every PPO seed that has finished. docs/ablations.md is
-written from the records in docs/runs by `python benchmarks/records.py write`.
+into runs/cpu_<row>_s1; `report` shows every row over the PPO seeds that have finished, and its
+difference from the base run's PPO seeds (the same table as docs/ablations.md, which
+`python benchmarks/records.py write` fills from the records listed in docs/runs/index.json).
 """
 
 import argparse
@@ -82,30 +83,6 @@ def run_rows(args):
         (out / "peak_rss.json").write_text(json.dumps({"peak_rss_gb": usage.ru_maxrss / 2**20}))
 
 
-def ppo_log(out):
-    """The run's PPO iteration lines (validation evaluations are separate lines)."""
-    return [
-        json.loads(line)
-        for line in open(out / "log.jsonl")
-        if line.startswith('{"stage": "ppo", "step"')
-    ]
-
-
-def median(values):
-    values = sorted(values)
-    return values[len(values) // 2] if values else float("nan")
-
-
-def interval(d):
-    return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
-
-
-def parts(m, key):
-    """Emp-F1 and its ER / IP / EX parts, by the identifiers (key "emp_f1") or the judge
-    ("emp_f1_judge")."""
-    return f"{m[key]:.2f} ({m[key + '_er']:.1f} / {m[key + '_ip']:.1f} / {m[key + '_ex']:.1f})"
-
-
 def finished_dir(base, row, seed):
     """A finished row's directory: row_dir's, or for the base's own PPO seeds the record's name
     (docs/runs keeps runs/cpu_emprl_s1 as cpu_s1); None when neither has results.json."""
@@ -130,99 +107,22 @@ def row_seeds(base, row):
     return sorted(found)
 
 
-def rows_table(base):
-    """Markdown: one line per finished (row, PPO seed) with both labellers, the paired-bootstrap
-    interval of the row over SFT (evaluation noise of that one run), what the identifiers cannot see
-    (perplexity, distinct replies, length, the KL), and the median seconds per iteration."""
-    base = Path(base)
-    out = [
-        "| row | PPO seed | what changes | Emp-F1 (ER / IP / EX) | − SFT [95 % CI] | judge "
-        "(ER / IP / EX) | "
-        "judge − SFT [95 % CI] | reward | PPL | distinct | length | summed KL, last 20 "
-        "iterations | s / iteration |",
-        "|---" * 13 + "|",
-    ]
-    sft = json.loads((base / "results.json").read_text())["sft"]
-    out.append(
-        f"| SFT | | no RL | {parts(sft, 'emp_f1')} | | {parts(sft, 'emp_f1_judge')} | | "
-        f"{sft['reward']:.3f} | "
-        f"{sft['ppl']:.1f} | {sft['unique_frac']:.2f} | {sft['length']:.1f} | 0 | |"
-    )
-    done = {
-        (row, seed): finished_dir(base, row, seed) for row in ROWS for seed in row_seeds(base, row)
-    }
-    results = {k: json.loads((d / "results.json").read_text()) for k, d in done.items()}
-    # records without environment.commit come from code before it was stored: named when newer
-    # records are beside
-    mixed = len({"commit" in r["environment"] for r in results.values()}) > 1
-    for row, (what, _) in ROWS.items():
-        seeds = row_seeds(base, row)
-        if not seeds:
-            out.append(f"| {row} | | {what} | not run |" + " |" * 9)
-        for seed in seeds:
-            out_dir, r = done[row, seed], results[row, seed]
-            m, d, its = r["emprl"], r["difference"], ppo_log(out_dir)
-            kl = sum(i["kl"] for i in its[-20:]) / max(len(its[-20:]), 1)
-            tag = " (earlier code)" if mixed and "commit" not in r["environment"] else ""
-            out.append(
-                f"| {row} | {seed} | {what}{tag} | {parts(m, 'emp_f1')} | "
-                f"{interval(d['emp_f1'])} | "
-                f"{parts(m, 'emp_f1_judge')} | {interval(d['emp_f1_judge'])} | "
-                f"{m['reward']:.3f} | "
-                f"{m['ppl']:.1f} | {m['unique_frac']:.2f} | {m['length']:.1f} | {kl:.2f} | "
-                f"{median(i['seconds'] for i in its if 'seconds' in i):.1f} |"
-            )
-    return "\n".join(out) + "\n"
-
-
-def samples(base, n=3):
-    """Markdown: the first n test dialogues of results.json and every row's reply (PPO seed 0)."""
-    base = Path(base)
-    found = {
-        row: json.loads((row_dir(base, row, 0) / "results.json").read_text())["samples"]
-        for row in ROWS
-        if (row_dir(base, row, 0) / "results.json").exists()
-    }
-    out = []
-    for i, sample in enumerate(found["emprl"][:n] if "emprl" in found else []):
-        out.append(
-            f"{i + 1}. *{sample['context']}*\n   - human: {sample['reference']}\n   - SFT: "
-            f"{sample['sft']}\n"
-            + "\n".join(f"   - {row}: {s[i]['emprl']}" for row, s in found.items())
-        )
-    return "\n\n".join(out) + "\n"
-
-
 def report(args):
-    """The rows table, mean and 95 % t interval over seeds for rows with several, and three
-    dialogues' replies. docs/ablations.md holds the same, written from docs/runs by `python
-    benchmarks/records.py write`."""
-    base = Path(args.base)
-    print(rows_table(base))
-    print("Rows with several PPO seeds: mean [95 % Student-t interval over the n seeds]:\n")
-    print("| row | n | Emp-F1 | − SFT | judge − SFT | PPL |")
-    print("|---|---|---|---|---|---|")
+    """Every finished row over its PPO seeds, with its difference from the base run's PPO seeds:
+    the table of docs/ablations.md, made by benchmarks/records.py from these run directories."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from records import Stat, tint  # noqa: E402 (records imports this module)
+    import records
 
+    base = Path(args.base).resolve()
+    records.RUNS = base.parent
+    groups = {}
     for row in ROWS:
-        rs = [
-            json.loads((finished_dir(base, row, s) / "results.json").read_text())
-            for s in row_seeds(base, row)
-        ]
-        if len(rs) > 1:
-            cols = [
-                [r["emprl"]["emp_f1"] for r in rs],
-                [r["difference"]["emp_f1"]["mean"] for r in rs],
-                [r["difference"]["emp_f1_judge"]["mean"] for r in rs],
-                [r["emprl"]["ppl"] for r in rs],
-            ]
-            cells = [
-                tint(Stat(c), signed=signed) for c, signed in zip(cols, [False, True, True, False])
-            ]
-            print(f"| {row} | {len(rs)} | " + " | ".join(cells) + " |")
-    print("\nThe first three test dialogues of results.json, every row's reply (PPO seed 0):\n")
-    print(samples(base))
+        names = [finished_dir(base, row, s).name for s in row_seeds(base, row)]
+        if names:
+            groups["ppo" if row == "emprl" else row] = names
+    if not groups:
+        sys.exit(f"no finished run at {base} or beside it")
+    print(records.ablation_rows(groups))
     if args.figure:
         runs = {row: row_dir(base, row, args.seed) for row in ROWS}
         subprocess.run(

@@ -8,6 +8,8 @@ proxy beside the independent judge. Needs matplotlib (optional, not a dependency
     python benchmarks/curves.py emprl=runs/cpu no_kl=runs/cpu_no_kl --out=docs/ablation_curves.png
     python benchmarks/curves.py emprl=runs/cpu no_kl=runs/cpu_no_kl \\
         --panels=score,emp_f1,emp_f1_judge --out=o.png
+    # every variant of a pipeline of docs/runs/index.json, its lowest PPO seed each
+    python benchmarks/curves.py --pipeline=cpu --out=docs/ablation_curves.png
 """
 
 import argparse
@@ -41,9 +43,25 @@ TITLES = {
 PER_ITERATION = ("score", "kl", "beta")
 
 
+def of_pipeline(name):
+    """name=dir for every variant of a pipeline in docs/runs/index.json (its lowest PPO seed)."""
+    runs = Path(__file__).resolve().parent.parent / "docs" / "runs"
+    records = json.loads((runs / "index.json").read_text())["records"]
+    first = {}
+    for record, r in sorted(records.items(), key=lambda kv: -kv[1]["ppo_seed"]):
+        if r["pipeline"] == name:
+            first[r["variant"]] = f"{r['variant']}={runs / record}"
+    if not first:
+        raise SystemExit(f"--pipeline: docs/runs/index.json has no pipeline {name!r}")
+    return [first[v] for v in sorted(first, key=lambda v: (v != "ppo", v))]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", help="run directories, optionally named: name=dir")
+    p.add_argument("runs", nargs="*", help="run directories, optionally named: name=dir")
+    p.add_argument(
+        "--pipeline", default="", help="draw every variant of this pipeline of docs/runs"
+    )
     p.add_argument("--out", default="curves.png")
     p.add_argument(
         "--smooth", type=int, default=10, help="moving average over this many iterations"
@@ -52,6 +70,9 @@ def main():
         "--panels", default="score,kl,beta,emp_f1", help=f"a comma list of {', '.join(TITLES)}"
     )
     args = p.parse_args()
+    runs = args.runs + (of_pipeline(args.pipeline) if args.pipeline else [])
+    if not runs:
+        p.error("give run directories or --pipeline")
     panels = args.panels.split(",")
     if set(panels) - set(TITLES):
         raise SystemExit(
@@ -68,7 +89,7 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.6), squeeze=False)
-    for spec in args.runs:
+    for spec in runs:
         name, _, run = spec.rpartition("=")
         iterations, evals = records(run)
         for ax, key in zip(axes[0], panels):

@@ -10,21 +10,23 @@
 Each fenced block of the sheet is read as the student would type it: a ```bash block line by line (a
 heredoc `python - <<'EOF'` ... `EOF` as one command, continuation lines joined), a ```python block
 as one script given to `python -`. The setup block (venv, pip) is not run: it is what made the
-interpreter that runs this. The transcript gives, per command, its exit status, its wall time and
-the last lines of its output (and any OUT OF RANGE, FAIL or "this run is the record" line above
-them); the script exits 1 when a command exited non-zero (which can be the right outcome:
-`check-run` exits 1 on a run it flags). A train.py command whose --out_dir already holds a
-results.json is not run again (train.py would only say so): the transcript says so and gives that
-run's own time. A command that reads a run directory which does not exist (its train.py command was
-not run) is not run either, and the transcript says which. The `export EMPRL_DATA=...` line is not
-run: its path is a placeholder, and the EMPRL_DATA this script is started with is what the commands
-see. With --solve, the student copy made by `lab.py new` gets this repository's reward.py and
-ppo.py, as if every blank had been written correctly, so that `check` runs through to its training
-check.
+interpreter that runs this. The transcript opens with a header (--note: what ran where, and what
+else ran on the machine; the date, the CPU and OMP_NUM_THREADS), then gives, per command, its exit
+status, its wall time, the 1-minute load average before and after it, and the last lines of its
+output (and any OUT OF RANGE, FAIL or "this run is the record" line above them); the script exits 1
+when a command exited non-zero (which can be the right outcome: `check-run` exits 1 on a run it
+flags). A train.py command whose --out_dir already holds a results.json is not run again (train.py
+would only say so): the transcript says so and gives that run's own time. A command that reads a run
+directory which does not exist (its train.py command was not run) is not run either, and the
+transcript says which. The `export EMPRL_DATA=...` line is not run: its path is a placeholder, and
+the EMPRL_DATA this script is started with is what the commands see. With --solve, the student copy
+made by `lab.py new` gets this repository's reward.py and ppo.py, as if every blank had been written
+correctly, so that `check` runs through to its training check.
 """
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -69,6 +71,20 @@ def out_dir(cmd):
     return Path(m.group(1)) if m else None
 
 
+def header(note):
+    """The transcript's first lines: what ran where (note), when, on which CPU and threads."""
+    cpu = [
+        ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")
+    ]
+    threads = os.environ.get("OMP_NUM_THREADS", "torch's default")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    machine = f"{cpu[0] if cpu else 'CPU unknown'}, {os.cpu_count()} cores"
+    load = f"1-minute load {os.getloadavg()[0]:.2f}"
+    return [f"# {ln}" for ln in note.splitlines()] + [
+        f"# {when}, {machine}, OMP_NUM_THREADS={threads}, {load}"
+    ]
+
+
 def run(kind, text, timeout):
     t0 = time.time()
     if kind == "python":
@@ -95,8 +111,9 @@ def main():
         "--tail", type=int, default=6, help="lines of each command's output kept (default 6)"
     )
     ap.add_argument("--timeout", type=int, default=7200, help="seconds per command")
+    ap.add_argument("--note", default="", help="the header: what ran where, and what else ran")
     args = ap.parse_args()
-    lines, failed, skipped = [], 0, 0
+    lines, failed, skipped = header(args.note), 0, 0
     for kind, text in commands(Path(args.sheet).read_text()):
         # the long ones, not tiny
         is_train = kind == "bash" and text.startswith("python train.py --preset=cpu")
@@ -131,10 +148,12 @@ def main():
                 f"min]"
             )
             continue
+        load = os.getloadavg()[0]
         try:
             rc, seconds, output = run(kind, text, args.timeout)
         except subprocess.TimeoutExpired:
             rc, seconds, output = "timeout", args.timeout, ""
+        load = f"load {load:.2f} -> {os.getloadavg()[0]:.2f}"
         failed += rc != 0
         new = re.match(r"python lab/lab.py new (\S+)", text)
         if new and args.solve and rc == 0:
@@ -150,7 +169,7 @@ def main():
             if ln.startswith(("OUT OF RANGE", "FAIL", "this run is the record"))
         ]
         kept = verdicts + out[-args.tail :]  # the last lines, and any verdict line above them
-        lines += [f"[exit {rc}, {seconds:.1f} s]"] + ["  " + ln for ln in kept]
+        lines += [f"[exit {rc}, {seconds:.1f} s, {load}]"] + ["  " + ln for ln in kept]
         print("\n".join(lines[-len(kept) - 2 :]), flush=True)
         Path(args.out).write_text("\n".join(lines) + "\n")
     summary = (
