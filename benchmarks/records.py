@@ -301,7 +301,7 @@ def headline(pipeline):
     rows.append([f"EmpRL (mean of {len(group)} seeds)"])
     rows[1] += [num(ci(group, "emprl." + k).mean, i) for k, i in zip(keys, d)]
     rows.append(["EmpRL − SFT [95 % t]"] + [ci(group, "diff." + k, i) for k, i in zip(keys, d)])
-    head = ["", "Emp-F1", "Emp-F1 by the judge", "reward", "BLEU-1", "length", "distinct", "PPL"]
+    head = ["", "Emp-F1", "by the judge", "reward", "BLEU-1", "words", "distinct replies", "PPL"]
     return table(head, rows)
 
 
