@@ -129,8 +129,9 @@ T975.update({7: 2.364624, 8: 2.306004, 9: 2.262157, 10: 2.228139, 11: 2.200985, 
 class Interval:
     """A mean with its 95 % interval, shown "+3.23 [+2.95, +3.50]" (the mean alone without one)."""
 
-    def __init__(self, mean, half, signed=True, d=2):
+    def __init__(self, mean, half, signed=True, d=2, alone=" (one seed)"):
         self.mean = mean
+        self.alone = alone  # what the mean alone is followed by
         self.lo = mean - half
         self.hi = mean + half
         self.signed = signed
@@ -139,7 +140,7 @@ class Interval:
     def __str__(self):
         f = sg if self.signed else num
         if math.isnan(self.lo):
-            return f(self.mean, self.d)
+            return f(self.mean, self.d) + self.alone
         return f"{f(self.mean, self.d)} [{f(self.lo, self.d)}, {f(self.hi, self.d)}]"
 
 
@@ -156,7 +157,7 @@ def welch(a, b, path):
     y = [v(n, path) for n in b]
     d = statistics.mean(x) - statistics.mean(y)
     if min(len(x), len(y)) < 2:
-        return Interval(d, math.nan)
+        return Interval(d, math.nan, alone=" (one seed: not resolved)")
     se = math.sqrt(statistics.variance(x) / len(x) + statistics.variance(y) / len(y))
     return Interval(d, T975[min(len(x), len(y)) - 1] * se)
 
@@ -179,13 +180,8 @@ def sg(x, d=2):
     return s if s.startswith(MINUS) else "+" + s
 
 
-def pct(x):
-    return f"{100 * x:.0f} %"
-
-
-def lvl(x):
-    """A score in [0, 1] without its leading 0: .723."""
-    return f"{x:.3f}".lstrip("0")
+pct = lambda x: f"{100 * x:.0f} %"  # a share: 65 %
+lvl = lambda x: f"{x:.3f}".lstrip("0")  # a score in [0, 1] without its leading 0: .723
 
 
 def literal(x):
@@ -214,8 +210,7 @@ def assigned(module, name):
 
 
 def cfg(field, preset=None):
-    """A field of train.py's Config as a preset sets it, written as there (read from the source, not
-    imported): 0.5, 3e-5, 10000."""
+    """A field of train.py's Config as a preset sets it, as written there: 0.5, 3e-5, 10000."""
     presets = assigned("train", "PRESETS")
     chosen = dict(zip([k.value for k in presets.keys], presets.values)).get(preset)
     found = evaluate(chosen) if chosen else {}
@@ -223,8 +218,7 @@ def cfg(field, preset=None):
 
 
 def code_value(module, name):
-    """A constant of a module ("NAME"), a class field's default ("Class.field") or a function's
-    default argument ("function.argument"), read from the source."""
+    """From a module's source: a constant "NAME", a field "Class.field", a default "function.arg"."""
     owner, _, attr = name.rpartition(".")
     if not owner:
         return evaluate(assigned(module, attr))
@@ -305,17 +299,24 @@ def headline(pipeline):
     return table(head, rows)
 
 
-def seeds_table(pipeline):
-    """One row per PPO seed of a pipeline, then their mean with its t interval."""
-    group = seeds(pipeline)
+def seeds_table(pipeline, variants=("ppo",)):
+    """One row per record of a pipeline's variants; for one variant, then their mean [t interval]."""
+    group = [n for var in variants for n in seeds(pipeline, var)]
     rows = [
-        [n, index()[n]["ppo_seed"], num(v(n, "emprl.emp_f1")), boot(n, "emp_f1")]
+        [
+            n,
+            index()[n]["variant"],
+            index()[n]["ppo_seed"],
+            num(v(n, "emprl.emp_f1")),
+            boot(n, "emp_f1"),
+        ]
         + [boot(n, "emp_f1_judge"), num(v(n, "emprl.ppl")), num(v(n, "kl"))]
         for n in group
     ]
     keys = ["emprl.emp_f1", "diff.emp_f1", "diff.emp_f1_judge", "emprl.ppl", "kl"]
-    rows.append([f"mean [95 % t], n = {len(group)}", ""] + [ci(group, k) for k in keys])
-    head = ["record", "PPO seed", "EmpRL Emp-F1", "EmpRL − SFT [bootstrap]"]
+    if len(variants) == 1:
+        rows.append([f"mean [95 % t], n = {len(group)}", "", ""] + [ci(group, k) for k in keys])
+    head = ["record", "row", "PPO seed", "EmpRL Emp-F1", "EmpRL − SFT [bootstrap]"]
     return table(head + ["judge: EmpRL − SFT [bootstrap]", "EmpRL PPL", "summed KL"], rows)
 
 
@@ -334,8 +335,7 @@ def pipelines_table():
 
 
 def ablation_rows(groups):
-    """One row per variant (groups: variant -> its records, "ppo" among them) over its seeds, and its
-    difference from the PPO seeds."""
+    """Each variant (groups: variant -> its records) over its seeds, and minus the "ppo" seeds."""
     rows = []
     for var, group in sorted(groups.items(), key=lambda kv: kv[0] != "ppo"):
         vs = ["", ""]
@@ -358,6 +358,10 @@ def ablations():
     for p in sorted(current):
         variants = {r["variant"] for r in index().values() if r["pipeline"] == p}
         out.append(f"Pipeline `{p}`:\n\n" + ablation_rows({x: seeds(p, x) for x in variants}))
+        out.append(
+            f"Every record of `{p}`:\n\n"
+            + seeds_table(p, sorted(variants, key=lambda x: (x != "ppo", x)))
+        )
     return "\n\n".join(out) or "*No ablation row of the current code is recorded yet.*"
 
 
