@@ -37,15 +37,22 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 # docs/runs/index.json: what each record is (read_index())
 INDEX = "index.json"
-# the page that derives the rule, and the markers of the simulated rates simulate --write puts in it
+# the page that derives the rule, and the markers of the blocks that `python lab/bands.py records
+# --write` and `python lab/bands.py simulate --write` put in it
 DOC = ROOT / "docs" / "bands.md"
-BEGIN = "<!-- simulated: python lab/bands.py simulate --write -->"
-END = "<!-- end of simulated -->"
+BLOCKS = {
+    command: (
+        f"<!-- {command}: python lab/bands.py {command} --write -->",
+        f"<!-- end of {command} -->",
+    )
+    for command in ("records", "simulate")
+}
 
 
 class LabError(Exception):
@@ -899,7 +906,7 @@ def simulated_text(records_dir, trials, seed=0):
     design = ", ".join(f"{p} {s}" for p, s in zip(model["pipelines"], model["seeds"]))
     per = lambda result: max(result["metric"].values())
     pct = lambda x: f"{100 * x:.2f} %"
-    return (
+    return wrapped(
         f"Simulated by `python lab/bands.py simulate --trials={trials} --seed={seed}`: "
         f"{trials:,} draws of the records and a new run each, under the model fitted to the "
         f"{sum(model['seeds'])} correct records of docs/runs ({len(model['seeds'])} pipelines; "
@@ -915,32 +922,143 @@ def simulated_text(records_dir, trials, seed=0):
     )
 
 
+def wrapped(text):
+    """text with its lines but tables wrapped at 100 columns, as the docs are."""
+    return "\n".join(
+        line if line.startswith("|") else textwrap.fill(line, 100, break_on_hyphens=False)
+        for line in text.split("\n")
+    )
+
+
+def records_text(records_dir):
+    """What the records are and how the rule grades them, as docs/bands.md quotes it (python
+    lab/bands.py records --write): the correct records with their dtype, threads and machine; each
+    graded as a new pipeline without its pipeline, and as check-run grades it; the ablation records
+    relabelled as the base run, and what flags each."""
+    records = read_records(records_dir)
+    index = read_index(records_dir)
+    base = base_name(records)
+    correct = correct_names(records)
+    design = groups(records, correct)
+    environment = lambda n: records[n]["results"].get("environment") or {}
+    lines = [
+        "The correct records (in_bands in docs/runs/index.json):",
+        "",
+        "| record | pipeline | PPO seed | dtype | threads | machine | torch | code |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in correct:
+        entry, env = records[n]["index"], environment(n)
+        commit = f" ({entry['commit']})" if entry.get("commit") else ""
+        lines.append(
+            f"| {n} | {entry['pipeline']} | {entry.get('ppo_seed')} | "
+            f"{records[n]['config'].get('dtype')} | {env.get('threads')} | "
+            f"{env.get('machine')}, {env.get('cpu_capability')} | {env.get('torch')} | "
+            f"{entry.get('code')}{commit} |"
+        )
+
+    def count(values):
+        values = [str(v) for v in values]
+        return ", ".join(f"{v} ({values.count(v)})" for v in sorted(set(values)))
+
+    seeds_metrics = [k for k in METRICS if not of_sft_alone(k)]
+    lines += [
+        "",
+        f"{len(design)} pipelines, {len(correct)} runs; dtype: "
+        f"{count([records[n]['config'].get('dtype') for n in correct])}; threads: "
+        f"{count([environment(n).get('threads') for n in correct])}; machine: "
+        f"{count([environment(n).get('machine') for n in correct])}; CPU capability: "
+        f"{count([environment(n).get('cpu_capability') for n in correct])}; torch: "
+        f"{count([environment(n).get('torch') for n in correct])}.",
+        "",
+        f"False alarms: ALPHA = {100 * ALPHA:g} % per run; per band "
+        f"{100 * ALPHA / len(METRICS):.2f} % for a new pipeline ({len(METRICS)} graded metrics), "
+        f"{100 * ALPHA / len(seeds_metrics):.2f} % for a new seed ({len(seeds_metrics)}).",
+        "",
+    ]
+    alone, itself = [], []
+    for n in correct:
+        leave = [m for m in records if pipeline_of(records, m) == pipeline_of(records, n)]
+        flags = failed_checks(records[n], bands(records, leave_out=leave))
+        alone.append(f"{n} (by {', '.join(flags)})" if flags else None)
+        graded = grading(records[n], records)
+        flags = failed_checks(records[n], graded["table"])
+        how = "a new seed" if next(iter(graded["table"].values()))["seed_of"] else "a new pipeline"
+        itself.append((n, how, flags))
+    flagged = [x for x in alone if x]
+    lines.append(
+        "Each correct record graded as a new pipeline, against bands made without its pipeline: "
+        + (f"flagged: {'; '.join(flagged)}." if flagged else f"all {len(correct)} in range.")
+    )
+    flagged = [f"{n} (by {', '.join(f)})" for n, _, f in itself if f]
+    lines += [
+        "",
+        "Each graded as check-run grades it, left out of its own bands ("
+        + ", ".join(f"{n} as {how}" for n, how, _ in itself)
+        + "): "
+        + (f"flagged: {'; '.join(flagged)}." if flagged else f"all {len(itself)} in range."),
+        "",
+        f"The ablation records relabelled as the base run ({base}'s config); the variants that "
+        f"must be flagged: {', '.join(index.get('must_be_flagged', []))}.",
+        "",
+        "| record | variant | must be flagged | graded as | flagged by |",
+        "|---|---|---|---|---|",
+    ]
+    for n, run in records.items():
+        variant = run["index"].get("variant")
+        if variant == "ppo":
+            continue
+        relabelled = dict(
+            run,
+            config=dict(records[base]["config"]),
+            results=dict(run["results"], config=dict(records[base]["config"])),
+        )
+        graded = grading(relabelled, records)
+        flags = failed_checks(relabelled, graded["table"])
+        how = "a new seed" if next(iter(graded["table"].values()))["seed_of"] else "a new pipeline"
+        must = "yes" if variant in index.get("must_be_flagged", []) else "no"
+        lines.append(
+            f"| {n} | {variant} | {must} | {how} | {', '.join(flags) if flags else 'nothing'} |"
+        )
+    return wrapped("\n".join(lines) + "\n")
+
+
+def write_block(command, text):
+    """Put text between the markers of command (BLOCKS) in docs/bands.md."""
+    begin, end = BLOCKS[command]
+    doc = DOC.read_text(encoding="utf-8") if DOC.exists() else ""
+    if begin not in doc or end not in doc:
+        raise LabError(f"{DOC} lacks the markers {begin} ... {end}")
+    head, rest = doc.split(begin, 1)
+    DOC.write_text(head + begin + "\n" + text + end + rest.split(end, 1)[1], encoding="utf-8")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="bands.py", description="the false-alarm rate of check-run's rule, simulated"
+        prog="bands.py", description="the records and the false-alarm rate of check-run's rule"
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    shown = commands.add_parser("records", help="the records and how the rule grades them")
     sim = commands.add_parser("simulate", help="simulate the rule under the fitted model")
-    sim.add_argument("--records", default=str(ROOT / "docs" / "runs"))
     sim.add_argument("--trials", type=int, default=200_000)
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--write", action="store_true", help=f"put the text into {DOC}")
+    for command in (shown, sim):
+        command.add_argument("--records", default=str(ROOT / "docs" / "runs"))
+        command.add_argument("--write", action="store_true", help=f"put the text into {DOC}")
     args = parser.parse_args(argv)
     try:
-        text = simulated_text(args.records, args.trials, args.seed)
+        if args.command == "records":
+            text = records_text(args.records)
+        else:
+            text = simulated_text(args.records, args.trials, args.seed)
+        if not args.write:
+            print(text, end="")
+            return 0
+        write_block(args.command, text)
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
-    if not args.write:
-        print(text, end="")
-        return 0
-    doc = DOC.read_text(encoding="utf-8")
-    if BEGIN not in doc or END not in doc:
-        print(f"error: {DOC} lacks the markers {BEGIN} ... {END}", file=sys.stderr)
-        return 1
-    head, rest = doc.split(BEGIN, 1)
-    DOC.write_text(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1], encoding="utf-8")
-    print(f"wrote the simulated rates into {DOC}")
+    print(f"wrote the {args.command} block into {DOC}")
     return 0
 
 
