@@ -378,9 +378,9 @@ def stage_times(*names):
 
 
 def presets_table(*fields):
-    """Config fields of every preset of train.py (Config's defaults are the authors' settings)."""
+    """Config fields as each preset of train.py sets them, beside Config's defaults."""
     rows = [[f"`{f}`", *[cfg(f, p) for p in [None, "gpu", "small", "cpu", "tiny"]]] for f in fields]
-    return table(["field", "authors (Config)", "`gpu`", "`small`", "`cpu`", "`tiny`"], rows)
+    return table(["field", "`Config`", "`gpu`", "`small`", "`cpu`", "`tiny`"], rows)
 
 
 def identifiers_table(name):
