@@ -151,7 +151,8 @@ def load_empathetic_dialogues(csv_path) -> list:
                 "or repeats"
             )
         turns = [r[2][5].replace("_comma_", ",") for r in rows]
-        emotion, situation = rows[0][2][2], rows[0][2][3].replace("_comma_", ",")
+        emotion = rows[0][2][2]
+        situation = rows[0][2][3].replace("_comma_", ",")
         # 0-based odd i = 1-based even utterance_idx = listener turn
         for i in range(1, len(turns), 2):
             examples.append(EDExample(conv_id, emotion, situation, turns[:i], turns[i]))
@@ -215,14 +216,16 @@ def load_epitome_splits(data_dir, seed=0) -> dict:
     `seed`, cut at 75 % / 80 %)."""
     records = {}
     for mech in MECHANISMS:
-        seen, records[mech] = set(), []
+        seen = set()
+        records[mech] = []
         for r in load_epitome(Path(data_dir) / "epitome" / EPITOME_FILES[mech]):
             if (r.sp_id, r.rp_id) not in seen:
                 seen.add((r.sp_id, r.rp_id))
                 records[mech].append(r)
     seekers = sorted({r.sp_id for recs in records.values() for r in recs})
     order = np.random.default_rng(seed).permutation(len(seekers))
-    n_train, n_valid = round(0.75 * len(seekers)), round(0.05 * len(seekers))
+    n_train = round(0.75 * len(seekers))
+    n_valid = round(0.05 * len(seekers))
     split_of = {
         seekers[i]: "train" if rank < n_train else "valid" if rank < n_train + n_valid else "test"
         for rank, i in enumerate(order)
@@ -241,10 +244,13 @@ class Tokenizer:
     model, e.g. a pretrained T5's `spiece.model` (32,000 pieces; its 32,128 embedding rows' extra
     ids are never produced)."""
 
-    pad_id, eos_id, unk_id = 0, 1, 2
+    pad_id = 0
+    eos_id = 1
+    unk_id = 2
 
     def __init__(self, model_path):
-        self.path, self.sp = Path(model_path), spm.SentencePieceProcessor()
+        self.path = Path(model_path)
+        self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(self.path))
         except (OSError, RuntimeError) as e:  # missing, truncated or not a model
@@ -434,7 +440,8 @@ def fetch(url, sha256=None, max_bytes=MAX_DOWNLOAD_BYTES) -> bytes:
     DataError."""
     try:
         with urllib.request.urlopen(url, timeout=60) as r:
-            expected, body = r.headers.get("Content-Length"), r.read(max_bytes + 1)
+            expected = r.headers.get("Content-Length")
+            body = r.read(max_bytes + 1)
     except http.client.IncompleteRead as e:
         raise DataError(
             f"{url}: received {len(e.partial)} bytes, then the connection closed "

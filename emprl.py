@@ -42,14 +42,17 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 import data
+import machine
 import ppo
 import reward
+from judge import Judge
 from t5 import T5, CheckpointError
 
 # the authors' test decoding
@@ -57,14 +60,18 @@ EVAL_DECODING = dict(do_sample=True, top_k=20, temperature=0.9, max_new_tokens=3
 # TRL's defaults, which the authors kept: value clip range (= the ratio's), the mean ratio above
 # which a minibatch is skipped, the gradient-norm clip (SFT's too), and γ (a reply's reward is not
 # discounted)
-VALUE_CLIP, RATIO_THRESHOLD, MAX_GRAD_NORM, GAMMA = 0.2, 10.0, 1.0, 1.0
-# --------------------------------------------------------------------------------------------------
-# policy
+VALUE_CLIP = 0.2
+RATIO_THRESHOLD = 10.0
+MAX_GRAD_NORM = 1.0
+GAMMA = 1.0
+# ------------------------------------------------------------------------------------------- policy
 
 
 class PolicyWithValue(nn.Module):
     """The T5 policy π and a value head V on its last decoder hidden state (TRL's ValueHead: dropout
-    + linear)."""
+    + linear). Under bfloat16 autocast the head's linear layer runs in bfloat16, so values come
+    rounded to 8 significant bits (steps of 0.0156 at |V| of 2-4). Rollout and update round alike;
+    a float32 head would change every recorded bfloat16 run, so it stays as it is."""
 
     def __init__(self, model: T5, dropout: float = 0.1):
         super().__init__()
@@ -117,20 +124,19 @@ def token_logprobs(logits, labels, mask):
     return logp * mask
 
 
-# the model inside a DistributedDataParallel wrapper (torchrun), or the model itself
-def unwrap(model):
-    return getattr(model, "module", model)
-
-
 def sft_loss(model: T5, batch):
     """L_mle: mean token cross-entropy of the reference replies (teacher forcing). Returns (loss,
     n_tokens)."""
     # (B, T, V)
-    logits = model(batch["ctx"], batch["ctx_mask"], unwrap(model).shift_right(batch["tgt"]))
+    logits = model(batch["ctx"], batch["ctx_mask"], machine.unwrap(model).shift_right(batch["tgt"]))
     mask = batch["tgt_mask"]
     nll = -token_logprobs(logits, batch["tgt"], mask).sum()
     n = mask.sum()
     return nll / n, n
+
+
+class NonFiniteError(Exception):
+    """Training diverged: too many updates in a row had non-finite numbers."""
 
 
 def optimizer_step(model, optimizer, max_grad_norm=MAX_GRAD_NORM):
@@ -145,6 +151,29 @@ def optimizer_step(model, optimizer, max_grad_norm=MAX_GRAD_NORM):
     return finite
 
 
+def count_nonfinite(state, finite, cfg, what):
+    """The one counter of non-finite updates: `max_nonfinite` in a row stop the run instead of
+    training on garbage."""
+    state["nonfinite"] = 0 if finite else state["nonfinite"] + 1
+    if state["nonfinite"] >= cfg.max_nonfinite:
+        raise NonFiniteError(
+            f"{state['nonfinite']} {what} in a row with non-finite losses, rewards or "
+            "gradients: the run "
+            "is diverging (lower the learning rate, or use --dtype=float32; on Ampere "
+            "or newer GPUs its "
+            f"matmuls run in TF32)"
+        )
+
+
+def linear_schedule(optimizer, total_steps, warmup_steps=0):
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, 1.0 - (step - warmup_steps) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
 # --------------------------------------------------------------------------------------------------
 # the PPO iteration: 1 rollout -> 2 reward -> 3 GAE -> 4 epochs x minibatches -> 5 statistics
 
@@ -155,7 +184,8 @@ def rollout(policy, ref_model, batch, cfg, autocast):
     the value head and the frozen reference, all with the same τ-scaled logits; and the entropy each
     token was drawn with (for step 5)."""
     policy.eval()
-    ctx, ctx_mask = batch["ctx"], batch["ctx_mask"]
+    ctx = batch["ctx"]
+    ctx_mask = batch["ctx_mask"]
     with autocast():
         replies = policy.model.generate(
             ctx,
@@ -183,6 +213,46 @@ def rollout(policy, ref_model, batch, cfg, autocast):
     )
 
 
+def minibatch_loss(policy, roll, batch, idx, cfg, autocast, kl_coef=0.0):
+    """The loss of one minibatch of rollouts (their indices idx) under the current policy:
+    L = L_pg + c_v·L_v (+ β·k3 for GRPO), and its statistics (detached 0-dim tensors).
+
+    GRPO's default loss averages each reply's tokens, then the replies (DeepSeekMath): the policy
+    loss and the KL term get per-reply weights 1/|y_i| as their mask (grpo_loss="token": every token
+    alike)."""
+    replies = roll["replies"][idx]
+    mask = roll["mask"][idx]
+    weight = mask
+    if cfg.algo == "grpo" and cfg.grpo_loss == "reply":
+        weight = mask / mask.sum(1, keepdim=True).clamp(min=1)
+    with autocast():
+        decoder_input = machine.unwrap(policy).model.shift_right(replies)
+        logits, values = policy(batch["ctx"][idx], batch["ctx_mask"][idx], decoder_input)
+    logits = scored_logits(logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens)
+    logprobs = token_logprobs(logits, replies, mask)
+    old_logprobs = roll["logprobs"][idx]
+    advantages = roll["advantages"][idx]
+    pg_loss, pg_stats = ppo.policy_loss(
+        logprobs, old_logprobs, advantages, weight, cfg.ppo_clip_range
+    )
+    values = values.float() * mask
+    returns = roll["returns"][idx]
+    vf_loss, vf_stats = ppo.value_loss(values, roll["values"][idx], returns, mask, VALUE_CLIP)
+    vf_coef = cfg.ppo_vf_coef if cfg.algo == "ppo" else 0.0  # RLOO and GRPO have no value head
+    loss = pg_loss + vf_coef * vf_loss  # L = L_pg + c_v L_v
+    if kl_coef:  # GRPO: + β mean_m((π_ref/π - 1) - log(π_ref/π)), unclamped
+        kl = ppo.per_token_kl(logprobs, roll["ref_logprobs"][idx], mask, None, None, "k3")
+        loss = loss + kl_coef * ppo.masked_mean(kl, weight)
+    stats = dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), **pg_stats, **vf_stats)
+    return loss, stats
+
+
+def zero_backward(policy):
+    """A backward pass that adds exactly 0 to every gradient: a skipped minibatch still joins the
+    gradient averaging of torchrun. (0 · loss would not do: when the loss is ∞, 0 · ∞ is NaN.)"""
+    (0.0 * sum(p.sum() for p in policy.parameters())).backward()
+
+
 def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generator, kl_coef=0.0):
     """Step 4: `ppo_epochs` passes over shuffled minibatches (order drawn from `generator`, on its
     device) of clipped policy + value losses; the gradients of `ppo_grad_accum` minibatches make one
@@ -190,77 +260,51 @@ def ppo_update(policy, optimizer, scheduler, roll, batch, cfg, autocast, generat
     minibatches and updates. A minibatch whose mean ratio exceeds RATIO_THRESHOLD (TRL's) gets a
     zero-weighted backward (every process still joins the gradient averaging); an update of only
     such minibatches is not made. kl_coef > 0 (GRPO) adds kl_coef · k3_t against the reference to
-    the loss; GRPO averages each reply's tokens, then the replies (DeepSeekMath; grpo_loss="token":
-    all tokens alike)."""
+    the loss."""
     policy.train(cfg.ppo_dropout)  # dropout off by default: the ratio should only see the update
-    n, per_reply = roll["replies"].shape[0], cfg.algo == "grpo" and cfg.grpo_loss == "reply"
-    stats, skipped, kept = [], {"ratio": 0, "nonfinite": 0}, 0
+    n = roll["replies"].shape[0]
+    stats = []
+    skipped = {"ratio": 0, "nonfinite": 0}
     for _ in range(cfg.ppo_epochs):
-        minibatches = torch.randperm(n, generator=generator, device=generator.device).split(
-            cfg.ppo_mini_batch_size
-        )
+        order = torch.randperm(n, generator=generator, device=generator.device)
+        minibatches = order.split(cfg.ppo_mini_batch_size)
+        kept = 0  # minibatches of the current update that count
         for i, idx in enumerate(minibatches):
             idx = idx.to(roll["replies"].device)
-            replies, mask = roll["replies"][idx], roll["mask"][idx]
-            # of each token in mean_m
-            weight = mask / mask.sum(1, keepdim=True).clamp(min=1) if per_reply else mask
-            # an optimizer step follows
-            last = (i + 1) % cfg.ppo_grad_accum == 0 or i + 1 == len(minibatches)
-            # torchrun: the
-            sync = policy.no_sync() if hasattr(policy, "no_sync") and not last else nullcontext()
-            # gradients are averaged across processes on an update's last micro-step only
-            with autocast(), sync:
-                decoder_input = unwrap(policy).model.shift_right(replies)
-                logits, values = policy(batch["ctx"][idx], batch["ctx_mask"][idx], decoder_input)
-            logits = scored_logits(logits, cfg.ppo_temperature, cfg.ppo_min_new_tokens)
-            logprobs = token_logprobs(logits, replies, mask)
-            pg_loss, pg_stats = ppo.policy_loss(
-                logprobs, roll["logprobs"][idx], roll["advantages"][idx], weight, cfg.ppo_clip_range
-            )
-            vf_loss, vf_stats = ppo.value_loss(
-                values.float() * mask, roll["values"][idx], roll["returns"][idx], mask, VALUE_CLIP
-            )
-            # RLOO and GRPO have no value head
-            vf_coef = cfg.ppo_vf_coef if cfg.algo == "ppo" else 0.0
-            loss = pg_loss + vf_coef * vf_loss  # L = L_pg + c_v L_v
-            if kl_coef:  # GRPO: + β mean_m((π_ref/π - 1) - log(π_ref/π)), unclamped
-                kl = ppo.per_token_kl(logprobs, roll["ref_logprobs"][idx], mask, None, None, "k3")
-                loss = loss + kl_coef * ppo.masked_mean(kl, weight)
-            # decided alike on every process
-            wild = bool(ppo.all_mean(pg_stats["ratio"]) > RATIO_THRESHOLD)
-            ((0.0 if wild else 1.0) * loss / cfg.ppo_grad_accum).backward()
-            skipped["ratio"], kept = skipped["ratio"] + wild, kept + (not wild)
-            if not wild:
-                stats.append(
-                    dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), **pg_stats, **vf_stats)
-                )
-            # every minibatch of this update was wild: no step (Adam would move on momentum)
-            if last and not kept:
+            last = (i + 1) % cfg.ppo_grad_accum == 0 or i + 1 == len(minibatches)  # a step follows
+            # torchrun: gradients are averaged across processes on an update's last minibatch only
+            sync = nullcontext()
+            if hasattr(policy, "no_sync") and not last:
+                sync = policy.no_sync()
+            with sync:
+                loss, mb_stats = minibatch_loss(policy, roll, batch, idx, cfg, autocast, kl_coef)
+                wild = bool(machine.all_mean(mb_stats["ratio"]) > RATIO_THRESHOLD)  # alike on all
+                if wild:
+                    zero_backward(policy)
+                    skipped["ratio"] += 1
+                else:
+                    (loss / cfg.ppo_grad_accum).backward()
+                    stats.append(mb_stats)
+                    kept += 1
+            if not last:
+                continue
+            if not kept:  # every minibatch of this update was wild: no step (Adam has momentum)
                 optimizer.zero_grad(set_to_none=True)
-            elif last and optimizer_step(policy, optimizer, MAX_GRAD_NORM):
+            elif optimizer_step(policy, optimizer, MAX_GRAD_NORM):
                 scheduler.step()
-            elif last:  # a non-finite gradient: optimizer_step left the weights as they were
+            else:  # a non-finite gradient: optimizer_step left the weights as they were
                 skipped["nonfinite"] += 1
-            kept = 0 if last else kept
+            kept = 0
     return stats, skipped
 
 
 def ppo_iteration(
-    policy,
-    ref_model,
-    identifiers,
-    optimizer,
-    scheduler,
-    kl_ctl,
-    score_moments,
-    batch,
-    cfg,
-    autocast,
-    generator,
+    policy, ref_model, identifiers, optimizer, scheduler, kl_ctl, moments, batch, cfg, autocast, gen
 ):
     """One iteration on a batch of contexts with their target levels: steps 1-5 of the module
-    docstring, in order. Returns (statistics, rollout); the statistics of an iteration whose scores
-    are not finite say only that.
+    docstring, in order. `moments` are the scores' running moments, `gen` draws the minibatch order.
+    Returns (statistics, rollout); the statistics of an iteration whose scores are not finite say
+    only that.
 
     algo="rloo" or "grpo": the batch holds rloo_k copies of each context in a row and step 3 is RLOO
     or GRPO instead of GAE. Step 4 is the same clipped update with a per-token ratio, every token of
@@ -270,96 +314,80 @@ def ppo_iteration(
     uses k3). Under torchrun the score moments, whitenings and that KL are the global batch's (every
     process holds the same β); the other statistics are this process's."""
     t0 = time.time()
-    # 1. rollout: replies, their log-probs under π and π_ref, and V, all from the same τ-scaled
-    #    logits
-    roll = rollout(unwrap(policy), ref_model, batch, cfg, autocast)
+    # 1. rollout: replies, their log-probs under π and π_ref, and V, all from the same logits
+    roll = rollout(machine.unwrap(policy), ref_model, batch, cfg, autocast)
     mask = roll["mask"]
 
     # 2. reward: the empathy score r = Π_k p_k(y*_k | c, ŷ), normalised by its running moments,
     #    lands on the last reply token; -β·kl_t on every token
+    mechanisms = cfg.reward_mechanisms.split(",")
+    ctx = batch["ident_ctx"]
     with autocast():
         scores = identifiers.score(
-            batch["ident_ctx"],
-            batch["ident_ctx_mask"],
-            roll["replies"],
-            mask,
-            # (B,)
-            batch["levels"],
-            mechanisms=cfg.reward_mechanisms.split(","),
-        ).float()
-    # the global batch's (torchrun); this process's alone otherwise
-    all_scores = ppo.all_gather(scores)
+            ctx, batch["ident_ctx_mask"], roll["replies"], mask, batch["levels"], mechanisms
+        )
+    scores = scores.float()  # (B,)
+    all_scores = machine.all_gather(scores)  # the global batch's under torchrun
     finite = torch.isfinite(all_scores)
     if not finite.all():  # a non-finite score must not reach the running moments or the update
         return {"nonfinite_scores": int((~finite).sum())}, roll
-    score_moments.update(all_scores)
-    norm_scores = ppo.normalize_scores(scores, score_moments) if cfg.score_norm else scores
+    moments.update(all_scores)
+    norm_scores = ppo.normalize_scores(scores, moments) if cfg.score_norm else scores
     rewards = ppo.kl_penalized_rewards(
         norm_scores,
         roll["logprobs"],
         roll["ref_logprobs"],
         mask,
-        # (B, T)
         kl_ctl.value,
         cfg.kl_min,
         cfg.kl_max,
         cfg.kl_estimator,
-    )
+    )  # (B, T)
 
     # 3. advantages: GAE on the per-token rewards (scale-whitened), RLOO on each reply's summed
     #    reward R = s - β Σ_t kl_t (both then whitened over the batch), or GRPO on the scores alone
-    #    (its KL is in the loss)
-    # RLOO and GRPO have no value head to train: its loss gets weight 0 in step 4
+    #    (already standardised within each context's group; its KL is in the loss). RLOO and GRPO
+    #    have no value head to train: its loss gets weight 0 in step 4.
     returns = roll["values"]
     if cfg.algo == "rloo":
         advantages = ppo.rloo_advantages(rewards.sum(1), cfg.rloo_k)[:, None] * mask  # (B, T)
-    # standardised within each context's group already: not whitened again below
     elif cfg.algo == "grpo":
         advantages = ppo.grpo_advantages(norm_scores, cfg.rloo_k)[:, None] * mask  # (B, T)
     else:
         if cfg.whiten_rewards:
-            rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
-        # (B, T) each
+            rewards = ppo.masked_whiten(rewards, mask, shift_mean=False, total=machine.all_sum)
         advantages, returns = ppo.gae(rewards, roll["values"], mask, GAMMA, cfg.ppo_lam)
     if cfg.algo != "grpo":
-        advantages = ppo.masked_whiten(advantages, mask) * mask
-    roll["advantages"], roll["returns"] = advantages, returns
+        advantages = ppo.masked_whiten(advantages, mask, total=machine.all_sum) * mask
+    roll["advantages"] = advantages
+    roll["returns"] = returns
 
     # 4. epochs x shuffled minibatches of clipped policy (and value) updates
     kl_coef = kl_ctl.value if cfg.algo == "grpo" else 0.0  # GRPO's KL term in the loss
     mb_stats, skipped = ppo_update(
-        policy, optimizer, scheduler, roll, batch, cfg, autocast, generator, kl_coef
+        policy, optimizer, scheduler, roll, batch, cfg, autocast, gen, kl_coef
     )
 
-    # 5. statistics; the KL is the raw, unclamped estimate summed over the reply, as the β
-    #    controller expects
-    # global batch
-    kl = ppo.all_gather(((roll["logprobs"] - roll["ref_logprobs"]) * mask).sum(1)).mean().item()
-    # entropy: of the sampling policy
-    stats = dict(
-        score=all_scores.mean().item(),
-        kl=kl,
-        beta=kl_ctl.value,
-        entropy=ppo.masked_mean(roll["entropy"], mask).item(),
-    )
+    # 5. statistics; the KL is the raw, unclamped estimate summed over the reply (over the global
+    #    batch), as the β controller expects; the entropy is the sampling policy's
+    kl = machine.all_gather(((roll["logprobs"] - roll["ref_logprobs"]) * mask).sum(1)).mean().item()
+    entropy = ppo.masked_mean(roll["entropy"], mask).item()
+    stats = dict(score=all_scores.mean().item(), kl=kl, beta=kl_ctl.value, entropy=entropy)
     kl_ctl.update(kl, len(all_scores))
     for key in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "ratio"):
-        stats[key] = (
-            torch.stack([s[key] for s in mb_stats]).float().mean().item()
-            if mb_stats
-            else float("nan")
-        )
-    # before any update: ≈ 1
-    stats["ratio_first"] = mb_stats[0]["ratio"].item() if mb_stats else float("nan")
+        values = [s[key] for s in mb_stats]
+        stats[key] = torch.stack(values).float().mean().item() if values else float("nan")
+    stats["ratio_first"] = mb_stats[0]["ratio"].item() if mb_stats else float("nan")  # ≈ 1
     stats["explained_var"] = float(ppo.explained_variance(roll["values"], returns, mask))
-    stats.update(length=mask.sum(1).float().mean().item(), lr=scheduler.get_last_lr()[0])
-    stats["skipped_ratio"], stats["skipped_nonfinite"] = skipped["ratio"], skipped["nonfinite"]
+    stats["length"] = mask.sum(1).float().mean().item()
+    stats["lr"] = scheduler.get_last_lr()[0]
+    stats["skipped_ratio"] = skipped["ratio"]
+    stats["skipped_nonfinite"] = skipped["nonfinite"]
     stats["seconds"] = time.time() - t0
     return stats, roll
 
 
-# --------------------------------------------------------------------------------------------------
-# evaluation
+# --------------------------------------------------------------------------------------- evaluation
 
 
 def words(text):
@@ -376,10 +404,12 @@ def distinct_n(replies, n):
 def corpus_bleu(hypotheses, references, max_n=4):
     """Corpus BLEU-1..max_n (one reference each, uniform weights over 1..n, brevity penalty), x
     100."""
-    match, total = np.zeros(max_n), np.zeros(max_n)
+    match = np.zeros(max_n)
+    total = np.zeros(max_n)
     hyp_len = ref_len = 0
     for hyp, ref in zip(hypotheses, references):
-        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
+        hyp_len = hyp_len + len(hyp)
+        ref_len = ref_len + len(ref)
         for n in range(1, max_n + 1):
             h = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
             r = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
@@ -398,13 +428,16 @@ def corpus_bleu(hypotheses, references, max_n=4):
 def perplexity(model, split, device, batch_size=64, autocast=nullcontext):
     """PPL = exp(mean token cross-entropy of the reference replies), teacher forced."""
     model.eval()
-    split, nll, n_tok = {"ctx": split["ctx"], "tgt": split["tgt"]}, 0.0, 0.0
+    split = {"ctx": split["ctx"], "tgt": split["tgt"]}
+    nll = 0.0
+    n_tok = 0.0
     for idx in data.batch_indices(
         [len(c) for c in split["ctx"]], batch_size, shuffle=False, seed=0, bucket=True
     ):
         with autocast():
             loss, n = sft_loss(model, data.make_batch(split, idx, device))
-        nll, n_tok = nll + loss.item() * n.item(), n_tok + n.item()
+        nll = nll + loss.item() * n.item()
+        n_tok = n_tok + n.item()
     return math.exp(nll / n_tok)
 
 
@@ -435,52 +468,59 @@ def identifier_levels(identifiers, ctx, replies, device, batch_size, autocast=nu
     return logits.argmax(-1).numpy(), logits
 
 
-def evaluate(
-    model, identifiers, judge, tok, split, target_levels, device, cfg, autocast, n=None, seed=42
-):
-    """All metrics of one model on (the first n examples of) a split. Returns (metrics, per-example
-    outputs: the decoded replies and the levels that the identifiers and the judge give them and the
-    human replies)."""
+class Graders(NamedTuple):
+    """What grades a model's replies: the identifiers (the reward's models), the independent judge,
+    and the tokenizer that turns reply ids into the text the judge and BLEU read."""
+
+    identifiers: reward.Identifiers
+    judge: Judge
+    tokenizer: data.Tokenizer
+
+
+def evaluate(model, graders, split, cfg, autocast=nullcontext, n=None):
+    """All metrics of one model on (the first n examples of) a split {"ctx", "tgt", "levels"}: the
+    contexts, the human replies and their levels y*. Returns (metrics, per-example outputs: the
+    decoded replies and the levels that the identifiers and the judge give them and the human
+    replies)."""
+    device = next(model.parameters()).device
     if n is not None:
         split = {k: v[:n] for k, v in split.items()}
-        target_levels = target_levels[:n]
-    replies = generate_replies(model, split["ctx"], device, cfg.eval_batch_size, seed, autocast)
+    target_levels = np.asarray(split["levels"])
+    identifiers, judge, tok = graders
+    # the replies, decoded like the authors, and their levels by the identifiers
+    replies = generate_replies(
+        model, split["ctx"], device, cfg.eval_batch_size, cfg.eval_seed, autocast
+    )
     ident_ctx = [c[-cfg.ident_ctx_tokens :] for c in split["ctx"]]
     levels, logits = identifier_levels(
         identifiers, ident_ctx, replies, device, cfg.eval_batch_size, autocast
     )
-    texts, references = [tok.decode(r) for r in replies], [tok.decode(t) for t in split["tgt"]]
-    out = dict(
-        texts=texts,
-        levels=levels,
-        targets=np.asarray(target_levels),
-        judge_levels=judge.levels(texts),
-        judge_targets=judge.levels(references),
-    )
-    hyp, ref = [words(t) for t in texts], [words(t) for t in references]
+    texts = [tok.decode(r) for r in replies]
+    references = [tok.decode(t) for t in split["tgt"]]
+    out = dict(texts=texts, levels=levels, targets=target_levels)
+    # the judge labels both the replies and the human replies (it never saw the identifiers' labels)
+    out["judge_levels"] = judge.levels(texts)
+    out["judge_targets"] = judge.levels(references)
+    # Emp-F1: agreement of the replies' levels with the human replies', by each labeller [E3]
     f1 = reward.emp_f1(levels, target_levels)
-    # the same F1, another labeller
     f1_judge = reward.emp_f1(out["judge_levels"], out["judge_targets"])
-    metrics = dict(
-        emp_f1=f1["emp_f1"],
-        emp_f1_er=f1["er"],
-        emp_f1_ip=f1["ip"],
-        emp_f1_ex=f1["ex"],
-        acc_er=f1["acc_er"],
-        acc_ip=f1["acc_ip"],
-        acc_ex=f1["acc_ex"],
-        emp_f1_judge=f1_judge["emp_f1"],
-        emp_f1_judge_er=f1_judge["er"],
-        emp_f1_judge_ip=f1_judge["ip"],
-        emp_f1_judge_ex=f1_judge["ex"],
-        dist_1=distinct_n(hyp, 1),
-        dist_2=distinct_n(hyp, 2),
-        **corpus_bleu(hyp, ref),
-        ppl=perplexity(model, split, device, cfg.eval_batch_size, autocast),
-        reward=reward.reward_from_logits(logits, torch.as_tensor(target_levels)).mean().item(),
-        length=float(np.mean([len(h) for h in hyp])),
-        unique_frac=len(set(texts)) / max(len(texts), 1),
-    )
+    metrics = dict(emp_f1=f1["emp_f1"], emp_f1_er=f1["er"], emp_f1_ip=f1["ip"], emp_f1_ex=f1["ex"])
+    metrics.update(acc_er=f1["acc_er"], acc_ip=f1["acc_ip"], acc_ex=f1["acc_ex"])
+    metrics["emp_f1_judge"] = f1_judge["emp_f1"]
+    for mech in ("er", "ip", "ex"):
+        metrics[f"emp_f1_judge_{mech}"] = f1_judge[mech]
+    # the text itself: diversity, overlap with the human reply, fluency, length
+    hyp = [words(t) for t in texts]
+    ref = [words(t) for t in references]
+    metrics["dist_1"] = distinct_n(hyp, 1)
+    metrics["dist_2"] = distinct_n(hyp, 2)
+    metrics.update(corpus_bleu(hyp, ref))
+    metrics["ppl"] = perplexity(model, split, device, cfg.eval_batch_size, autocast)
+    # the reward itself [R1], as PPO saw it, on these replies
+    rewards = reward.reward_from_logits(logits, torch.as_tensor(target_levels))
+    metrics["reward"] = rewards.mean().item()
+    metrics["length"] = float(np.mean([len(h) for h in hyp]))
+    metrics["unique_frac"] = len(set(texts)) / max(len(texts), 1)
     return metrics, out
 
 
@@ -490,7 +530,8 @@ def paired_bootstrap(outputs_a, outputs_b, n_resamples=1000, seed=0):
     (identifiers, judge): {"emp_f1": {"mean": d, "ci95": [lo, hi]}, "emp_f1_judge": ...}; d is the
     difference on the full test set, [lo, hi] the 2.5 and 97.5 percentiles of the resampled
     differences."""
-    n, rng = len(outputs_a["levels"]), np.random.default_rng(seed)
+    n = len(outputs_a["levels"])
+    rng = np.random.default_rng(seed)
     resamples = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(n_resamples)]
     out = {}
     for key, levels, targets in (
@@ -526,76 +567,55 @@ def majority_reference(train_levels, test_levels):
     )
 
 
+# the columns of results.md (and of the README's results table)
+RESULT_COLUMNS = (
+    "emp_f1 emp_f1_er emp_f1_ip emp_f1_ex emp_f1_judge reward dist_1 dist_2 bleu_1 bleu_2 bleu_3 "
+    "bleu_4 ppl length unique_frac"
+).split()
+
+
 def results_table(results):
     """The markdown table of a run's results.json: SFT, EmpRL, the majority constant, and EmpRL -
-    SFT with the paired-bootstrap 95 % interval. The README's results table is this function's
-    output."""
-    cols = [
-        "emp_f1",
-        "emp_f1_er",
-        "emp_f1_ip",
-        "emp_f1_ex",
-        "emp_f1_judge",
-        "reward",
-        "dist_1",
-        "dist_2",
-        "bleu_1",
-        "bleu_2",
-        "bleu_3",
-        "bleu_4",
-        "ppl",
-        "length",
-        "unique_frac",
-    ]
+    SFT with the paired-bootstrap 95 % interval."""
+    cols = RESULT_COLUMNS
     out = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, m in (
-        ("SFT", results["sft"]),
-        ("EmpRL", results["emprl"]),
-        ("majority level", results["majority"]),
-    ):
-        out.append(
-            f"| {name} | " + " | ".join(f"{m[c]:.2f}" if c in m else "" for c in cols) + " |"
-        )
-    diff = {
-        k: f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
-        for k, d in results["difference"].items()
-    }
+    rows = dict(SFT=results["sft"], EmpRL=results["emprl"])
+    rows["majority level"] = results["majority"]
+    for name, m in rows.items():
+        cells = [f"{m[c]:.2f}" if c in m else "" for c in cols]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    diff = {}
+    for key, d in results["difference"].items():
+        diff[key] = f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
     out.append("| EmpRL − SFT [95 % CI] | " + " | ".join(diff.get(c, "") for c in cols) + " |")
     return "\n".join(out) + "\n"
 
 
+# one PPO iteration's log line: the keys in a fixed order
+PPO_LINE = (
+    "ppo {step:>4}/{total} | score {score:.3f} | kl {kl:.3f} | beta {beta:.3f} | pg_loss "
+    "{pg_loss:.4f} | vf_loss {vf_loss:.4f} | approx_kl {approx_kl:.4f} | clipfrac {clipfrac:.3f} | "
+    "explained_var {explained_var:.3f} | length {length:.1f} | seconds {seconds:.1f}"
+)
+
+
 def ppo_line(step, total, s):
-    """The log line of a PPO iteration, keys in a fixed order (or what went non-finite)."""
+    """The log line of a PPO iteration (or what went non-finite)."""
     if "nonfinite_scores" in s:
         return f"ppo {step:>4}/{total} | {s['nonfinite_scores']} non-finite scores: update skipped"
-    keys = [
-        ("score", ".3f"),
-        ("kl", ".3f"),
-        ("beta", ".3f"),
-        ("pg_loss", ".4f"),
-        ("vf_loss", ".4f"),
-        ("approx_kl", ".4f"),
-        ("clipfrac", ".3f"),
-        ("explained_var", ".3f"),
-        ("length", ".1f"),
-        ("seconds", ".1f"),
-    ]
-    skipped = (
-        f" | {s['skipped_nonfinite']} non-finite updates skipped" if s["skipped_nonfinite"] else ""
-    )
-    return (
-        f"ppo {step:>4}/{total} | " + " | ".join(f"{k} {s[k]:{fmt}}" for k, fmt in keys) + skipped
-    )
+    line = PPO_LINE.format(step=step, total=total, **s)
+    if s["skipped_nonfinite"]:
+        line += f" | {s['skipped_nonfinite']} non-finite updates skipped"
+    return line
 
 
 def eval_line(name, m):
     """The log line of an evaluation."""
     return (
         f"{name}: emp_f1 {m['emp_f1']:.2f} (er {m['emp_f1_er']:.1f} ip {m['emp_f1_ip']:.1f} "
-        f"ex {m['emp_f1_ex']:.1f}) | judge {m['emp_f1_judge']:.2f} | reward {m['reward']:.3f} "
-        "| "
-        f"dist_2 {m['dist_2']:.1f} | ppl {m['ppl']:.1f} | length {m['length']:.1f} | unique "
-        f"{m['unique_frac']:.2f}"
+        f"ex {m['emp_f1_ex']:.1f}) | judge {m['emp_f1_judge']:.2f} | reward {m['reward']:.3f} | "
+        f"dist_2 {m['dist_2']:.1f} | ppl {m['ppl']:.1f} | length {m['length']:.1f} | "
+        f"unique {m['unique_frac']:.2f}"
     )
 
 
@@ -612,9 +632,8 @@ def load_run(run_dir, device="cpu"):
         cfg = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(
-            f"{run_dir / 'config.json'}: not a run's settings "
-            f"({type(e).__name__}); "
-            f"give the --out_dir of a `python train.py` run"
+            f"{run_dir / 'config.json'}: not a run's settings ({type(e).__name__}); give the "
+            "--out_dir of a `python train.py` run"
         ) from None
     tok = data.Tokenizer(run_dir / "spiece.model")
     which = "emprl" if (run_dir / "emprl" / "config.json").exists() else "sft"
@@ -655,11 +674,18 @@ def main(argv):
         )
         sys.exit(1)
 
-    def show(text, levels):
+    if cfg.get("limit_train"):  # a quick run on a slice of the data, such as --preset=tiny
         print(
-            f"{which}> {text}\n      "
-            f"[{' '.join(f'{k}={data.LEVELS[v]}' for k, v in levels.items())}]"
+            f"note: this run learnt from {cfg['limit_train']} dialogues only (a test run such as "
+            "--preset=tiny): its replies are gibberish by design. A real model comes from `python "
+            "train.py --preset=cpu` (see the README's quick start for how long it takes) or from a "
+            "GPU preset.",
+            file=sys.stderr,
         )
+
+    def show(text, levels):
+        named = " ".join(f"{k}={data.LEVELS[v]}" for k, v in levels.items())
+        print(f"{which}> {text}\n      [{named}]")
 
     if not args.interactive:
         show(*reply(model, identifiers, tok, [args.message], cfg, seed=args.seed))

@@ -31,7 +31,6 @@ Deviations from TRL 0.9.6 (the authors' PPOTrainer):
 import math
 
 import torch
-import torch.distributed as dist
 
 # ----------------------------------------------------------------------------- masked statistics
 
@@ -56,50 +55,24 @@ def masked_var(x, mask, unbiased=True):
     return var
 
 
-def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
+def masked_whiten(x, mask, shift_mean=True, eps=1e-8, total=None):
     """whiten(x) = (x - mean_m(x)) / sqrt(var_m(x) + eps) [+ mean_m(x) when not shift_mean], times
     m.
 
     shift_mean=False keeps the mean and only rescales (TRL's reward whitening). Padding stays 0.
-    Under torchrun mean_m and var_m (unbiased) are the global batch's: sums over every process's
-    share."""
+    mean_m and var_m (unbiased) are sums over x's elements; `total`, if given, turns such a sum into
+    a sum over a larger batch held elsewhere (under torchrun, machine.all_sum: the global batch)."""
+    total = total or (lambda s: s)
     m = mask.to(x.dtype)
-    n = all_sum(m.sum())
+    n = total(m.sum())
     if n < 2:  # Bessel's correction divides by n - 1
         raise ValueError(f"masked_whiten needs at least 2 real tokens, the mask has {int(n)}")
-    mean = all_sum((x * m).sum()) / n
-    # = masked_var(x, mask) in one process
-    var = all_sum(((x - mean) ** 2 * m).sum()) / n * n / (n - 1)
+    mean = total((x * m).sum()) / n
+    var = total(((x - mean) ** 2 * m).sum()) / n * n / (n - 1)  # = masked_var(x, mask) unbiased
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * m
-
-
-# the global batch: under torchrun each process holds 1/N of an iteration's rollouts (the identity
-# in one process)
-def all_sum(x):
-    """x summed over every process (x itself in one process)."""
-    if not dist.is_initialized():
-        return x
-    x = x.clone()
-    dist.all_reduce(x)
-    return x
-
-
-def all_mean(x):
-    """x averaged over every process (x itself in one process)."""
-    return all_sum(x) / (dist.get_world_size() if dist.is_initialized() else 1)
-
-
-def all_gather(x):
-    """Every process's x (the same shape on each) concatenated along dim 0, in rank order (x in one
-    process)."""
-    if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------- 2. reward
@@ -115,7 +88,10 @@ class RunningMoments:
     """
 
     def __init__(self):
-        self.mean, self.var, self.std, self.count = 0.0, 0.0, 1.0, 0
+        self.mean = 0.0
+        self.var = 0.0
+        self.std = 1.0
+        self.count = 0
 
     @torch.no_grad()
     def update(self, x):
@@ -128,8 +104,10 @@ class RunningMoments:
                 f"RunningMoments.update needs at least 2 values to estimate a std, got {m}"
             )
         batch_var, batch_mean = torch.var_mean(x, unbiased=False)
-        batch_mean, batch_var = batch_mean.item(), batch_var.item()
-        delta, n = batch_mean - self.mean, self.count
+        batch_mean = batch_mean.item()
+        batch_var = batch_var.item()
+        delta = batch_mean - self.mean
+        n = self.count
         total = n + m
         self.mean += delta * m / total
         self.var = (n * self.var + m * batch_var + delta**2 * n * m / total) / total
@@ -141,8 +119,10 @@ class RunningMoments:
         return {"mean": self.mean, "var": self.var, "std": self.std, "count": self.count}
 
     def load_state_dict(self, state):
-        self.mean, self.var = float(state["mean"]), float(state["var"])
-        self.std, self.count = float(state["std"]), int(state["count"])
+        self.mean = float(state["mean"])
+        self.var = float(state["var"])
+        self.std = float(state["std"])
+        self.count = int(state["count"])
 
 
 def normalize_scores(scores, moments, eps=1e-8):
@@ -209,7 +189,9 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     left unchanged.
     """
     mask = mask.to(values.dtype)
-    values, rewards = values * mask, rewards * mask  # nothing from beyond EOS enters δ
+    # nothing from beyond EOS enters δ
+    values = values * mask
+    rewards = rewards * mask
     T = rewards.shape[1]
     last_advantage = torch.zeros_like(values[:, 0])  # (B,) A_{t+1}
     advantages_reversed = []
@@ -322,12 +304,10 @@ class KLController:
     KL and n_steps rollouts, β <- β · (1 + clip(KL/target - 1, -0.2, 0.2) · n_steps / horizon)."""
 
     def __init__(self, init_kl_coef=0.2, target=6.0, horizon=10000, adaptive=True):
-        self.value, self.target, self.horizon, self.adaptive = (
-            float(init_kl_coef),
-            target,
-            horizon,
-            adaptive,
-        )
+        self.value = float(init_kl_coef)
+        self.target = target
+        self.horizon = horizon
+        self.adaptive = adaptive
 
     def update(self, current_kl, n_steps):
         if self.adaptive:

@@ -98,7 +98,10 @@ class EmpathyIdentifier(nn.Module):
     def forward(self, ctx_ids, ctx_mask, resp_ids, resp_mask):
         h_c = self.context_encoder(ctx_ids, attention_mask=ctx_mask)  # (B, S, D)  [I1]
         h_y = self.response_encoder(resp_ids, attention_mask=resp_mask)  # (B, T, D)  [I2]
-        q, k, v = self.q(h_y), self.k(h_c), self.v(h_c)  # (B, T, D), (B, S, D), (B, S, D)
+        # (B, T, D), (B, S, D), (B, S, D)
+        q = self.q(h_y)
+        k = self.k(h_c)
+        v = self.v(h_c)
         scores = q @ k.transpose(1, 2) / math.sqrt(q.size(-1))  # (B, T, S)
         # Padding in the context gets no attention. (Padding in the reply is dropped by the pooling
         # below.)
@@ -196,9 +199,11 @@ class Identifiers(nn.Module):
 def classification_metrics(y_true, y_pred):
     """Accuracy, macro-F1 and support-weighted F1 (sklearn semantics [E1, E2]), as fractions in [0,
     1]."""
-    y_true, y_pred = np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()
+    y_true = np.asarray(y_true).ravel()
+    y_pred = np.asarray(y_pred).ravel()
     labels = np.union1d(y_true, y_pred)  # sklearn averages over the labels present in either side
-    f1, support = [], []
+    f1 = []
+    support = []
     for c in labels:
         tp = np.sum((y_pred == c) & (y_true == c))
         fp = np.sum((y_pred == c) & (y_true != c))
@@ -206,7 +211,8 @@ def classification_metrics(y_true, y_pred):
         # [E1]; = 2PR/(P+R), 0 where undefined
         f1.append(2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0)
         support.append(np.sum(y_true == c))
-    f1, support = np.array(f1, dtype=float), np.array(support, dtype=float)
+    f1 = np.array(f1, dtype=float)
+    support = np.array(support, dtype=float)
     return {
         "acc": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
         "macro_f1": float(f1.mean()) if len(f1) else 0.0,
@@ -218,7 +224,8 @@ def classification_metrics(y_true, y_pred):
 def emp_f1(generated_levels, target_levels):
     """Emp-F1 [E3] and per-mechanism weighted F1 and accuracy (x 100) of levels (N, 3) in the order
     ER, IP, EX."""
-    generated_levels, target_levels = np.asarray(generated_levels), np.asarray(target_levels)
+    generated_levels = np.asarray(generated_levels)
+    target_levels = np.asarray(target_levels)
     out = {}
     for j, mech in enumerate(data.MECHANISMS):
         # weights = target supports
@@ -319,11 +326,14 @@ def train_identifier(
 
     t_start = time.time()
     history = [evaluate(0, float("nan"), 0.0)]
-    best, best_state, since_best = history[0], None, 0
+    best = history[0]
+    best_state = None
+    since_best = 0
     for epoch in range(1, epochs + 1):
         t0 = time.time()
         model.train()
-        total, n = 0.0, 0
+        total = 0.0
+        n = 0
         for idx in data.batch_indices(
             lengths, batch_size, shuffle=True, seed=seed + epoch, bucket=True
         ):
@@ -338,12 +348,14 @@ def train_identifier(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            total, n = total + loss.item() * len(idx), n + len(idx)
+            total = total + loss.item() * len(idx)
+            n = n + len(idx)
         stats = evaluate(epoch, total / max(n, 1), time.time() - t0)
         history.append(stats)
         improved = stats["macro_f1"] > best["macro_f1"] or best_state is None
         if improved:
-            best, since_best = stats, 0
+            best = stats
+            since_best = 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since_best += 1
@@ -369,13 +381,11 @@ def train_and_test(model, name, records, tok, cfg, device, autocast=nullcontext,
     """Train one identifier on EPITOME records {train, valid, test} with the run's ident_* settings
     (validation patience 2), then score it on test beside the majority level: its row of
     identifiers.json, printed."""
-    t0, ex = (
-        time.time(),
-        {
-            s: epitome_examples(r, tok, cfg.ident_ctx_tokens, cfg.ident_resp_tokens)
-            for s, r in records.items()
-        },
-    )
+    t0 = time.time()
+    ex = {
+        s: epitome_examples(r, tok, cfg.ident_ctx_tokens, cfg.ident_resp_tokens)
+        for s, r in records.items()
+    }
     hist = train_identifier(
         model,
         ex["train"],

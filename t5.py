@@ -20,6 +20,7 @@ import json
 import math
 import os
 import struct
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -127,7 +128,8 @@ class Attention(nn.Module):
 
     def __init__(self, config, has_relative_bias=False):
         super().__init__()
-        self.H, self.K = config.num_heads, config.d_kv
+        self.H = config.num_heads
+        self.K = config.d_kv
         self.q = nn.Linear(config.d_model, self.H * self.K, bias=False)
         self.k = nn.Linear(config.d_model, self.H * self.K, bias=False)
         self.v = nn.Linear(config.d_model, self.H * self.K, bias=False)
@@ -151,16 +153,22 @@ class Attention(nn.Module):
         q = self.heads(self.q(x))  # (B, H, L, K)
         # cross-attention: computed on the first step
         if source is not None and cache is not None and "k" in cache:
-            k, v = cache["k"], cache["v"]  # (B, H, S, K)
+            # (B, H, S, K)
+            k = cache["k"]
+            v = cache["v"]
         else:
             kv_input = x if source is None else source
-            k, v = self.heads(self.k(kv_input)), self.heads(self.v(kv_input))  # (B, H, L or S, K)
+            # (B, H, L or S, K)
+            k = self.heads(self.k(kv_input))
+            v = self.heads(self.v(kv_input))
             if cache is not None:
                 # self-attention: append to the past keys/values
                 if source is None and "k" in cache:
                     # (B, H, past + L, K)
-                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
+                    k = torch.cat([cache["k"], k], dim=2)
+                    v = torch.cat([cache["v"], v], dim=2)
+                cache["k"] = k
+                cache["v"] = v
         # one written-out path for full passes and cached decoding alike: a sampled token's log-prob
         # is the scored one
         scores = q @ k.transpose(-1, -2)  # (B, H, L, L_keys); no 1/sqrt(K)
@@ -211,7 +219,8 @@ class T5Block(nn.Module):
         self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, x, mask, encoder_hidden=None, encoder_mask=None, cache=None):
-        attn, ff = self.layer[0], self.layer[-1]
+        attn = self.layer[0]
+        ff = self.layer[-1]
         self_cache, cross_cache = (
             (cache["self"], cache["cross"]) if cache is not None else (None, None)
         )
@@ -238,7 +247,8 @@ class T5Stack(nn.Module):
 
     def __init__(self, config, is_decoder, embed_tokens):
         super().__init__()
-        self.config, self.is_decoder = config, is_decoder
+        self.config = config
+        self.is_decoder = is_decoder
         # the model's `shared` table, the same module in both stacks
         self.embed_tokens = embed_tokens
         n = config.num_decoder_layers if is_decoder else config.num_layers
@@ -252,7 +262,8 @@ class T5Stack(nn.Module):
         """Relative position bias (1, H, query_len, key_len) for queries at positions
         past..past+query_len-1 and keys at 0..key_len-1 (the decoder's includes the causal mask;
         cached decoding asks for one row)."""
-        cfg, device = self.config, self.embed_tokens.weight.device
+        cfg = self.config
+        device = self.embed_tokens.weight.device
         query_pos = torch.arange(past, past + query_len, device=device)[:, None]
         key_pos = torch.arange(key_len, device=device)[None, :]
         # (query_len, key_len)
@@ -293,7 +304,10 @@ def init_weights(module, config):
     """HF's T5 initialisation (factor 1) of a T5 or one of its stacks, by parameter name: every std
     is 1/sqrt(fan_in), except q, which also absorbs the missing 1/sqrt(K) of the attention scores,
     and the shared embedding and LM head, which are N(0, 1)."""
-    D, K, H, Fd = config.d_model, config.d_kv, config.num_heads, config.d_ff
+    D = config.d_model
+    K = config.d_kv
+    H = config.num_heads
+    Fd = config.d_ff
     for name, p in module.named_parameters():
         leaf = name.split(".")[-2]
         if leaf in ("shared", "lm_head"):
@@ -345,7 +359,11 @@ class T5(nn.Module):
     def lm_logits(self, decoder_hidden):
         """Logits (B, T, V) from a float32 matmul, autocast or not: sampling, scoring and the losses
         read them."""
-        with torch.autocast(decoder_hidden.device.type, enabled=False):
+        device_type = decoder_hidden.device.type
+        no_autocast = nullcontext()  # the meta device (shapes only) has no autocast to turn off
+        if torch.amp.is_autocast_available(device_type):
+            no_autocast = torch.autocast(device_type, enabled=False)
+        with no_autocast:
             decoder_hidden = decoder_hidden.float()
             # the tied table is N(0, 1)-scaled: back to logit scale
             if self.config.tie_word_embeddings:
@@ -494,7 +512,8 @@ def sample_next(logits, do_sample, temperature, top_k, generator=None):
     if not do_sample:
         return logits.argmax(dim=-1)
     # None: candidates are the whole vocabulary, in id order
-    logits, token_ids = logits / temperature, None
+    logits = logits / temperature
+    token_ids = None
     if top_k > 0:  # keep the k largest logits
         logits, token_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (B, k)
     cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)  # (B, n), unnormalised
@@ -584,7 +603,9 @@ def load_safetensors(path):
 def save_safetensors(tensors, path, metadata=None):
     """Write {name: tensor} as a .safetensors file, atomically (see atomic_write)."""
     names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, chunks, offset = {}, [], 0
+    header = {}
+    chunks = []
+    offset = 0
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()

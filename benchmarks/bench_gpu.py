@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import emprl  # noqa: E402
+import machine  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 import train  # noqa: E402
@@ -95,7 +96,7 @@ def main():
     device = torch.device(args.device)
     steps = args.steps or (20 if device.type == "cuda" else 3)
     cfg, _ = train.parse_args(["--preset=gpu"])
-    dtype, why = train.choose_dtype(cfg, device)
+    dtype, why = machine.choose_dtype(cfg, device)
     autocast = contextlib.nullcontext
     if dtype == "bfloat16":
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
@@ -218,17 +219,9 @@ def main():
     judge = Judge.fit({m: toy for m in data.MECHANISMS}, {m: toy for m in data.MECHANISMS})
     test = split(n, config.vocab_size, seed=2)
     with Clock(device) as clock:
-        emprl.evaluate(
-            model,
-            identifiers,
-            judge,
-            _Tok(),
-            test,
-            np.zeros((n, 3), dtype=np.int64),
-            device,
-            cfg,
-            autocast,
-        )
+        graders = emprl.Graders(identifiers, judge, _Tok())
+        levels = np.zeros((n, 3), dtype=np.int64)
+        emprl.evaluate(model, graders, dict(test, levels=levels), cfg, autocast)
     validations = (
         cfg.ppo_steps // cfg.ppo_eval_every * cfg.ppo_limit_valid + 1 * cfg.ppo_limit_valid
     )

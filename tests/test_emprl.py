@@ -414,3 +414,36 @@ def test_a_minibatch_with_a_wild_ratio_is_weighted_zero_and_an_update_of_only_su
     assert stats == [] and skipped == {"ratio": 2, "nonfinite": 0}  # 16 rollouts, minibatches of 8
     assert all(torch.equal(a, p) for a, p in zip(before, policy.parameters()))
     assert not opt.state and sched.last_epoch == 0
+
+
+def test_a_wild_minibatch_whose_loss_is_infinite_leaves_the_kept_minibatches_update_intact():
+    """With ppo_grad_accum = 2 an update sums two minibatches. When the second one's ratio
+    overflows (ρ = ∞, so its loss is ∞), it is skipped with a zero-weighted backward; that backward
+    must add exactly 0 to the gradients (0 · ∞ would be NaN and throw the kept minibatch's update
+    away as non-finite): the update is made from the first minibatch alone."""
+    policy, ref, opt, sched, kl_ctl, moments = setup()
+    b = batch()
+    cfg = ppo_cfg(ppo_epochs=1, ppo_grad_accum=2)
+    roll = emprl.rollout(policy, ref, b, cfg, _nullctx)
+    roll.update(
+        advantages=torch.randn_like(roll["logprobs"]) * roll["mask"],
+        returns=torch.zeros_like(roll["values"]),
+    )
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    second = order[8:]  # the minibatch ppo_update draws second with this generator
+    roll["logprobs"][second] = -1e4 * roll["mask"][second]  # ρ = exp(log π + 1e4) = ∞
+    before = [p.detach().clone() for p in policy.parameters()]
+    stats, skipped = emprl.ppo_update(
+        policy, opt, sched, roll, b, cfg, _nullctx, torch.Generator().manual_seed(0)
+    )
+    assert skipped == {"ratio": 1, "nonfinite": 0} and len(stats) == 1
+    assert any(not torch.equal(a, p) for a, p in zip(before, policy.parameters()))
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+
+
+def test_the_value_head_is_zero_at_the_start():
+    """V starts at 0 everywhere (zero-initialised head), so the first advantages are the whitened
+    rewards themselves."""
+    policy = setup()[0]
+    _, values = policy(batch()["ctx"], batch()["ctx_mask"], torch.zeros(16, 3, dtype=torch.long))
+    assert torch.equal(values, torch.zeros_like(values))

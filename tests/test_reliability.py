@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from test_emprl import SubsetReward, _nullctx, batch, ppo_cfg, setup
 
 import data
 import emprl
+import machine
 import ppo
 import reward
 import rundir
@@ -60,7 +62,14 @@ def start(data_dir, out):
             env=ENV,
             stdout=f,
             stderr=subprocess.STDOUT,
+            preexec_fn=default_sigint,
         )
+
+
+def default_sigint():
+    """In the child: Ctrl-C as a terminal delivers it. A test run from a background job inherits
+    SIGINT ignored, and Python then never raises KeyboardInterrupt in the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupt(data_dir, out, when, sig, timeout=180):
@@ -685,17 +694,22 @@ def test_fuzzed_real_csv_prefixes_only_ever_raise_data_error(real_data_dir, tmp_
 # the run layer
 
 
-def test_every_config_field_names_its_stage_exactly_once():
-    """The changed-settings check and --from_run read each field's stage from FIELDS_OF_STAGE: a
-    field missing there would escape the check, so the table must cover Config exactly (train.py
-    also refuses to import otherwise)."""
-    named = " ".join(train.FIELDS_OF_STAGE.values()).split()
-    assert sorted(named) == sorted(f.name for f in train.dataclasses.fields(train.Config))
-    assert (
-        set(train.FIELDS_OF_STAGE) == {"run", *train.STAGES}
-        and tuple(train.PIPELINE) == train.STAGES
+def test_every_config_field_has_the_stage_of_its_group():
+    """The changed-settings check and --from_run read each field's stage from STAGE_OF, made from
+    Config's groups (FIRST_FIELD): every field has one, every stage has fields, the groups follow
+    the pipeline's order, and the "run" fields belong to none (they are compared in no run)."""
+    fields = [f.name for f in train.dataclasses.fields(train.Config)]
+    assert list(train.STAGE_OF) == fields
+    assert [fields.index(f) for f in train.FIRST_FIELD.values()] == sorted(
+        fields.index(f) for f in train.FIRST_FIELD.values()
     )
-    assert train.STAGE_OF["out_dir"] is None and train.STAGE_OF["ppo_seed"] == "ppo"
+    assert list(train.FIRST_FIELD)[1:] == list(train.STAGES) == list(train.PIPELINE)
+    assert {s for s in train.STAGE_OF.values() if s} == set(train.STAGES)
+    expected = dict(out_dir=None, max_nonfinite=None, seed="tokenizer", limit_test="tokenizer")
+    expected.update(dtype="sft", sft_limit_valid="sft", ident_init="identifiers")
+    expected.update(ident_limit_pairs="identifiers", label_limit_train="labels", ppo_steps="ppo")
+    expected.update(ppo_limit_valid="ppo", eval_batch_size="eval", eval_seed="eval")
+    assert {k: train.STAGE_OF[k] for k in expected} == expected
 
 
 def test_a_second_run_on_a_held_run_directory_is_refused_and_a_killed_run_leaves_no_stale_lock(
@@ -810,20 +824,39 @@ def small_config():
 
 
 def test_a_checkpoint_from_another_kind_of_device_is_refused_with_one_line(tmp_path):
-    """A PPO checkpoint keeps the minibatch-order generator of the device it ran on; a CUDA
-    generator's state (16 bytes: seed and offset) does not load into a CPU generator, nor a CPU
-    one's into CUDA. Resuming on another kind of device is refused with one line naming the
-    checkpoint and what to do, not a traceback."""
+    """A checkpoint keeps the kind of device it ran on: its random streams (a CUDA generator's state
+    is 16 bytes, a CPU one's 5,056) belong there, so resuming on another kind of device would not be
+    the same run. Every checkpoint, SFT's as PPO's, is refused there with one line naming it and
+    what to do."""
+    cpu = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
-    rundir.save_checkpoint(tmp_path / "ppo_ckpt.pt", dict(generator=gen), dict(step=3))
+    for name in ("ppo_ckpt.pt", "sft_ckpt.pt"):
+        rundir.save_checkpoint(tmp_path / name, dict(generator=gen), dict(step=3), cpu)
+        ck = torch.load(tmp_path / name, weights_only=True)
+        assert ck["device"] == "cpu"
+        ck["device"] = "cuda"  # as a GPU run saves it
+        torch.save(ck, tmp_path / name)
+        with pytest.raises(rundir.RunError, match=rf"{name} was saved on cuda, this run uses cpu"):
+            rundir.load_checkpoint(tmp_path / name, dict(generator=torch.Generator()), cpu)
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_names_the_part_and_its_error(tmp_path):
+    """Any other failure to load a checkpoint (a part of another size or kind) is not reported as
+    another device: the message names the part and the error, and says how to start over."""
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    rundir.save_checkpoint(tmp_path / "ppo_ckpt.pt", dict(generator=gen), dict(step=3), cpu)
     ck = torch.load(tmp_path / "ppo_ckpt.pt", weights_only=True)
-    # what a CUDA generator's get_state() holds
-    ck["parts"]["generator"] = torch.zeros(16, dtype=torch.uint8)
+    ck["parts"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state
     torch.save(ck, tmp_path / "ppo_ckpt.pt")
-    with pytest.raises(
-        rundir.RunError, match=r"ppo_ckpt.pt was saved on another device " r".*--device it ran on"
-    ):
-        rundir.load_checkpoint(tmp_path / "ppo_ckpt.pt", dict(generator=torch.Generator()))
+    with pytest.raises(rundir.RunError) as e:
+        rundir.load_checkpoint(tmp_path / "ppo_ckpt.pt", dict(generator=torch.Generator()), cpu)
+    assert "does not fit this run (generator: " in str(e.value)
+    assert "another device" not in str(e.value) and "delete it" in str(e.value)
+    model = torch.nn.Linear(2, 2)
+    rundir.save_checkpoint(tmp_path / "sft_ckpt.pt", dict(model=model), dict(step=1), cpu)
+    with pytest.raises(rundir.RunError, match=r"sft_ckpt.pt does not fit this run \(model: "):
+        rundir.load_checkpoint(tmp_path / "sft_ckpt.pt", dict(model=torch.nn.Linear(3, 2)), cpu)
 
 
 def test_a_one_process_checkpoint_resumed_under_torchrun_gives_each_rank_draws_of_its_own(
@@ -834,14 +867,14 @@ def test_a_one_process_checkpoint_resumed_under_torchrun_gives_each_rank_draws_o
     rank): the ranks' rollouts are not copies of each other. Only this process's device RNG is saved
     (none here: no GPU in use)."""
     torch.manual_seed(123)
-    rundir.save_checkpoint(tmp_path / "ck.pt", {}, dict(step=1))
+    rundir.save_checkpoint(tmp_path / "ck.pt", {}, dict(step=1), torch.device("cpu"))
     ck = torch.load(tmp_path / "ck.pt", weights_only=True)
     assert len(ck["rng"]["ranks"]) == 1 and "cuda" not in ck["rng"]["ranks"][0]
     expected = torch.rand(4)  # what the uninterrupted process draws next
     draws = {}
     for r in (0, 1, 2):
         monkeypatch.setattr(rundir, "rank", lambda r=r: r)
-        rundir.load_checkpoint(tmp_path / "ck.pt", {})
+        rundir.load_checkpoint(tmp_path / "ck.pt", {}, torch.device("cpu"))
         draws[r] = torch.rand(4)
     assert torch.equal(draws[0], expected)
     assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
@@ -855,11 +888,111 @@ def test_ranks_waiting_for_rank_0_stop_with_an_error_when_it_dies(tmp_path):
     run.mkdir()
     lock = rundir.hold(run)  # rank 0, alive
     rundir.write(run / "stages.json", {"tokenizer": 1.0, "sft": 2.0})
-    assert rundir.wait_for_stage(run, "sft", poll_s=0.01) == {"tokenizer": 1.0, "sft": 2.0}
+    assert machine.wait_for_stage(run, "sft", poll_s=0.01) == {"tokenizer": 1.0, "sft": 2.0}
     lock.close()  # rank 0 is gone before finishing 'identifiers'
     t0 = time.monotonic()
     with pytest.raises(
         rundir.RunError, match="rank 0 stopped before finishing stage 'identifiers'"
     ):
-        rundir.wait_for_stage(run, "identifiers", poll_s=0.01)
+        machine.wait_for_stage(run, "identifiers", poll_s=0.01)
     assert time.monotonic() - t0 < 5
+
+
+def test_the_leftover_sweep_removes_only_this_runs_own_temporary_files(tmp_path):
+    """Opening a run directory deletes what a writer killed in the middle left: atomic_write's and
+    copy's temporary names in the run directory and its model directories. It must not reach into a
+    run directory nested inside it (a live run's checkpoint being written), nor delete a user's own
+    hidden files."""
+    run = tmp_path / "run"
+    (run / "sft").mkdir(parents=True)
+    (run / ".sft.tmp").mkdir()  # a killed copy of a model directory
+    own = [run / ".results.json.0a1b2c3d.tmp", run / "sft" / ".model.safetensors.deadbeef.tmp"]
+    nested = run / "nested" / ".ppo_ckpt.pt.12345678.tmp"  # another run, writing now
+    nested.parent.mkdir()
+    mine = [run / ".notes.tmp", run / "sft" / "notes.tmp", run / "nested" / ".x.tmp"]
+    for path in own + [nested] + mine:
+        path.write_text("x")
+    rundir.hold(run).close()
+    assert not any(p.exists() for p in own) and not (run / ".sft.tmp").exists()
+    assert nested.exists() and all(p.exists() for p in mine)
+
+
+def test_main_leaves_the_denormal_flag_as_it_found_it(tmp_path):
+    """train.main flushes denormals for its run and restores the flag when it returns, so that a
+    test calling it in-process does not change the numbers of every later test."""
+    torch.set_flush_denormal(False)
+    assert not machine.denormals_flushed()
+    args = ["--preset=tiny", "--device=cpu", f"--data_dir={tmp_path / 'none'}"]
+    with pytest.raises(SystemExit):  # stops at the missing data, after the flag was set
+        train.main([*args, f"--out_dir={tmp_path / 'run'}"])
+    assert not machine.denormals_flushed()
+    torch.set_flush_denormal(True)
+    assert machine.denormals_flushed()
+    torch.set_flush_denormal(False)
+
+
+def test_denormals_are_flushed_before_any_matmul_starts_the_thread_pool():
+    """The CPU's worker threads copy the flush-to-zero flag when they start. Set after a matmul
+    has started them (as choose_dtype's timing does), half of every two-thread matmul is not
+    flushed; set first, all of it is. flush_denormals reports which happened, and train.py calls it
+    first."""
+    code = (
+        "import sys, torch; sys.path.insert(0, {root!r}); import machine\n"
+        "torch.set_num_threads(2)\n"
+        "{before}\n"
+        "print(machine.flush_denormals())\n"
+    )
+    for before, expected in (
+        ("", "True"),
+        ("torch.randn(512, 512) @ torch.randn(512, 512)", "False"),
+    ):
+        p = subprocess.run(
+            [sys.executable, "-c", code.format(root=str(ROOT), before=before)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "2"},
+        )
+        assert p.stdout.strip() == expected, (before, p.stdout, p.stderr[-2000:])
+    source = (ROOT / "train.py").read_text()
+    body = source[source.index("def run_pipeline") :]
+    assert body.index("machine.flush_denormals()") < body.index("machine.choose_dtype(")
+    assert body.index("machine.flush_denormals()") < body.index("machine.start_processes(")
+
+
+@pytest.mark.parametrize(
+    "capability, dtype, note",
+    [
+        ((7, 5), "float32", ""),  # T4: no TF32
+        ((7, 0), "bfloat16", ""),  # V100
+        ((8, 0), "float32", " with TF32 matmuls"),  # A100
+        ((9, 0), "bfloat16", " with its float32 LM head in TF32"),  # H100
+    ],
+)
+def test_the_banner_names_tf32_only_where_the_gpu_has_it_and_the_run_uses_it(
+    monkeypatch, capability, dtype, note
+):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert machine.tf32_note(torch.device("cuda"), dtype) == note
+    assert machine.tf32_note(torch.device("cpu"), dtype) == ""
+
+
+def test_a_numbered_gpu_is_made_current_and_its_random_state_is_the_one_saved(
+    monkeypatch, tmp_path
+):
+    """--device=cuda:1 in one process: GPU 1 becomes the current device, and the checkpoint saves
+    and restores GPU 1's random state, not GPU 0's. (No GPU needed: torch.cuda is mocked.)"""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+
+    def get_rng_state(device="cuda"):
+        calls.append(("get", device))
+        return torch.zeros(16, dtype=torch.uint8)
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d="cuda": calls.append(("set", d)))
+    cfg = types.SimpleNamespace(device="cuda:1")
+    device = machine.choose_device(cfg)
+    assert device == torch.device("cuda", 1) and calls == [("set_device", device)]
+    rundir.save_checkpoint(tmp_path / "ck.pt", {}, dict(step=1), device)
+    rundir.load_checkpoint(tmp_path / "ck.pt", {}, device)
+    assert calls[1:] == [("get", device), ("set", device)]

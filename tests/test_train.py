@@ -225,6 +225,31 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     )
 
 
+def test_under_torchrun_a_failure_on_every_rank_is_one_error_line_and_no_traceback(tmp_path):
+    """Two processes (gloo) that both refuse a checkpoint saved on another device: the user sees
+    the reason once (rank 0 speaks; the other rank, which raised the same error, is stopped by
+    torchrun before it would), printed before the process group is torn down, and no worker prints
+    a Python traceback (torchrun's own summary of the failure follows, as it always does)."""
+    data_dir = write_synthetic_data(tmp_path / "data")
+    out = tmp_path / "run"
+    out.mkdir()
+    checkpoint = dict(state=dict(step=1), device="cuda", rng=dict(ranks=[]), parts={})
+    torch_save(checkpoint, out / "sft_ckpt.pt")  # as a GPU run leaves it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(ROOT / "train.py"), "--preset=tiny", "--device=cpu", f"--data_dir={data_dir}"]
+    p = run([*cmd, f"--out_dir={out}"])
+    ours = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert p.returncode != 0 and len(ours) == 1, p.stderr[-3000:]
+    assert "sft_ckpt.pt was saved on cuda, this run uses cpu" in ours[0]
+    assert 'train.py", line' not in p.stderr, p.stderr[-3000:]  # no worker's traceback
+
+
+def torch_save(obj, path):
+    import torch
+
+    torch.save(obj, path)
+
+
 # --------------------------------------------------------------------------------------------------
 # the real data
 
@@ -449,6 +474,7 @@ def test_dtype_auto_is_bfloat16_only_where_it_pays(monkeypatch, bf16, dtype):
     --dtype overrides; the tiny preset is float32."""
     import torch
 
+    import machine
     import train
 
     def is_bf16_supported(including_emulation=True):  # torch's signature and default
@@ -457,15 +483,15 @@ def test_dtype_auto_is_bfloat16_only_where_it_pays(monkeypatch, bf16, dtype):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
     cfg, _ = train.parse_args(["--preset=cpu"])
-    got, why = train.choose_dtype(cfg, torch.device("cuda"))
+    got, why = machine.choose_dtype(cfg, torch.device("cuda"))
     assert got == dtype and "Tesla T4" in why
-    monkeypatch.setattr(train, "bf16_matmul_speedup", lambda: 5.8 if dtype == "bfloat16" else 0.4)
-    got, why = train.choose_dtype(cfg, torch.device("cpu"))
+    monkeypatch.setattr(machine, "bf16_matmul_speedup", lambda: 5.8 if dtype == "bfloat16" else 0.4)
+    got, why = machine.choose_dtype(cfg, torch.device("cpu"))
     assert got == dtype and ("5.8x" if dtype == "bfloat16" else "0.4x") in why
     cfg.dtype = "bfloat16"
-    assert train.choose_dtype(cfg, torch.device("cpu")) == ("bfloat16", "--dtype")
+    assert machine.choose_dtype(cfg, torch.device("cpu")) == ("bfloat16", "--dtype")
     assert (
-        train.choose_dtype(train.parse_args(["--preset=tiny"])[0], torch.device("cpu"))[0]
+        machine.choose_dtype(train.parse_args(["--preset=tiny"])[0], torch.device("cpu"))[0]
         == "float32"
     )
 
