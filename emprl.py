@@ -64,6 +64,8 @@ VALUE_CLIP = 0.2
 RATIO_THRESHOLD = 10.0
 MAX_GRAD_NORM = 1.0
 GAMMA = 1.0
+
+
 # ------------------------------------------------------------------------------------------- policy
 
 
@@ -78,8 +80,7 @@ class PolicyWithValue(nn.Module):
         self.model = model
         self.value_dropout = nn.Dropout(dropout)
         self.value_head = nn.Linear(model.config.d_model, 1)
-        # zero init: V starts at 0 everywhere, so the first advantages are the (whitened) rewards
-        # themselves
+        # zero init: V starts at 0, so the first advantages are the (whitened) rewards themselves
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
@@ -107,13 +108,13 @@ def scored_logits(logits, temperature=1.0, min_new_tokens=0, eos_id=1):
     """The distribution replies are sampled from: logits / τ, with </s> forbidden for the first
     `min_new_tokens` positions (as `T5.generate` does). Every log-prob of a sampled token goes
     through here."""
-    # x / 1 would only copy
-    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
-    # + -inf, not written in place: the backward pass then passes the gradient on uncopied
+    logits = logits.float()
+    if temperature != 1.0:  # x / 1 would only copy
+        logits = logits / temperature
     if min_new_tokens > 0:
         forbid = torch.zeros_like(logits[0])  # (T, V)
         forbid[:min_new_tokens, eos_id] = float("-inf")
-        logits = logits + forbid
+        logits = logits + forbid  # not in place: the backward pass passes the gradient on uncopied
     return logits
 
 
@@ -127,8 +128,8 @@ def token_logprobs(logits, labels, mask):
 def sft_loss(model: T5, batch):
     """L_mle: mean token cross-entropy of the reference replies (teacher forcing). Returns (loss,
     n_tokens)."""
-    # (B, T, V)
-    logits = model(batch["ctx"], batch["ctx_mask"], machine.unwrap(model).shift_right(batch["tgt"]))
+    decoder_input = machine.unwrap(model).shift_right(batch["tgt"])
+    logits = model(batch["ctx"], batch["ctx_mask"], decoder_input)  # (B, T, V)
     mask = batch["tgt_mask"]
     nll = -token_logprobs(logits, batch["tgt"], mask).sum()
     n = mask.sum()
@@ -157,15 +158,15 @@ def count_nonfinite(state, finite, cfg, what):
     state["nonfinite"] = 0 if finite else state["nonfinite"] + 1
     if state["nonfinite"] >= cfg.max_nonfinite:
         raise NonFiniteError(
-            f"{state['nonfinite']} {what} in a row with non-finite losses, rewards or "
-            "gradients: the run "
-            "is diverging (lower the learning rate, or use --dtype=float32; on Ampere "
-            "or newer GPUs its "
-            f"matmuls run in TF32)"
+            f"{state['nonfinite']} {what} in a row with non-finite losses, rewards or gradients: "
+            "the run is diverging (lower the learning rate, or use --dtype=float32)"
         )
 
 
 def linear_schedule(optimizer, total_steps, warmup_steps=0):
+    """The learning rate rises linearly over warmup_steps, then falls linearly to 0 at total_steps
+    (SFT's and PPO's schedule)."""
+
     def f(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps

@@ -55,8 +55,7 @@ def read(path, load=None):
         if isinstance(e, PermissionError) or e.errno in FILE_SYSTEM_SAID_NO:
             raise
         why = e.strerror or str(e)  # e.g. torch's reader of a truncated file
-    # what a damaged file raises
-    except (ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+    except (ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:  # damaged
         why = str(e).removeprefix(f"{path}: ") if isinstance(e, ValueError) else type(e).__name__
     raise RunError(
         f"{path} is damaged ({why}): delete it and rerun the same command; its stage is redone"

@@ -429,8 +429,7 @@ class T5(nn.Module):
         try:
             raw = json.loads((path / "config.json").read_text())
             config = T5Config.from_dict(raw)
-        # ValueError includes a JSONDecodeError
-        except (UnicodeDecodeError, TypeError, ValueError) as e:
+        except (UnicodeDecodeError, TypeError, ValueError) as e:  # ValueError: JSONDecodeError too
             raise CheckpointError(f"{path / 'config.json'}: not a T5 config ({e})") from None
         if (path / "model.safetensors").is_file():
             state = load_safetensors(path / "model.safetensors")
@@ -526,8 +525,8 @@ def sample_next(logits, do_sample, temperature, top_k, generator=None):
     return (choice if token_ids is None else token_ids.gather(-1, choice))[:, 0]
 
 
-# --- safetensors: 8-byte little-endian header length N, N bytes of JSON header, raw little-endian
-# bytes ----
+# ------------------------------------------------------------------------------------ safetensors
+# the format: 8-byte little-endian header length N, N bytes of JSON header, raw little-endian data
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,

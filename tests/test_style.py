@@ -52,3 +52,18 @@ def test_every_core_file_is_within_its_line_budget():
             over[name] = (n, budget)
     assert over == {}, over
     assert sum(lines.values()) <= 4150, lines
+
+
+def test_ppo_is_pure_tensor_maths_and_train_starts_with_the_method():
+    """ppo.py imports torch and nothing of T5, empathy or torchrun (the global sums come in from
+    its callers); train.py's first stage starts within its first third (settings, then stages)."""
+    imports = set()
+    for node in ast.walk(ast.parse((ROOT / "ppo.py").read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            imports |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imports.add(node.module)
+    assert imports <= {"math", "torch"}, imports
+    lines = (ROOT / "train.py").read_text(encoding="utf-8").splitlines()
+    first_stage = next(i for i, line in enumerate(lines) if line.startswith("def stage_"))
+    assert first_stage < len(lines) / 3
