@@ -19,7 +19,8 @@ Sizes: `t5-small-gated` is t5-small's dimensions with T5 v1.1's gated-GELU and u
 tied, 60.5M); `cpu` is the `cpu` preset's 7.6M model. `--trl_python=PATH` also runs TRL 0.9.6's
 PPOTrainer on the same work in that interpreter (benchmarks/trl_ppo.py; an environment with trl
 0.9.6 and transformers 4.44.2, see docs/speed.md), one size after the other in the same run, and
-prints both and the ratio. `--flush_denormal` runs both with float32 denormals flushed to zero
+prints both and the ratio. `--flush=ours` flushes float32 denormals to zero in ours only, as each
+is run by its users (train.py flushes them, TRL does not); `--flush=both` in both
 (docs/speed.md says why that matters for these random models); `--profile=N` also prints the N
 costliest operators of ours.
 """
@@ -168,6 +169,14 @@ def one_size(size, steps, grad_accum, dtype="float32", profile=0):
     )
 
 
+# the header's note on denormals, per --flush
+FLUSHED = {
+    "none": "\n",
+    "ours": ", denormals flushed in ours only\n",
+    "both": ", denormals flushed\n",
+}
+
+
 def timed(fn):
     t = time.perf_counter()
     fn()
@@ -200,13 +209,15 @@ def main():
         "one more iteration",
     )
     p.add_argument(
-        "--flush_denormal",
-        action="store_true",
-        help="torch.set_flush_denormal(True) in ours and in TRL: tiny float32 values become 0",
+        "--flush",
+        default="none",
+        choices=("none", "ours", "both"),
+        help="where float32 denormals are flushed to zero: none, ours (as users run each: "
+        "train.py flushes, TRL does not), or both",
     )
     args = p.parse_args()
     if args.size:
-        torch.set_flush_denormal(args.flush_denormal)
+        torch.set_flush_denormal(args.flush != "none")  # first: before any matmul starts threads
         print(
             json.dumps(one_size(args.size, args.steps, args.grad_accum, args.dtype, args.profile))
         )
@@ -223,7 +234,7 @@ def main():
                     f"--grad_accum={args.grad_accum}",
                     f"--dtype={dtype}",
                     f"--profile={args.profile}",
-                    *(["--flush_denormal"] if args.flush_denormal else []),
+                    f"--flush={args.flush}",
                 ],
                 capture_output=True,
                 text=True,
@@ -245,7 +256,7 @@ def main():
                     str(Path(__file__).parent / "trl_ppo.py"),
                     json.dumps(SIZES[size]),
                     str(args.steps),
-                    str(int(args.flush_denormal)),
+                    str(int(args.flush == "both")),
                 ],
                 capture_output=True,
                 text=True,
@@ -255,8 +266,7 @@ def main():
     print(
         f"torch {torch.__version__}, {rows[0]['threads']} threads, best of {args.steps} "
         "iterations, "
-        f"{rows[0]['updates']} optimizer updates per iteration"
-        + (", denormals flushed to zero\n" if args.flush_denormal else "\n")
+        f"{rows[0]['updates']} optimizer updates per iteration" + FLUSHED[args.flush]
     )
     print(
         "| model | dtype | params | s / PPO iteration | of which rollout | update | peak RSS | "
