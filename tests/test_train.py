@@ -393,7 +393,9 @@ def test_replies_script_describes_the_sft_and_the_rl_replies_of_a_run(tiny_run):
 
 
 def test_reply_command_answers_with_the_identifiers_levels(tiny_run):
-    """`python emprl.py --run=RUN "message"` prints a reply and its ER / IP / EX levels."""
+    """`python emprl.py --run=RUN "message"` prints a reply and its ER / IP / EX levels. On a tiny
+    run (a slice of the data) it also says that the replies are gibberish by design and where a
+    real model comes from, so that a newcomer's first reply is not a surprise."""
     out, _ = tiny_run
     p = run(
         [sys.executable, str(ROOT / "emprl.py"), f"--run={out}", "I failed my driving test again."],
@@ -401,6 +403,7 @@ def test_reply_command_answers_with_the_identifiers_levels(tiny_run):
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "emprl> " in p.stdout and "ER=" in p.stdout and "IP=" in p.stdout and "EX=" in p.stdout
+    assert "gibberish by design" in p.stderr and "--preset=cpu" in p.stderr
 
 
 @pytest.mark.parametrize(
