@@ -35,6 +35,7 @@ BENCH = ROOT / "docs" / "bench"
 FILES = ("results.json", "identifiers.json", "log.jsonl")
 PATH_FIELDS = ("out_dir", "data_dir", "from_run")
 DOCS = ["README.md", "docs/*.md", "lab/*.md"]
+docs = lambda: sorted({p for pattern in DOCS for p in ROOT.glob(pattern)})  # the files with markers
 MARKER = re.compile(r"<!--=(.*?)-->(.*?)<!--/-->", re.S)
 MINUS = "−"
 
@@ -238,12 +239,14 @@ def const(module, name):
     return literal(code_value(module, name))
 
 
-def bench(file, pattern):
-    """A number of a committed benchmark output in docs/bench, found by a regular expression."""
-    m = re.search(pattern, (BENCH / file).read_text())
-    if not m:
+def bench(file, pattern, every=False):
+    """A number of a benchmark output in docs/bench, found by a regular expression: the first match,
+    or with `every` the range of all matches ("5.3-11.0")."""
+    found = re.findall(pattern, (BENCH / file).read_text())
+    if not found:
         raise KeyError(f"docs/bench/{file}: nothing matches {pattern!r}")
-    return m.group(1)
+    low, high = (min(found, key=float), max(found, key=float)) if every else (found[0], found[0])
+    return low if low == high else f"{low}-{high}"
 
 
 def times(name):
@@ -446,10 +449,6 @@ def stale(text):
         if m[2] != want:
             out.append((m[1], m[2], want))
     return out
-
-
-def docs():
-    return sorted({p for pattern in DOCS for p in ROOT.glob(pattern)})
 
 
 def write_all():
