@@ -1,7 +1,7 @@
-"""The docs' numbers, filled in from their sources: people write the sentences, this writes the numbers
-and the tables. A number from a record (docs/runs/NAME: results.json, identifiers.json, log.jsonl;
-docs/runs/index.json says what each is), a benchmark output (docs/bench) or the config sits in
-README.md, docs/*.md or lab/*.md between two markers that a rendered page does not show:
+"""The docs' numbers, filled in from their sources: people write the sentences, this writes the
+numbers and the tables. A number from a record (docs/runs/NAME: results.json, identifiers.json,
+log.jsonl; docs/runs/index.json says what each is), a benchmark output (docs/bench) or the config
+sits in README.md, docs/*.md or lab/*.md between two markers that a rendered page does not show:
 
     EmpRL − SFT is <!--=ci(seeds("cpu"),"diff.emp_f1")-->+3.23 [+2.95, +3.50]<!--/--> over ...
 
@@ -219,7 +219,7 @@ def cfg(field, preset=None):
 
 
 def code_value(module, name):
-    """From a module's source: a constant "NAME", a field "Class.field", a default "function.arg"."""
+    """From a module's source: a constant "NAME", a field "Class.field", a default "func.arg"."""
     owner, _, attr = name.rpartition(".")
     if not owner:
         return evaluate(assigned(module, attr))
@@ -303,7 +303,7 @@ def headline(pipeline):
 
 
 def seeds_table(pipeline, variants=("ppo",)):
-    """One row per record of a pipeline's variants; for one variant, then their mean [t interval]."""
+    """One row per record of a pipeline's variants; for one variant, then their mean [t]."""
     group = [n for var in variants for n in seeds(pipeline, var)]
     rows = [
         [
@@ -408,9 +408,9 @@ def sample(name, i=0):
 
 
 def held_out(rule, what="flagged"):
-    """The held-out test of check-run's rule of commit `rule`: the records held out for it (index.json
-    held_out_for) and what it flagged them on (held_out_flags, measured with that rule when they
-    arrived). what: "n", "flagged" or "names"."""
+    """The held-out test of check-run's rule of commit `rule`: the records held out for it
+    (index.json held_out_for) and what it flagged them on (held_out_flags, measured with that rule
+    when they arrived). what: "n", "flagged" or "names"."""
     flags = {n: r["held_out_flags"] for n, r in index().items() if r.get("held_out_for") == rule}
     flagged = [n for n in flags if flags[n]]
     return {"n": len(flags), "flagged": len(flagged), "names": ", ".join(flagged) or "none"}[what]
