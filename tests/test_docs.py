@@ -468,6 +468,8 @@ def test_readme_is_a_front_page():
     ]
     at = [text.index(h) for h in order]
     assert at == sorted(at), order
+    lab = text[text.index("## Teaching with it") : text.index("## Code")].strip().splitlines()[1:]
+    assert len([line for line in lab if line.strip()]) <= 10, "the lab in at most 10 lines"
     glossary = text[text.index("## Glossary") : text.index("## Licences")]
     for term in [
         "SFT",
