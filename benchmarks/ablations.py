@@ -107,6 +107,25 @@ def row_seeds(base, row):
     return sorted(found)
 
 
+def samples(base, n=3):
+    """Markdown: the first n test dialogues of results.json and every row's reply (PPO seed 0)."""
+    found = {}
+    for row in ROWS:
+        d = finished_dir(base, row, 0)
+        if d is not None:
+            found[row] = json.loads((d / "results.json").read_text())["samples"]
+    out = []
+    for i, sample in enumerate(next(iter(found.values()), [])[:n]):
+        replies = "\n".join(
+            f"   - {row}: {s[i]['emprl']}" for row, s in found.items() if i < len(s)
+        )
+        out.append(
+            f"{i + 1}. *{sample['context']}*\n   - human: {sample['reference']}\n"
+            f"   - SFT: {sample['sft']}\n{replies}"
+        )
+    return "\n\n".join(out)
+
+
 def report(args):
     """Every finished row over its PPO seeds, with its difference from the base run's PPO seeds:
     the table of docs/ablations.md, made by benchmarks/records.py from these run directories."""
@@ -123,6 +142,8 @@ def report(args):
     if not groups:
         sys.exit(f"no finished run at {base} or beside it")
     print(records.ablation_rows(groups))
+    print("\nThe first test dialogues of results.json and every row's reply (PPO seed 0):\n")
+    print(samples(base))
     if args.figure:
         runs = {row: row_dir(base, row, args.seed) for row in ROWS}
         subprocess.run(
