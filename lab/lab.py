@@ -10,13 +10,14 @@ check their code in words they understand, and check a finished run against the 
     # a finished run against the records in docs/runs
     python lab/lab.py check-run RUN_DIR
 
-`new` copies the repository (the top-level .py files, README.md, requirements*.txt, tests/,
-benchmarks/, docs/, lab/; not .venv, runs or .git) into DIR and, in the copy, replaces the body of
-each named function by `raise NotImplementedError("lab exercise: implement ppo.gae ...")`; its
-signature and docstring (with the equations) stay. Names are bare (`gae`) or qualified (`ppo.gae`);
-DIR/.lab.json records them. The exercises are the keys of EXERCISES below:
-reward.reward_from_logits, ppo.per_token_kl, ppo.kl_penalized_rewards, ppo.gae, ppo.rloo_advantages,
-ppo.policy_loss, ppo.value_loss, and ppo.grpo_advantages where ppo.py has it.
+`new` copies what a student edits and runs, the program's top-level .py files (not tests/, lab/
+with the grader's checks and the key, docs/ or benchmarks/), into DIR, a directory outside the
+repository (one inside it is refused: `python lab/lab.py new ../my-emprl` makes it beside), and, in
+the copy, replaces the body of each named function by `raise NotImplementedError("lab exercise:
+implement ppo.gae ...")`; its signature and docstring (with the equations) stay. Names are bare
+(`gae`) or qualified (`ppo.gae`); DIR/.lab.json records them. The exercises are the keys of
+EXERCISES below: reward.reward_from_logits, ppo.per_token_kl, ppo.kl_penalized_rewards, ppo.gae,
+ppo.rloo_advantages, ppo.policy_loss, ppo.value_loss, and ppo.grpo_advantages where ppo.py has it.
 
 `check` runs the lab checks of each recorded function (every exercise when none is recorded) on the
 code in DIR and prints one line per function:
@@ -26,17 +27,24 @@ code in DIR and prints one line per function:
          advantages: at [0] it is -1, the definition gives -2
 
 The checks are the grader's own (lab/checks next to this file), never DIR's: a student may read
-them, and editing the copy's checks changes nothing. Only ppo.py and reward.py are imported from
-DIR. The checks compare each function with its definition written out in float64 (Python loops over
+them, and checks put into the copy change nothing. Only ppo.py and reward.py are imported from DIR.
+The checks compare each function with its definition written out in float64 (Python loops over
 random tensors and reply masks that end early), so any correct implementation passes, loops
 included, and the usual mistakes fail: GAE without λ or bootstrapping past </s>, an RLOO baseline
 that includes the reply itself, a KL of the wrong sign or unclamped, a ratio against the wrong
 log-probs, a value loss without its clip. They also differentiate the losses (autograd against the
-definition's gradient, in float64), and require detached statistics and inputs left unchanged. When
-every function passes, `check` runs the training check (training_check below): the tiny preset on a
-small made-up data set (`tests/synthetic.py`), twice, in float32 with the same seeds, once with the
+definition's gradient), require detached statistics, and call each function as training does: in
+float32 and bfloat16 with int64, bool and float masks (inputs unchanged, outputs in the inputs'
+dtype or float32), on batches of other sizes and replies of up to 30 tokens, ratios far outside the
+clip range, non-default eps and clip ranges, and GRPO's per-reply weights as the mask. A failed
+check names a cause only when it has recomputed what that mistake gives and the function gives the
+same; otherwise it says where the values differ, by how much, and the definition. When every
+function passes, `check` runs the training check (training_check below): the tiny preset on a small
+made-up data set (`tests/synthetic.py`), twice, in float32 with the same seeds, once with the
 student's functions and once with this repository's, and compares the two runs (about 30 s on 2 CPU
-cores per algorithm; RLOO and GRPO too when their advantages are exercises).
+cores per algorithm; RLOO when rloo_advantages is an exercise, GRPO when grpo_advantages,
+policy_loss or per_token_kl is: GRPO's loss is the one that passes per-reply weights as the mask and
+differentiates the KL).
 
 `check-run` tells a correct run of the base preset from a subtly wrong one, using the run records in
 docs/runs (results.json and log.jsonl each; docs/runs/index.json says what each is). Its rule lives
@@ -62,6 +70,7 @@ damaged, 2 for a command-line mistake such as an unknown exercise.
 import argparse
 import ast
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -88,9 +97,10 @@ EXERCISES = {
     "ppo.policy_loss": "lab/checks/test_policy_loss.py",  # 4. clipped surrogate
     "ppo.value_loss": "lab/checks/test_value_loss.py",  # 4. clipped value loss
 }
-# top-level files of a student copy
-COPIED_FILES = ["*.py", "README.md", "requirements*.txt", ".gitignore"]
-COPIED_DIRS = ["tests", "benchmarks", "docs", "lab"]
+# a student copy: the program's top-level .py files, which the student edits (ppo.py, reward.py)
+# and the training check runs (train.py and what it imports); not tests/, lab/ (the grader's checks
+# and the key) or docs/
+COPIED_FILES = ["*.py"]
 LAB_FILE = ".lab.json"  # in a student copy: {"blanked": [exercise, ...]}
 # seconds for all the checks (an endless loop in a student's function ends here)
 CHECK_TIMEOUT = 120
@@ -111,14 +121,15 @@ RUN_FLAGS = [
 ]
 # The training check compares two things. (1) The first iteration: both runs sample the same replies
 # from the same SFT model, so its logged statistics (the update's losses, ratio, approx_KL, clip
-# fractions, and the rollout's score, KL, entropy, length) differ only by float32 rounding when the
-# functions are correct, and visibly when a gradient is missing or halved (the update moves the
-# policy by another amount). Measured (tests/test_lab.py): correct implementations written other
-# ways agree to about 1e-6 relative; a value loss on values.detach() moves approx_kl by 0.5 %, a
-# policy loss with its unclipped term detached by 50 %.
+# fractions, the first minibatch's ratio, and the rollout's score, KL, entropy, length) differ only
+# by float32 rounding when the functions are correct, and visibly when a gradient is missing or
+# halved (the update moves the policy by another amount). Measured (tests/test_lab.py): correct
+# implementations written other ways agree to about 1e-6 relative; a value loss on values.detach()
+# moves approx_kl by 0.5 %, a policy loss with its unclipped term detached by 50 %.
 FIRST_FIELDS = [
     "score",
     "kl",
+    "ratio_first",
     "pg_loss",
     "vf_loss",
     "approx_kl",
@@ -256,27 +267,32 @@ def resolve(names, available):
 
 
 def copy_repository(src, dst):
-    """The repository's own files (see COPIED_FILES, COPIED_DIRS) from src into dst; no caches, runs
-    or venv."""
+    """What a student edits and runs (COPIED_FILES: the program's top-level .py files) from src into
+    dst; no tests, grader checks, key, docs, caches, runs or venv."""
     dst.mkdir(parents=True, exist_ok=True)
     for pattern in COPIED_FILES:
         for path in sorted(src.glob(pattern)):
             if path.is_file():
                 shutil.copy2(path, dst / path.name)
-    # the key stays home
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "answers.md")
-    for name in COPIED_DIRS:
-        if (src / name).is_dir():
-            shutil.copytree(src / name, dst / name, ignore=ignore)
+
+
+def beside_the_repository(out):
+    """The path of a directory named like out but beside the repository, as the user would type it
+    from where they are: "../my-emprl" from the repository's root."""
+    name = out.resolve().name if out.resolve() != ROOT else "my-emprl"
+    return os.path.relpath(ROOT.parent / name)
 
 
 def cmd_new(args):
     out = Path(args.dir)
+    # a copy inside the repository would be collected by its tests and copied into later copies
+    if out.resolve().is_relative_to(ROOT):
+        raise LabError(
+            f"{out} is inside the repository ({ROOT}): make the copy beside it, e.g. "
+            f"`python lab/lab.py new {beside_the_repository(out)}`"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LabError(f"{out} exists and is not empty: give a new directory for the student copy")
-    for name in COPIED_DIRS:  # a copy inside a copied folder would copy itself
-        if out.resolve().is_relative_to((ROOT / name).resolve()):
-            raise LabError(f"{out} is inside the repository's {name}/: give a directory outside it")
     names = [n.strip() for n in (args.blank or "").split(",") if n.strip()]
     # before copying: an unknown name leaves nothing behind
     blanked = resolve(names, available_exercises(ROOT))
@@ -416,21 +432,27 @@ def reference_copy(directory, exercises, out):
     return out
 
 
-def train(code, data_dir, run, algo):
+def train(code, data_dir, run, algo, probe=None):
     """train.py of the code in `code` on the made-up data: (log lines, results) or a FAIL reason (a
-    string)."""
-    cmd = [
-        sys.executable,
-        "train.py",
-        *RUN_FLAGS,
-        f"--algo={algo}",
-        f"--data_dir={data_dir}",
-        f"--out_dir={run}",
-    ]
+    string). probe=(exercises, path): the run replays the first calls of those functions on the
+    reference's and writes what differs to path (probe_first_calls)."""
+    flags = [*RUN_FLAGS, f"--algo={algo}", f"--data_dir={data_dir}", f"--out_dir={run}"]
+    cmd = [sys.executable, "train.py", *flags]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
-    for name in ("LAB_REPORT", "LAB_CODE"):
+    for name in ("LAB_REPORT", "LAB_CODE", PROBE_ENV):
         env.pop(name, None)
+    if probe:
+        exercises, path = probe
+        cmd = [
+            sys.executable,
+            "-c",
+            PROBE_RUNNER,
+            str(Path(__file__).resolve()),
+            ",".join(exercises),
+        ]
+        cmd += flags
+        env[PROBE_ENV] = str(path)
     try:
         p = subprocess.run(
             cmd, cwd=code, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT
@@ -496,13 +518,283 @@ def compare_runs(yours, theirs):
     return bad
 
 
+# What the training check says when a run differs. The run with the student's functions records,
+# for each exercise, what its first call in training did (and its first call with an input that
+# requires a gradient: GRPO's KL, the losses), replayed on this repository's function with copies of
+# the same inputs: the differences found on that call (inputs written in place, dtype, shapes,
+# values, gradients) are the causes the FAIL line lists, each confirmed on a call training made.
+# Where that replay finds nothing, what differs in the first iteration says where to look
+# (FIRST_ITERATION_HINTS). The findings file is named by the environment variable PROBE_ENV.
+PROBE_ENV = "LAB_PROBE"
+# run in the copy: `python -c PROBE_RUNNER lab.py exercises train.py's flags...`
+PROBE_RUNNER = (
+    "import importlib.util, os, sys\n"
+    "spec = importlib.util.spec_from_file_location('lab_grader_probe', sys.argv.pop(1))\n"
+    "lab = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(lab)\n"
+    "lab.probe_first_calls(sys.argv.pop(1).split(','), os.environ['LAB_PROBE'])\n"
+    "import train\n"
+    "train.main(sys.argv[1:])\n"
+)
+OUTPUT_NAMES = {  # the outputs of an exercise, in order, for the findings' words
+    "ppo.gae": ("advantages", "returns"),
+    "ppo.policy_loss": ("the loss", "stats"),
+    "ppo.value_loss": ("the loss", "stats"),
+}
+PROBE_RTOL, PROBE_ATOL = 1e-4, 1e-5  # float32 rounding of another order of operations, with room
+# In the first iteration both runs sample the same replies from the same model before any update.
+# What each logged field is read from tells where a difference starts (measured on planted mistakes:
+# an in-place write into the rollout's log-probs moves kl from 0 to 45 and the first ratio from 1
+# to 0.07; a value loss on values.detach() or a policy loss with its unclipped term detached move
+# only the update's statistics, by 0.1 % to 50 %).
+FIRST_ITERATION_HINTS = [
+    (
+        ("length", "entropy"),
+        "in-place writes: length and entropy are read from the reply mask after your functions "
+        "ran, from the same replies",
+    ),
+    (("score",), "the reward: the same replies were scored differently (reward_from_logits)"),
+    (
+        ("kl", "ratio_first"),
+        "in-place writes: kl and the first minibatch's ratio (1 before any update) are read from "
+        "the rollout's log-probs after your functions ran",
+    ),
+    (
+        ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "ratio", "explained_var"),
+        "the update: the rollout agrees and the losses or their gradients differ (dtype or shapes "
+        "of the advantages and returns, a loss computed otherwise, a gradient missing, halved or "
+        "detached)",
+    ),
+]
+
+
+def output_tensors(exercise, out):
+    """[(words, tensor)] of a function's output: a tensor, a tuple of them, or (loss, stats)."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [("the output", out)]
+    if not isinstance(out, (tuple, list)):
+        return []
+    names = OUTPUT_NAMES.get(exercise, [f"output {i}" for i in range(len(out))])
+    pairs = []
+    for name, x in zip(names, out):
+        if isinstance(x, torch.Tensor):
+            pairs.append((name, x))
+        elif isinstance(x, dict):
+            pairs += [(f"{name}['{k}']", v) for k, v in x.items() if isinstance(v, torch.Tensor)]
+    return pairs
+
+
+def condition_of(names, args):
+    """Words for the inputs of a call: "float32 inputs, an int64 mask, 4 rows of 12 tokens"."""
+    import torch
+
+    tensors = [(n, a) for n, a in zip(names, args) if isinstance(a, torch.Tensor)]
+    words = []
+    floats = [a for n, a in tensors if a.is_floating_point() and n != "mask"]
+    if floats:
+        words.append(f"{str(floats[0].dtype).replace('torch.', '')} inputs")
+    for n, a in tensors:
+        if n == "mask":
+            dtype = str(a.dtype).replace("torch.", "")
+            words.append(f"{'an' if dtype[0] in 'aeiou' else 'a'} {dtype} mask")
+            if a.dim() == 2:
+                words.append(f"{a.shape[0]} rows of {a.shape[1]} tokens")
+    if floats and not any(n == "mask" for n, _ in tensors):
+        words.append(f"shape {tuple(floats[0].shape)}")
+    return ", ".join(words)
+
+
+def first_difference(got, want, rtol, atol):
+    """Words for where got and want (tensors of one shape) differ most, or None where they agree."""
+    import torch
+
+    got, want = got.detach().double(), want.detach().double()
+    allowed = atol * max(1.0, float(want.abs().max()) if want.numel() else 1.0)
+    wrong = ~torch.isclose(got, want, rtol=rtol, atol=allowed)
+    if not wrong.any():
+        return None
+    index = tuple(int(i) for i in wrong.nonzero()[0])
+    at = f" at [{', '.join(map(str, index))}]" if index else ""
+    return f"{at} is {got[index].item():.6g}, the reference's {want[index].item():.6g}"
+
+
+def replay(exercise, mine, theirs, args, kwargs, before, result):
+    """The findings of one call of the student's function `mine` (args, now after the call; before:
+    copies of them from before it; result: what it returned) against the reference's `theirs` on
+    copies of the same inputs: ["in-place writes: ...", "dtype: ...", "shapes: ...", "values: ...",
+    "gradients: ..."]."""
+    import torch
+
+    names = list(inspect.signature(theirs).parameters)
+    findings = []
+    for name, arg, copy in zip(names, args, before):
+        if copy is not None and not torch.equal(arg.detach(), copy):
+            findings.append(
+                f"in-place writes: it changed its argument {name}, which training reads again"
+            )
+
+    def fresh():
+        """Copies of the inputs from before the call; those that required a gradient are, as in
+        training, results of a computation (not leaves), so an in-place write into them is
+        allowed as it was there."""
+        out = []
+        for arg, copy in zip(args, before):
+            if copy is None:
+                out.append(arg)
+            elif arg.requires_grad:
+                out.append(copy.clone().requires_grad_(True).clone())
+            else:
+                out.append(copy.clone())
+        return out
+
+    with torch.no_grad():
+        want = theirs(*fresh(), **kwargs)
+    got_pairs, want_pairs = dict(output_tensors(exercise, result)), output_tensors(exercise, want)
+    for name, w in want_pairs:
+        g = got_pairs.get(name)
+        if g is None:
+            findings.append(f"shapes: it returns no tensor {name}, the reference's does")
+        elif g.dtype != w.dtype:
+            findings.append(
+                f"dtype: {name} in {str(g.dtype).replace('torch.', '')}, the reference's in "
+                f"{str(w.dtype).replace('torch.', '')}"
+            )
+        elif g.shape != w.shape:
+            findings.append(
+                f"shapes: {name} has shape {tuple(g.shape)}, the reference's {tuple(w.shape)}"
+            )
+        else:
+            where = first_difference(g, w, PROBE_RTOL, PROBE_ATOL)
+            if where:
+                findings.append(f"values: {name}{where}")
+    for i, (name, arg) in enumerate(zip(names, args)):
+        if not (isinstance(arg, torch.Tensor) and arg.requires_grad):
+            continue
+        grads = []
+        for function in (mine, theirs):
+            inputs = fresh()
+            x = before[i].clone().requires_grad_(True)
+            inputs[i] = x.clone()  # not a leaf, as in training
+            out = output_tensors(exercise, function(*inputs, **kwargs))
+            loss = out[0][1].sum() if out else None
+            if loss is None or not loss.requires_grad:
+                grads.append(None)
+                continue
+            (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+            grads.append(grad)
+        if grads[0] is None and grads[1] is not None:
+            findings.append(f"gradients: no gradient reaches {name}, the reference's does")
+        elif grads[0] is not None and grads[1] is not None:
+            where = first_difference(grads[0], grads[1], PROBE_RTOL, PROBE_ATOL)
+            if where:
+                findings.append(f"gradients: the gradient with respect to {name}{where}")
+    return condition_of(names, args), findings
+
+
+def probe_first_calls(exercises, path):
+    """In a training run of the student's code (PROBE_RUNNER): wrap each exercise function so that
+    its first call, and its first call with an input that requires a gradient, are replayed on this
+    repository's function (replay); one JSON line per replayed call goes to path. The run itself is
+    unchanged: the student's function computes what training uses, on training's own tensors."""
+
+    references = {}
+    for exercise in exercises:
+        module_name, name = exercise.split(".")
+        module = importlib.import_module(module_name)  # the copy's: its folder is the working one
+        if module_name not in references:
+            references[module_name] = load_module(
+                ROOT / f"{module_name}.py", f"lab_reference_{module_name}"
+            )
+        mine, theirs = getattr(module, name), getattr(references[module_name], name)
+        setattr(module, name, probed(exercise, mine, theirs, path))
+
+
+def probed(exercise, mine, theirs, path):
+    """mine, with its first call (and first call with a gradient) replayed on theirs."""
+    import torch
+
+    seen = set()
+
+    def call(*args, **kwargs):
+        kind = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        if kind in seen:
+            return mine(*args, **kwargs)
+        seen.add(kind)
+        before = [a.detach().clone() if isinstance(a, torch.Tensor) else None for a in args]
+        condition = condition_of(list(inspect.signature(theirs).parameters), args)
+        result = mine(*args, **kwargs)
+        try:
+            _, findings = replay(exercise, mine, theirs, args, kwargs, before, result)
+        except Exception as e:  # the replay must never stop the run
+            first = (str(e).strip().splitlines() or [""])[0]
+            findings = [f"the replay failed: {type(e).__name__}: {first}"]
+        row = {"exercise": exercise, "condition": condition, "findings": findings}
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        return result
+
+    return call
+
+
+def probe_report(path):
+    """The lines of a failed training check that say what the replay of the first calls found, or
+    [] where it found nothing."""
+    if not Path(path).exists():
+        return []
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    lines = []
+    for row in rows:
+        for finding in row["findings"]:
+            lines.append(f"{row['exercise']} ({row['condition']}): {finding}")
+    return list(dict.fromkeys(lines))  # a finding of both replays once
+
+
+def first_iteration_hint(yours, theirs):
+    """Where the first iteration's differences start (FIRST_ITERATION_HINTS), or a line saying that
+    the first iteration agrees."""
+    first = [
+        next(r for r in run[0] if r.get("stage") == "ppo" and "score" in r)
+        for run in (yours, theirs)
+    ]
+    differ = {
+        key
+        for key in FIRST_FIELDS
+        if not close(first[0][key], first[1][key], FIRST_RTOL, FIRST_ATOL)
+    }
+    for fields, hint in FIRST_ITERATION_HINTS:
+        if differ & set(fields):
+            return (
+                f"{', '.join(k for k in FIRST_FIELDS if k in differ)} differ in iteration 1: {hint}"
+            )
+    return (
+        "iteration 1 agrees: the runs part later (a function that differs on some later call only)"
+    )
+
+
+def training_algos(exercises, available):
+    """The algorithms the training check trains: PPO always; RLOO when rloo_advantages is an
+    exercise (PPO does not call it); GRPO when grpo_advantages, policy_loss or per_token_kl is and
+    ppo.py has GRPO: its loss passes per-reply weights as policy_loss's mask and differentiates the
+    k3 KL of per_token_kl, which PPO does neither."""
+    algos = ["ppo"]
+    if "ppo.rloo_advantages" in exercises:
+        algos.append("rloo")
+    grpo = ("ppo.grpo_advantages", "ppo.policy_loss", "ppo.per_token_kl")
+    if "ppo.grpo_advantages" in available and any(e in exercises for e in grpo):
+        algos.append("grpo")
+    return algos
+
+
 def training_check(directory, exercises):
     """Train the tiny preset on made-up data twice, in float32 with the same seeds: with the
     student's functions and with this repository's (everything else the student's), and compare
-    (compare_runs). With rloo_advantages or grpo_advantages among the exercises that algorithm is
-    trained too (PPO does not call them). Prints one PASS / FAIL line per algorithm, and what
-    differs; True if every algorithm passes."""
-    algos = ["ppo"] + [a for a in ("rloo", "grpo") if f"ppo.{a}_advantages" in exercises]
+    (compare_runs), for each algorithm of training_algos. Prints one PASS / FAIL line per algorithm;
+    a FAIL says what differs, and why where the replay of the first calls confirms it (in-place
+    writes, dtype, shapes, values, gradients), else where the first iteration points. True if every
+    algorithm passes."""
+    algos = training_algos(exercises, available_exercises(ROOT))
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -518,9 +810,12 @@ def training_check(directory, exercises):
                 flush=True,
             )
             t0 = time.time()
-            yours = train(directory, data_dir, tmp / f"yours_{algo}", algo)
+            probe = tmp / f"probe_{algo}.jsonl"
+            yours = train(directory, data_dir, tmp / f"yours_{algo}", algo, (exercises, probe))
             if isinstance(yours, str):  # a reason: the run failed
                 print(f"FAIL training check ({algo}): with your code, {yours}")
+                for line in probe_report(probe):
+                    print(f"     {line}")
                 ok = False
                 continue
             theirs = train(reference, data_dir, tmp / f"reference_{algo}", algo)
@@ -535,11 +830,24 @@ def training_check(directory, exercises):
             if bad:
                 print(
                     f"FAIL training check ({algo}): your functions pass each check but train "
-                    "differently from the "
-                    f"reference's; look for a gradient that is missing, halved or detached:"
+                    "differently from the reference's:"
                 )
                 for line in bad:
                     print(f"     {line}")
+                found = probe_report(probe)
+                if found:
+                    print(
+                        "  why: on the first calls training made, replayed on the reference's "
+                        "functions with the same inputs:"
+                    )
+                    for line in found:
+                        print(f"     {line}")
+                else:
+                    print(
+                        "  why: on the first calls training made your functions agree with the "
+                        "reference's (inputs kept, dtype, shapes, values, gradients); "
+                        f"{first_iteration_hint(yours, theirs)}"
+                    )
                 ok = False
                 continue
             print(

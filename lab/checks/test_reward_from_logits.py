@@ -9,21 +9,52 @@ import math
 import torch
 
 import reward
-from checklib import assert_close, call_keeping_inputs, rand, tensor
+from checklib import (
+    assert_any_size,
+    assert_close,
+    assert_dtype,
+    call_keeping_inputs,
+    convert,
+    describe,
+    rand,
+    tensor,
+    tolerance,
+)
+
+F64 = torch.float64
+DEFINITION = "r = Π_k softmax(logits[b, k])[y*_k], the softmax over the C levels"
+
+# The mistakes a message may name, each only when the reward is what it gives (recomputed).
+CAUSES = {
+    "mechanisms": "the softmax is over the mechanisms (dim 1), not over the levels (the last dim)",
+    "sum": "a sum of the probabilities, not their product",
+}
 
 
-def definition(logits, targets):
+def definition(logits, targets, over="levels", combine="product"):
     """r written out reply by reply in float64: the product over mechanisms of the target level's
-    probability."""
+    probability. over="mechanisms" and combine="sum" make two mistakes instead."""
     out = []
     for b in range(logits.shape[0]):
-        r = 1.0
+        probs = []
         for k in range(logits.shape[1]):
-            row = logits[b, k].tolist()
-            # softmax over the levels
-            r *= math.exp(row[targets[b, k]]) / sum(math.exp(x) for x in row)
-        out.append(r)
-    return torch.tensor(out, dtype=torch.float64)
+            y = targets[b, k].item()
+            if over == "levels":  # softmax over the levels
+                row = logits[b, k].tolist()
+            else:
+                row = logits[b, :, y].tolist()
+            chosen = logits[b, k, y].item()
+            probs.append(math.exp(chosen) / sum(math.exp(x) for x in row))
+        out.append(math.prod(probs) if combine == "product" else sum(probs))
+    return torch.tensor(out, dtype=F64)
+
+
+def causes(logits, targets):
+    """(words, reward) of each mistake of CAUSES, on these inputs."""
+    return [
+        (CAUSES["mechanisms"], definition(logits, targets, over="mechanisms")),
+        (CAUSES["sum"], definition(logits, targets, combine="sum")),
+    ]
 
 
 def levels(shape, seed, C=3):
@@ -34,16 +65,27 @@ def call(logits, targets):
     return tensor(reward.reward_from_logits(logits.clone(), targets.clone()), "the reward")
 
 
+def test_reward_works_for_any_batch_size():
+    """Batches of 3 to 9 replies (the tiny preset scores 8 rollouts an iteration, the cpu preset
+    32) get the definition's rewards, as a batch of 5 does."""
+
+    def compute(lengths, T):  # one reply per row of the drawn batch
+        logits, targets = rand((len(lengths), 3, 3), T), levels((len(lengths), 3), T + 1)
+        return call(logits, targets), definition(logits, targets)
+
+    assert_any_size(compute, "the reward", 90, lambda lengths, T: f"{len(lengths)} replies")
+
+
 def test_reward_gives_one_number_per_reply():
     """reward_from_logits(logits (B, M, C), targets (B, M)) returns one reward per reply, shape
-    (B,)."""
-    r = call(rand((6, 3, 3), 0), levels((6, 3), 1))
-    assert r.shape == (6,), f"the reward has shape {tuple(r.shape)}, expected (6,)"
+    (B,): here B = 5 replies, M = 3 mechanisms, C = 3 levels."""
+    r = call(rand((5, 3, 3), 0), levels((5, 3), 1))
+    assert r.shape == (5,), f"the reward has shape {tuple(r.shape)}, expected (5,)"
 
 
 def test_reward_leaves_its_inputs_unchanged():
-    """reward_from_logits changes none of its arguments in place (no `logits -= logits.max()` on the
-    caller's tensor)."""
+    """reward_from_logits changes none of its arguments in place, with float64, float32 or bfloat16
+    logits: the identifiers' logits stay as they were."""
     call_keeping_inputs(
         reward.reward_from_logits, "logits, targets", rand((6, 3, 3), 80), levels((6, 3), 81)
     )
@@ -55,22 +97,32 @@ def test_softmax_is_over_the_levels_of_each_mechanism():
     for seed, C in enumerate((3, 4)):
         logits, targets = rand((5, 1, C), 10 + seed, scale=2.0), levels((5, 1), 20 + seed, C)
         assert_close(
-            call(logits, targets), definition(logits, targets), f"the reward (M = 1, C = {C})"
+            call(logits, targets),
+            definition(logits, targets),
+            f"the reward (M = 1, C = {C})",
+            causes=causes(logits, targets),
+            definition=DEFINITION,
         )
 
 
 def test_reward_is_the_product_of_the_target_levels_probabilities():
     """r = Π_k p_k(y*_k): for each mechanism the softmax over its levels, at the target level,
-    multiplied over the mechanisms (a product, not a sum or a mean)."""
+    multiplied over the mechanisms."""
     logits = torch.tensor(
         [
             [[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [-3.0, 1.0, 4.0]],
             [[0.0, 0.0, 0.0], [3.0, -2.0, 0.0], [1.0, 2.0, 3.0]],
         ],
-        dtype=torch.float64,
+        dtype=F64,
     )
     targets = torch.tensor([[0, 2, 1], [1, 0, 2]])
-    assert_close(call(logits, targets), definition(logits, targets), "the reward")
+    assert_close(
+        call(logits, targets),
+        definition(logits, targets),
+        "the reward",
+        causes=causes(logits, targets),
+        definition=DEFINITION,
+    )
 
 
 def test_reward_lies_in_0_1_and_is_1_for_certain_identifiers():
@@ -92,5 +144,25 @@ def test_reward_matches_the_definition():
     for seed, (M, C) in zip((40, 50, 60, 70), [(3, 3), (3, 3), (2, 3), (3, 4)]):
         logits, targets = rand((16, M, C), seed, scale=2.0), levels((16, M), seed + 1, C)
         assert_close(
-            call(logits, targets), definition(logits, targets), f"the reward (M = {M}, C = {C})"
+            call(logits, targets),
+            definition(logits, targets),
+            f"the reward (M = {M}, C = {C})",
+            causes=causes(logits, targets),
+            definition=DEFINITION,
+        )
+
+
+def test_reward_in_float32_and_bfloat16():
+    """In training's dtypes: logits in float32 or bfloat16 (the identifiers' output) with int64
+    target levels, 32 replies: rewards in the logits' dtype or float32, equal to the definition
+    within that dtype's rounding (float32: 1e-5 relative; bfloat16: 3 % of the largest |value|)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = rand((32, 3, 3), 90, scale=2.0).to(dtype).to(F64)  # as rounded
+        targets = levels((32, 3), 91)
+        got = reward.reward_from_logits(convert(logits, dtype), targets)
+        assert_dtype(got, "the reward", dtype)
+        want = definition(logits, targets)
+        rtol, atol = tolerance(dtype, want)
+        assert_close(
+            got, want, f"the reward ({describe(dtype)})", rtol, atol, definition=DEFINITION
         )
