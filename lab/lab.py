@@ -140,7 +140,9 @@ FIRST_FIELDS = [
     "entropy",
     "length",
 ]
-FIRST_RTOL, FIRST_ATOL = 5e-4, 1e-6  # |yours - reference| <= ATOL + RTOL·|reference|
+# |yours - reference| <= FIRST_ATOL + FIRST_RTOL·|reference|
+FIRST_RTOL = 5e-4
+FIRST_ATOL = 1e-6
 # (2) The end of the run, as a check that learning did not break: means over the last LAST
 # iterations and the test reward of the trained policy. Once one sampled token differs the runs part
 # like two PPO seeds, so these tolerances are the spread of the reference over PPO seeds 0-3 on this
@@ -324,7 +326,8 @@ def cmd_new(args):
 
 def describe_failure(row, exercise):
     """One line for a failed check: what the check asks (its docstring) and what went wrong."""
-    message, error = row["message"], row["error"]
+    message = row["message"]
+    error = row["error"]
     if error == "NotImplementedError" and message.startswith("lab exercise: implement "):
         name = message.split()[3]
         if name == exercise:
@@ -491,7 +494,8 @@ def compare_runs(yours, theirs):
         ]
     first = [its[0] for its in iterations]
     for key in FIRST_FIELDS:
-        a, b = first[0][key], first[1][key]
+        a = first[0][key]
+        b = first[1][key]
         if not close(a, b, FIRST_RTOL, FIRST_ATOL):
             bad.append(
                 f"iteration 1 {key}: {a:.6g} with your functions, {b:.6g} with the "
@@ -508,7 +512,8 @@ def compare_runs(yours, theirs):
                 f"reference's (tolerance ±{tolerance:g}, the spread of PPO seeds)"
             )
     for key, tolerance in FINAL_RESULTS_TOLERANCE.items():
-        a, b = yours[1]["emprl"][key], theirs[1]["emprl"][key]
+        a = yours[1]["emprl"][key]
+        b = theirs[1]["emprl"][key]
         if not close(a, b, 0.0, tolerance):
             bad.append(
                 f"test {key} of the trained policy: {a:.4g} with your functions, {b:.4g} "
@@ -541,7 +546,9 @@ OUTPUT_NAMES = {  # the outputs of an exercise, in order, for the findings' word
     "ppo.policy_loss": ("the loss", "stats"),
     "ppo.value_loss": ("the loss", "stats"),
 }
-PROBE_RTOL, PROBE_ATOL = 1e-4, 1e-5  # float32 rounding of another order of operations, with room
+# float32 rounding of another order of operations, with room
+PROBE_RTOL = 1e-4
+PROBE_ATOL = 1e-5
 # In the first iteration both runs sample the same replies from the same model before any update.
 # What each logged field is read from tells where a difference starts (measured on planted mistakes:
 # an in-place write into the rollout's log-probs moves kl from 0 to 45 and the first ratio from 1
@@ -610,7 +617,8 @@ def first_difference(got, want, rtol, atol):
     """Words for where got and want (tensors of one shape) differ most, or None where they agree."""
     import torch
 
-    got, want = got.detach().double(), want.detach().double()
+    got = got.detach().double()
+    want = want.detach().double()
     allowed = atol * max(1.0, float(want.abs().max()) if want.numel() else 1.0)
     wrong = ~torch.isclose(got, want, rtol=rtol, atol=allowed)
     if not wrong.any():
@@ -651,7 +659,8 @@ def replay(exercise, mine, theirs, args, kwargs, before, result):
 
     with torch.no_grad():
         want = theirs(*fresh(), **kwargs)
-    got_pairs, want_pairs = dict(output_tensors(exercise, result)), output_tensors(exercise, want)
+    got_pairs = dict(output_tensors(exercise, result))
+    want_pairs = output_tensors(exercise, want)
     for name, w in want_pairs:
         g = got_pairs.get(name)
         if g is None:
@@ -707,7 +716,8 @@ def probe_first_calls(exercises, path):
             references[module_name] = load_module(
                 ROOT / f"{module_name}.py", f"lab_reference_{module_name}"
             )
-        mine, theirs = getattr(module, name), getattr(references[module_name], name)
+        mine = getattr(module, name)
+        theirs = getattr(references[module_name], name)
         setattr(module, name, probed(exercise, mine, theirs, path))
 
 

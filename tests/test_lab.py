@@ -1184,14 +1184,16 @@ def test_blanking_keeps_signature_docstring_and_everything_else():
     """
     source = (ROOT / "ppo.py").read_text(encoding="utf-8")
     blanked = lab.blank_function(source, "gae", "ppo.gae")
-    node, original = lab.find_function(blanked, "gae"), lab.find_function(source, "gae")
+    node = lab.find_function(blanked, "gae")
+    original = lab.find_function(source, "gae")
     assert [a.arg for a in node.args.args] == [a.arg for a in original.args.args]
     assert (
         node.body[0].value.value == original.body[0].value.value
         and "δ_t" in node.body[0].value.value
     )
     assert len(node.body) == 2 and "lab exercise: implement ppo.gae" in blanked
-    before, after = source.splitlines(), blanked.splitlines()
+    before = source.splitlines()
+    after = blanked.splitlines()
     removed = original.end_lineno - original.body[0].end_lineno
     assert after[: original.body[0].end_lineno] == before[: original.body[0].end_lineno]
     assert after[original.body[0].end_lineno + 1 :] == before[original.end_lineno :]
@@ -1513,7 +1515,8 @@ def test_the_replay_of_a_first_call_names_what_differs(exercise, mistake, found)
     nothing on this call (the KL settings at their defaults, a mask applied in place to values that
     are 0 after </s> already) finds nothing."""
     source = source_of(find_mutant(mistake, exercise)) if mistake else LOOPS[exercise]
-    mine, theirs = compile_function(exercise, source), reference_function(exercise)
+    mine = compile_function(exercise, source)
+    theirs = reference_function(exercise)
     args, kwargs = training_inputs(exercise)
     before = [a.detach().clone() if isinstance(a, torch.Tensor) else None for a in args]
     result = mine(*args, **kwargs)
@@ -1532,7 +1535,8 @@ def test_the_replay_of_a_call_with_a_gradient_keeps_it_as_training_made_it():
     m = find_mutant(
         "the log-ratio computed in place on logprobs.float() (the caller's own tensor in float32)"
     )
-    mine, theirs = compile_function(m.exercise, source_of(m)), reference_function(m.exercise)
+    mine = compile_function(m.exercise, source_of(m))
+    theirs = reference_function(m.exercise)
     (logprobs, ref_logprobs, mask), _ = training_inputs(m.exercise)
     args = (logprobs.clone().requires_grad_(True) * 1, ref_logprobs, mask, None, None, "k3")
     before = [a.detach().clone() if isinstance(a, torch.Tensor) else None for a in args]

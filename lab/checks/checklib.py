@@ -107,7 +107,8 @@ def tensor(got, what):
 
 def close(got, want, rtol=1e-5, atol=1e-6):
     """Whether got equals want (float64 tensors of one shape) everywhere within the tolerance."""
-    got, want = torch.as_tensor(got, dtype=F64), torch.as_tensor(want, dtype=F64)
+    got = torch.as_tensor(got, dtype=F64)
+    want = torch.as_tensor(want, dtype=F64)
     return got.shape == want.shape and bool(torch.isclose(got, want, rtol=rtol, atol=atol).all())
 
 
@@ -116,7 +117,8 @@ def where_it_differs(got, want, what, rtol, atol, expected):
     1.23, the definition gives 0.567 (+0.663; 4 of 35 values differ)"."""
     wrong = ~torch.isclose(got, want, rtol=rtol, atol=atol)  # nan is never close
     index = tuple(int(i) for i in wrong.nonzero()[0])
-    a, b = got[index].item(), want[index].item()
+    a = got[index].item()
+    b = want[index].item()
     numbers = f"{a:.6g}, {expected} {b:.6g}"
     if not index:  # a single number
         return f"{what} is {numbers} ({a - b:+.3g})"
@@ -142,7 +144,8 @@ def assert_close(
     `causes`, pairs (words, what that mistake gives), whose values got equals: a cause is named
     only when the output is what it gives, and no other cause gives the same; else `definition` (the
     formula to compare against)."""
-    got, want = tensor(got, what), torch.as_tensor(want, dtype=F64)
+    got = tensor(got, what)
+    want = torch.as_tensor(want, dtype=F64)
     if got.shape != want.shape:
         raise AssertionError(
             f"{what} has shape {tuple(got.shape)}, the definition has shape {tuple(want.shape)}"

@@ -33,7 +33,8 @@ def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
     if report.when != "call" and not report.failed:  # setup and teardown matter only when they fail
         return
-    error, message = "", ""
+    error = ""
+    message = ""
     if report.failed and call.excinfo is not None:
         error = call.excinfo.type.__name__
         lines = str(call.excinfo.value).strip().splitlines()

@@ -41,7 +41,8 @@ def definition(rewards, values, mask, gamma, lam, bootstrap=False, gamma_in_delt
     """A and R written out row by row in float64: no value after </s>, nothing after </s>. The flags
     make two mistakes instead: bootstrap (the value after </s> enters δ at the last real token) and
     gamma_in_delta=False (δ_t = r_t + V_{t+1} - V_t)."""
-    advantages, returns = torch.zeros_like(rewards), torch.zeros_like(rewards)
+    advantages = torch.zeros_like(rewards)
+    returns = torch.zeros_like(rewards)
     for b in range(rewards.shape[0]):
         n = int(mask[b].sum())  # real tokens 0 .. n-1, the last one is </s>
         after = values[b, n].item() if bootstrap and n < rewards.shape[1] else 0.0

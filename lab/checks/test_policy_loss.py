@@ -64,15 +64,22 @@ def definition(logprobs, old_logprobs, advantages, mask, clip_range=0.2, variant
     """L_pg and the statistics written out token by token in float64: means weighted by the mask
     (0/1 or weights). variant makes a mistake instead: "min" (optimistic clip), "dual" (A < 0 capped
     at 3·|A|), "unweighted" (weights read as 0/1)."""
-    losses, ratios, clipped, kl, kl3, weights = [], [], [], [], [], []
+    losses = []
+    ratios = []
+    clipped = []
+    kl = []
+    kl3 = []
+    weights = []
     for b in range(mask.shape[0]):
         for t in range(mask.shape[1]):
             w = mask[b, t].item()
             if w == 0:
                 continue
             log_ratio = logprobs[b, t].item() - old_logprobs[b, t].item()
-            rho, a = math.exp(log_ratio), advantages[b, t].item()
-            unclipped, clip = -a * rho, -a * min(max(rho, 1 - clip_range), 1 + clip_range)
+            rho = math.exp(log_ratio)
+            a = advantages[b, t].item()
+            unclipped = -a * rho
+            clip = -a * min(max(rho, 1 - clip_range), 1 + clip_range)
             loss = max(unclipped, clip)  # the pessimistic (larger) loss
             if variant == "min":
                 loss = min(unclipped, clip)
@@ -98,12 +105,14 @@ def ties(logprobs, old_logprobs, advantages, mask, clip_range, rtol):
     inside the clip range): whether such a token counts as clipped is decided by rounding once
     clip(ρ) is computed in another way, so clipfrac may differ by this much in float32 and
     bfloat16."""
-    share, total = 0.0, 0.0
+    share = 0.0
+    total = 0.0
     for b in range(mask.shape[0]):
         for t in range(mask.shape[1]):
             rho = math.exp(logprobs[b, t].item() - old_logprobs[b, t].item())
             a = advantages[b, t].item()
-            unclipped, clip = -a * rho, -a * min(max(rho, 1 - clip_range), 1 + clip_range)
+            unclipped = -a * rho
+            clip = -a * min(max(rho, 1 - clip_range), 1 + clip_range)
             near = abs(unclipped - clip) <= rtol * max(abs(unclipped), abs(clip))
             share += mask[b, t].item() * near
             total += mask[b, t].item()
@@ -259,7 +268,8 @@ def test_clipping_is_pessimistic():
     at ρ = 1+c but a ρ below 1-c is not clipped; with A < 0 the other way round."""
     ratios = [0.7, 0.85, 1.0, 1.15, 1.3]
     logprobs = torch.tensor([ratios, ratios], dtype=F64).log()
-    zeros, ones = torch.zeros(2, 5, dtype=F64), torch.ones(2, 5, dtype=F64)
+    zeros = torch.zeros(2, 5, dtype=F64)
+    ones = torch.ones(2, 5, dtype=F64)
     advantages = torch.tensor([[1.0] * 5, [-1.0] * 5], dtype=F64)
     loss, stats = call(logprobs, zeros, advantages, ones, clip_range=0.2)
     per_token = [[-0.7, -0.85, -1.0, -1.15, -1.2], [0.8, 0.85, 1.0, 1.15, 1.3]]
@@ -356,7 +366,8 @@ def test_gradient_on_the_clipped_and_unclipped_sides():
     random ones, clip ranges 0.2 and 0.1."""
     ratios = [0.7, 0.9, 1.1, 1.3]
     logprobs = torch.tensor([ratios, ratios], dtype=F64).log()
-    zeros, ones = torch.zeros(2, 4, dtype=F64), torch.ones(2, 4, dtype=F64)
+    zeros = torch.zeros(2, 4, dtype=F64)
+    ones = torch.ones(2, 4, dtype=F64)
     advantages = torch.tensor([[1.0] * 4, [-1.0] * 4], dtype=F64)
     grad = loss_gradient(logprobs, zeros, advantages, ones)
     want = definition_gradient(logprobs, zeros, advantages, ones)
@@ -388,11 +399,16 @@ def test_ratios_far_outside_the_clip_range():
     0, each in a batch of its own: the loss of each is max(-A·ρ, -A·clip(ρ, 1-c, 1+c)), unbounded
     for A < 0 as ρ grows, and its gradient -A·ρ where the unclipped term is the larger, 0 where the
     clipped one is."""
-    got, want, grad, want_grad, dual = [], [], [], [], []
+    got = []
+    want = []
+    grad = []
+    want_grad = []
+    dual = []
     for a in FAR_ADVANTAGES:
         for rho in FAR_RATIOS:
             logprobs = torch.tensor([[math.log(rho) - 1.0]], dtype=F64)
-            old, advantages = torch.full((1, 1), -1.0, dtype=F64), torch.full((1, 1), a, dtype=F64)
+            old = torch.full((1, 1), -1.0, dtype=F64)
+            advantages = torch.full((1, 1), a, dtype=F64)
             mask = torch.ones(1, 1, dtype=F64)
             x = logprobs.clone().requires_grad_(True)
             loss, _ = call(x, old, advantages, mask, clip_range=0.3)

@@ -70,7 +70,8 @@ def test_reward_works_for_any_batch_size():
     32) get the definition's rewards, as a batch of 5 does."""
 
     def compute(lengths, T):  # one reply per row of the drawn batch
-        logits, targets = rand((len(lengths), 3, 3), T), levels((len(lengths), 3), T + 1)
+        logits = rand((len(lengths), 3, 3), T)
+        targets = levels((len(lengths), 3), T + 1)
         return call(logits, targets), definition(logits, targets)
 
     assert_any_size(compute, "the reward", 90, lambda lengths, T: f"{len(lengths)} replies")
@@ -95,7 +96,8 @@ def test_softmax_is_over_the_levels_of_each_mechanism():
     """With one mechanism (M = 1) the reward is the softmax of its logits over the C levels (the
     last axis, not over the mechanisms or the batch), at the target level: C = 3 and C = 4."""
     for seed, C in enumerate((3, 4)):
-        logits, targets = rand((5, 1, C), 10 + seed, scale=2.0), levels((5, 1), 20 + seed, C)
+        logits = rand((5, 1, C), 10 + seed, scale=2.0)
+        targets = levels((5, 1), 20 + seed, C)
         assert_close(
             call(logits, targets),
             definition(logits, targets),
@@ -142,7 +144,8 @@ def test_reward_matches_the_definition():
     """r = Π_k softmax(l_k)[y*_k] on random logits and target levels: M = 3 mechanisms (the reward),
     M = 2 (one left out, an ablation), and C = 4 levels."""
     for seed, (M, C) in zip((40, 50, 60, 70), [(3, 3), (3, 3), (2, 3), (3, 4)]):
-        logits, targets = rand((16, M, C), seed, scale=2.0), levels((16, M), seed + 1, C)
+        logits = rand((16, M, C), seed, scale=2.0)
+        targets = levels((16, M), seed + 1, C)
         assert_close(
             call(logits, targets),
             definition(logits, targets),

@@ -45,15 +45,20 @@ CAUSES = {
 def definition(values, old_values, returns, mask, clip_range_value=0.2, variant=""):
     """L_v and vf_clipfrac written out token by token in float64, means weighted by the mask.
     variant makes a mistake instead: "no_clip", "min", "clipped_only", "unweighted"."""
-    losses, clipped, weights = [], [], []
+    losses = []
+    clipped = []
+    weights = []
     for b in range(mask.shape[0]):
         for t in range(mask.shape[1]):
             w = mask[b, t].item()
             if w == 0:
                 continue
-            v, v_old, r = values[b, t].item(), old_values[b, t].item(), returns[b, t].item()
+            v = values[b, t].item()
+            v_old = old_values[b, t].item()
+            r = returns[b, t].item()
             v_clip = min(max(v, v_old - clip_range_value), v_old + clip_range_value)
-            error, error_clip = (v - r) ** 2, (v_clip - r) ** 2
+            error = (v - r) ** 2
+            error_clip = (v_clip - r) ** 2
             loss = {
                 "no_clip": error,
                 "min": min(error, error_clip),
@@ -74,12 +79,16 @@ def ties(values, old_values, returns, mask, clip_range_value, rtol):
     range, where V^clip = V. Whether such a token counts as clipped is decided by rounding once
     V^clip is computed in another way (V_old + clamp(V - V_old, -c, c)), so vf_clipfrac may differ
     by this much in float32 and bfloat16."""
-    share, total = 0.0, 0.0
+    share = 0.0
+    total = 0.0
     for b in range(mask.shape[0]):
         for t in range(mask.shape[1]):
-            v, v_old, r = values[b, t].item(), old_values[b, t].item(), returns[b, t].item()
+            v = values[b, t].item()
+            v_old = old_values[b, t].item()
+            r = returns[b, t].item()
             v_clip = min(max(v, v_old - clip_range_value), v_old + clip_range_value)
-            error, error_clip = (v - r) ** 2, (v_clip - r) ** 2
+            error = (v - r) ** 2
+            error_clip = (v_clip - r) ** 2
             share += mask[b, t].item() * (abs(error - error_clip) <= rtol * max(error, error_clip))
             total += mask[b, t].item()
     return share / total
@@ -171,7 +180,10 @@ def test_value_loss_clips_the_value_update():
     the clipped ½·(0.2 - 1)² = 0.32, not ½·(0.5 - 1)² = 0.125, so the value head may not jump far in
     one update; away from it (R = 0) its own ½·0.5² = 0.125, not ½·0.2² = 0.02. Each token in a
     batch of its own."""
-    got, stats, want, alternatives = [], [], [], {}
+    got = []
+    stats = []
+    want = []
+    alternatives = {}
     for r in (1.0, 0.0):
         args = [torch.tensor([[x]], dtype=F64) for x in (0.5, 0.0, r, 1.0)]
         loss, s = call(*args)
@@ -229,7 +241,9 @@ def definition_gradient(values, old_values, returns, mask, clip_range_value=0.2)
         for t in range(mask.shape[1]):
             if mask[b, t] == 0:
                 continue
-            v, v_old, r = values[b, t].item(), old_values[b, t].item(), returns[b, t].item()
+            v = values[b, t].item()
+            v_old = old_values[b, t].item()
+            r = returns[b, t].item()
             v_clip = min(max(v, v_old - clip_range_value), v_old + clip_range_value)
             if v_clip == v or (v - r) ** 2 > (v_clip - r) ** 2:
                 grad[b, t] = (v - r) * mask[b, t].item() / n
