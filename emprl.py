@@ -22,10 +22,12 @@ Deviations from the authors' code (TRL 0.9.6); each one a fix for a failure seen
 (docs/emprl.md):
 - Rollouts sample the full softmax at temperature τ (no top-k), and every log-prob (sampling,
   policy, old policy, reference) comes from the same attention code, a float32 LM head and the same
-  τ-scaled, EOS-masked logits: the sampled distribution is the scored one (equal in float32; under
-  bfloat16 within 6e-4 nats a token at t5-small size, as matmuls of other shapes round differently;
-  tested < 5e-3), the KL estimate is a true KL estimate (>= 0 on average) and the first ratio is 1
-  up to rounding. Evaluation still decodes like the authors (top-k 20, τ 0.9).
+  τ-scaled, EOS-masked logits: the sampled distribution is the scored one up to rounding, the KL
+  estimate is a true KL estimate (>= 0 on average) and the first ratio is 1 up to rounding. Matmuls
+  of other shapes round differently: at t5-small size and PPO's batch, sampled and scored log-probs
+  differed by 4.8e-7 nats a token on average (3.2e-6 at most) in float32, and by 6.1e-4 (9.1e-3 at
+  most) under bfloat16, over 7 seeds on one CPU (benchmarks/bf16_gap.py; tests/test_t5.py bounds
+  them). Evaluation still decodes like the authors (top-k 20, τ 0.9).
 - Every reply token counts, the first included (TRL drops it for encoder-decoders).
 - Dropout is off in the policy during rollouts and updates (`ppo_dropout`), so the ratio measures
   the policy change and not dropout noise; the value head is zero-initialised.

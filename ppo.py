@@ -1,7 +1,10 @@
 """PPO with a KL penalty for a sequence policy, as pure tensor functions (imports only torch).
 
 Nothing here knows about T5 or empathy: every function takes (B, T) tensors over the generated reply
-tokens and a 0/1 mask (1 = real reply token, the EOS token included; 0 = padding after EOS).
+tokens and a mask: 1 on real reply tokens (the EOS token included), 0 on padding after EOS, as int,
+bool or float. Where a function averages over the mask (masked_mean, policy_loss, value_loss),
+non-negative float weights are accepted too, as GRPO's per-reply weights 1/|y_i|. Tensor outputs come in
+the dtype of the float inputs (float32 for integer ones); no input is changed in place.
 
 Shape legend: B batch (rollouts), T reply tokens, V vocab.
 
