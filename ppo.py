@@ -3,8 +3,8 @@
 Nothing here knows about T5 or empathy: every function takes (B, T) tensors over the generated reply
 tokens and a mask: 1 on real reply tokens (the EOS token included), 0 on padding after EOS, as int,
 bool or float. Where a function averages over the mask (masked_mean, policy_loss, value_loss),
-non-negative float weights are accepted too, as GRPO's per-reply weights 1/|y_i|. Tensor outputs come in
-the dtype of the float inputs (float32 for integer ones); no input is changed in place.
+non-negative float weights are accepted too, as GRPO's per-reply weights 1/|y_i|. Tensor outputs
+come in the dtype of the float inputs (float32 for integer ones); no input is changed in place.
 
 Shape legend: B batch (rollouts), T reply tokens, V vocab.
 
