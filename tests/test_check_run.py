@@ -221,6 +221,7 @@ def test_the_rule_on_a_small_example_worked_by_hand():
     assert lab.new_seed_band([1.0, 3.0], stats) == (2.0, 3.0, 1)
 
 
+@pytest.mark.slow
 def test_the_new_pipeline_variance_is_unbiased_and_its_dof_the_fewest():
     """For the records' design (the pipelines and their seeds), V's mean over simulated records is
     the variance of a new pipeline's run about the centre, whatever the ratio of the two variances;
@@ -252,6 +253,7 @@ def rate_bound(trials):
     return lab.ALPHA + 4 * math.sqrt(lab.ALPHA * (1 - lab.ALPHA) / trials)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("new_seed", [False, True], ids=["new pipeline", "new seed"])
 def test_simulated_false_alarm_rate_under_the_fitted_model_is_at_most_alpha(new_seed):
     """The rate the rule states (ALPHA per run): a correct run of a new pipeline, and a new PPO seed
@@ -268,6 +270,7 @@ def test_simulated_false_alarm_rate_under_the_fitted_model_is_at_most_alpha(new_
     assert max(result["metric"].values()) <= share + noise, result["metric"]
 
 
+@pytest.mark.slow
 def test_the_simulation_catches_bands_that_are_too_narrow(monkeypatch):
     """The simulation test fails a rule whose bands are too narrow, planted in the module it runs:
     a new pipeline's band without the centre's own error and the seeds' share (V = S2), and the
@@ -287,6 +290,7 @@ def test_the_simulation_catches_bands_that_are_too_narrow(monkeypatch):
         assert result["run"] > rate_bound(trials), (name, result["run"])
 
 
+@pytest.mark.slow
 def test_simulated_band_is_exact_at_the_least_favourable_ratio_and_safe_at_the_others():
     """With the metrics independent, one band holds its share ALPHA / 13 within noise where the
     pipelines' spread dwarfs the seeds' (the least favourable ratio, where the dof reach P - 1),
@@ -318,6 +322,7 @@ def test_simulated_rates_over_the_ratio_of_the_variances():
 # ------------------------------------------------------------------------------ correct records
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("record", CORRECT)
 def test_every_correct_record_passes_as_a_new_pipeline_and_as_itself(record, tmp_path):
     """Each correct record, relabelled as the base run, is in range against the bands of a new
@@ -431,6 +436,7 @@ def test_a_correct_run_with_one_metric_moved_past_its_band_is_flagged_on_it(key,
     assert p.returncode == 1 and out_of_range(p.stdout) == [key], p.stdout
 
 
+@pytest.mark.slow
 def test_check_run_fails_an_unfinished_run_and_a_run_below_the_majority_constant(tmp_path):
     """A log with fewer PPO iterations than the config's ppo_steps is out of range (the run did not
     finish); so is a run whose EmpRL is below the majority constant, whatever the band says."""
@@ -454,6 +460,7 @@ def test_check_run_fails_an_unfinished_run_and_a_run_below_the_majority_constant
 # ------------------------------------------------------------------------------------ the output
 
 
+@pytest.mark.slow
 def test_default_output_is_the_verdict_what_is_out_of_range_and_why(tmp_path):
     """Without --details: the lines that say how the run is graded (the record it is, its config,
     a new pipeline or a new seed), one line per check out of range (its value, the band, which side,
@@ -500,6 +507,7 @@ def test_a_new_seed_of_a_recorded_pipeline_is_graded_against_its_seeds(tmp_path)
     assert "graded as a new pipeline" in p.stdout, p.stdout
 
 
+@pytest.mark.slow
 def test_check_run_reports_a_variant_and_grades_it_against_its_own_record(tmp_path):
     """A run whose config says GRPO is a variant: checked against the other GRPO record(s), not the
     base run's. A variant with no record (β = 0.3) is NOT GRADED (exit 1)."""
@@ -573,6 +581,7 @@ def block(command):
     return bands.DOC.read_text(encoding="utf-8").split(begin, 1)[1].split(end, 1)[0]
 
 
+@pytest.mark.slow
 def test_docs_bands_md_quotes_the_records_as_they_are():
     """docs/bands.md's records block is what `python lab/bands.py records --write` makes of
     docs/runs now: re-made records or a changed rule fail here until it is rewritten."""

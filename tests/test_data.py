@@ -101,6 +101,7 @@ def test_ed_bad_input_raises_data_error_naming_file_and_line(tmp_path, case):
     assert str(p) in str(e.value) and expected in str(e.value)
 
 
+@pytest.mark.slow
 def test_ed_real_files_give_the_published_example_counts(real_data_dir):
     """40,254 / 5,738 / 5,259 listener turns: the number of (context, reply) pairs EmpRL trains and
     tests on."""

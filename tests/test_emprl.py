@@ -114,6 +114,7 @@ def _nullctx():
     return contextlib.nullcontext()
 
 
+@pytest.mark.slow
 def test_ppo_learns_to_raise_the_reward_and_measured_kl_stays_nonnegative():
     """A tiny T5 learns to emit GOOD tokens: the mean score rises from ~25 % to near 100 %, while
     the unclamped KL estimate (sampled and scored under the same distribution) stays >= 0 on
@@ -126,6 +127,7 @@ def test_ppo_learns_to_raise_the_reward_and_measured_kl_stays_nonnegative():
     assert sum(h["kl"] for h in hist) / len(hist) > -0.05
 
 
+@pytest.mark.slow
 def test_rloo_learns_to_raise_the_reward_without_a_value_head():
     """The same toy task with RLOO (4 replies per context, leave-one-out baseline): the score rises
     as with PPO, and the value head is never trained (it stays at its zero init)."""
@@ -135,6 +137,7 @@ def test_rloo_learns_to_raise_the_reward_without_a_value_head():
     assert all(h["vf_loss"] == 0.0 for h in hist)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grpo_loss", ["reply", "token"])
 def test_grpo_learns_to_raise_the_reward_with_its_kl_in_the_loss(grpo_loss):
     """GRPO (group-standardised scores, no value head, β·k3 in the loss) learns the toy task as PPO
@@ -166,6 +169,7 @@ def test_gradient_accumulation_makes_one_update_per_group_of_minibatches():
     assert sched.last_epoch == 4 and opt.state_dict()["state"][0]["step"] == 4
 
 
+@pytest.mark.slow
 def test_huge_beta_keeps_the_policy_at_the_reference():
     """With β = 50 the KL penalty dominates: the score barely moves and the KL stays small.
     Raw rewards and no value loss here, so that score vs. KL is the only signal: whitening would
@@ -340,6 +344,7 @@ def _outputs(levels, targets):
     return dict(levels=levels, targets=targets, judge_levels=levels, judge_targets=targets)
 
 
+@pytest.mark.slow
 def test_paired_bootstrap_is_zero_for_equal_models_and_brackets_a_real_difference():
     """Identical outputs: difference 0 with a [0, 0] interval. A model right on 30 % more contexts:
     the interval lies above 0 and holds the full-set difference; the same seed gives the same

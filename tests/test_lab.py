@@ -1284,6 +1284,7 @@ def verdicts(stdout):
 # ---------------------------------------------------------------------------------------- check
 
 
+@pytest.mark.slow
 def test_a_blank_copy_fails_check_naming_each_blanked_function(tmp_path):
     """A copy with gae and reward_from_logits blanked: `check` prints FAIL for exactly those two,
     saying they are not implemented yet, and exits 1. The copy holds what the student edits and
@@ -1305,6 +1306,7 @@ def test_a_blank_copy_fails_check_naming_each_blanked_function(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_the_unmodified_repository_passes_every_check(tmp_path):
     """A copy with nothing blanked: `check` checks every exercise, and every one passes (exit 0)."""
     p = check(new_copy(tmp_path / "student"), "--no-run")
@@ -1312,6 +1314,7 @@ def test_the_unmodified_repository_passes_every_check(tmp_path):
     assert verdicts(p.stdout) == {e: f"PASS {e}" for e in lab.available_exercises(ROOT)}
 
 
+@pytest.mark.slow
 def test_a_wrong_gae_and_a_wrong_rloo_baseline_fail_with_the_reason(tmp_path):
     """A student's GAE that ignores λ and an RLOO whose baseline is the mean of all k replies (the
     reply itself included), written into the copy's ppo.py: both FAIL, each with the check's words,
@@ -1339,6 +1342,7 @@ def test_a_wrong_gae_and_a_wrong_rloo_baseline_fail_with_the_reason(tmp_path):
     assert causes_of("ppo.rloo_advantages")["all"] in lines["ppo.rloo_advantages"]
 
 
+@pytest.mark.slow
 def test_a_syntax_error_in_the_students_code_fails_each_of_its_functions(tmp_path):
     """ppo.py that does not parse: every ppo exercise FAILs with the syntax error, not a
     traceback."""
@@ -1355,6 +1359,7 @@ def test_a_syntax_error_in_the_students_code_fails_each_of_its_functions(tmp_pat
         assert "SyntaxError" in verdicts(p.stdout)[exercise]
 
 
+@pytest.mark.slow
 def test_loop_based_gae_and_rloo_pass_and_train_as_the_reference(tmp_path):
     """A student's correct GAE and RLOO written with Python loops pass their checks; then `check`
     trains the tiny preset on made-up data with that code and with the reference functions, with PPO
@@ -1388,6 +1393,7 @@ def plant_checks(copy):
     )
 
 
+@pytest.mark.slow
 def test_the_copys_own_checks_are_not_used(tmp_path):
     """`check` grades with the grader's lab/checks: a copy given lab/checks files that are empty (or
     deleted), and a conftest.py that skips everything, still fails a GAE without λ, with the
@@ -1417,6 +1423,7 @@ def reference_source(exercise):
     return "".join(text.splitlines(keepends=True)[node.lineno - 1 : node.end_lineno])
 
 
+@pytest.mark.slow
 def test_the_training_check_fails_a_value_loss_on_detached_values(tmp_path, capsys):
     """A value loss computed on values.detach() has the right value, so only a gradient check sees
     it in a unit test; the training check sees it too: the first iteration's statistics move beyond
@@ -1657,6 +1664,7 @@ def assert_fails_as_planted(lines, m):
     assert not others, (m.mistake, others, line)
 
 
+@pytest.mark.slow
 def test_planted_mistakes_fail_in_a_copy_whose_checks_are_emptied(tmp_path):
     """A student copy with every exercise blanked, one planted mistake per function (the detached
     unclipped term, values.detach(), sqrt(var + ε), an in-place gae, ...), and lab/checks files of
@@ -1730,6 +1738,7 @@ PLANTED_IN_TRAINING_CONDITIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "planted",
     rounds([m for m in PLANTED_IN_TRAINING_CONDITIONS if m.exercise in AVAILABLE]),

@@ -216,6 +216,7 @@ def unfinish(run, stage):
 # SIGKILL and Ctrl-C at every stage
 
 
+@pytest.mark.slow
 def test_sigkill_during_any_stage_then_the_same_command_resumes_and_completes(interrupted):
     """A SIGKILL in the tokenizer, SFT, PPO or evaluation leaves files a rerun of the same command
     can use: each kill landed inside its stage (the stage is not recorded done), and the last rerun
@@ -239,6 +240,7 @@ def test_sigkill_during_any_stage_then_the_same_command_resumes_and_completes(in
     assert not list(out.glob("*_ckpt.pt")), "finished stages keep no checkpoint"
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights_and_metrics_as_an_uninterrupted_one(
     interrupted, baseline
 ):
@@ -321,6 +323,7 @@ DAMAGE = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, damage, unfinished", DAMAGE)
 def test_a_damaged_file_ends_the_run_with_one_line_naming_it_and_what_to_do(
     finished, name, damage, unfinished, real_data_dir, capsys, tmp_path
@@ -349,6 +352,7 @@ def test_a_damaged_file_ends_the_run_with_one_line_naming_it_and_what_to_do(
     assert not marker.exists(), "unpickling ran code"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, unfinished, redone",
     [
@@ -436,6 +440,7 @@ def test_no_space_left_on_device_names_the_file_and_keeps_the_finished_stages(
     assert not [p for p in finished.rglob("*.tmp")]
 
 
+@pytest.mark.slow
 def test_command_line_errors_print_no_traceback_in_a_real_process(tmp_path):
     """As a user sees it: a subprocess with an unknown option prints one line on stderr and exits
     1."""
@@ -651,6 +656,7 @@ def header_variant(rng, raw):
     return len(blob).to_bytes(8, "little") + blob + raw[8 + n :]
 
 
+@pytest.mark.slow
 def test_fuzzed_safetensors_files_only_ever_raise_checkpoint_error(tmp_path):
     """Seeded, ~2 s: random byte edits and odd header values either load or raise CheckpointError,
     never another exception (the hand-made malformations are in test_t5.py)."""
@@ -712,6 +718,7 @@ def test_every_config_field_has_the_stage_of_its_group():
     assert {k: train.STAGE_OF[k] for k in expected} == expected
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_held_run_directory_is_refused_and_a_killed_run_leaves_no_stale_lock(
     tmp_path, real_data_dir
 ):
@@ -931,6 +938,7 @@ def test_main_leaves_the_denormal_flag_as_it_found_it(tmp_path):
     torch.set_flush_denormal(False)
 
 
+@pytest.mark.slow
 def test_denormals_are_flushed_before_any_matmul_starts_the_thread_pool():
     """The CPU's worker threads copy the flush-to-zero flag when they start. Set after a matmul
     has started them (as choose_dtype's timing does), half of every two-thread matmul is not

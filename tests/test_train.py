@@ -102,6 +102,7 @@ def kill_during_ppo(cmd, out, after_step=3, timeout=240):
         proc.wait()
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_on_synthetic_data(tmp_path):
     """No downloads, no EMPRL_DATA: made-up ED and EPITOME files in the official formats; the tiny
     preset runs every stage to finite metrics, and a run SIGKILLed in PPO resumes from its last
@@ -139,6 +140,7 @@ def test_tiny_pipeline_on_synthetic_data(tmp_path):
     assert_finished_with_finite_metrics(tmp_path / "grpo")
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_runs_under_bfloat16_autocast_on_the_cpu(tmp_path):
     """--dtype=bfloat16 runs the same autocast code a GPU runs: on the CPU it must go through every
     stage to finite metrics, with the banner and results.json saying which dtype ran."""
@@ -150,6 +152,7 @@ def test_tiny_pipeline_runs_under_bfloat16_autocast_on_the_cpu(tmp_path):
     assert res["environment"]["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_cpu_processes_keeps_one_beta_and_resumes(tmp_path):
     """`torchrun --nproc_per_node=2 train.py --preset=tiny --device=cpu` (gloo) on made-up data:
     every stage to finite metrics; one log line per PPO iteration (rank 0 alone writes); after every
@@ -225,6 +228,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     )
 
 
+@pytest.mark.slow
 def test_under_torchrun_a_failure_on_every_rank_is_one_error_line_and_no_traceback(tmp_path):
     """Two processes (gloo) that both refuse a checkpoint saved on another device: the user sees
     the reason once (rank 0 speaks; the other rank, which raised the same error, is stopped by
@@ -262,6 +266,7 @@ def tiny_run(real_data_dir, tmp_path_factory):
     return out, p
 
 
+@pytest.mark.slow
 def test_tiny_preset_on_the_real_data_runs_end_to_end_with_finite_metrics(tiny_run):
     out, p = tiny_run
     res = assert_finished_with_finite_metrics(out)
@@ -301,6 +306,7 @@ def test_results_carry_the_judge_the_intervals_and_the_environment(tiny_run):
     assert all("emp_f1_judge" in r for r in logged if r["stage"] == "ppo_eval")
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_finished_stage(tiny_run, real_data_dir):
     """Rerunning the same command redoes nothing and prints the same results table."""
     out, _ = tiny_run
@@ -311,6 +317,7 @@ def test_rerun_skips_every_finished_stage(tiny_run, real_data_dir):
     assert (out / "results.md").read_text() in again.stdout
 
 
+@pytest.mark.slow
 def test_changed_settings_are_refused_naming_the_field_and_the_reuse_command(
     tiny_run, real_data_dir
 ):
@@ -324,6 +331,7 @@ def test_changed_settings_are_refused_naming_the_field_and_the_reuse_command(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change, reused",
     [
@@ -349,6 +357,7 @@ def test_from_run_reuses_the_stages_before_the_first_changed_one(
     assert_finished_with_finite_metrics(new)
 
 
+@pytest.mark.slow
 def test_ablation_runner_reruns_only_the_rl_stage_of_a_row_and_reports_it(tiny_run, real_data_dir):
     """`benchmarks/ablations.py run` starts a row from the base run (its SFT model and labels
     reused, the row's flags applied), records the row's peak memory, and `report` puts the row's
@@ -380,6 +389,7 @@ def test_ablation_runner_reruns_only_the_rl_stage_of_a_row_and_reports_it(tiny_r
     assert "| ppo | 1 |" in p.stdout and "no_kl" not in p.stdout.split("\n\n")[0]
 
 
+@pytest.mark.slow
 def test_replies_script_describes_the_sft_and_the_rl_replies_of_a_run(tiny_run):
     """`benchmarks/replies.py RUN` decodes test dialogues with the SFT model and the policy and
     prints, for each, the level shares beside the human replies' and the per-mechanism accuracy."""
@@ -392,6 +402,7 @@ def test_replies_script_describes_the_sft_and_the_rl_replies_of_a_run(tiny_run):
     assert p.stdout.count("accuracy") == 6 and "human" in p.stdout
 
 
+@pytest.mark.slow
 def test_reply_command_answers_with_the_identifiers_levels(tiny_run):
     """`python emprl.py --run=RUN "message"` prints a reply and its ER / IP / EX levels. On a tiny
     run (a slice of the data) it also says that the replies are gibberish by design and where a
@@ -406,6 +417,7 @@ def test_reply_command_answers_with_the_identifiers_levels(tiny_run):
     assert "gibberish by design" in p.stderr and "--preset=cpu" in p.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     ["identifiers/model.safetensors", "config.json", "emprl/model.safetensors", "spiece.model"],
@@ -457,6 +469,7 @@ def test_every_preset_parses_and_the_gpu_preset_is_the_authors_ppo_schedule():
     assert small.pretrained.endswith("t5-small") and small.ppo_steps == 10
 
 
+@pytest.mark.slow
 def test_help_prints_the_preset_settings():
     p = run([sys.executable, str(ROOT / "train.py"), "--preset=small", "--help"])
     assert (
@@ -512,6 +525,7 @@ def test_device_cpu_picks_the_cpu_preset_even_where_cuda_is_there(monkeypatch):
     assert train.parse_args(["--device=cpu", "--preset=small"])[1] == "small"
 
 
+@pytest.mark.slow
 def test_gpu_smoke_dry_run_takes_every_step_at_tiny_size_on_the_cpu(tmp_path):
     """`benchmarks/gpu_smoke.sh DATA OUT --dry-run` runs the GPU checks' steps on the CPU at tiny
     size, so the script a lent GPU runs is known to work before its minutes start: bench_gpu.py
