@@ -240,8 +240,9 @@ def const(module, name):
 
 
 def bench(file, pattern, every=False):
-    """A number of a benchmark output in docs/bench, found by a regular expression: the first match,
-    or with `every` the range of all matches ("5.3-11.0")."""
+    """A number of a benchmark output in docs/bench (or of a generated block of a docs page, as
+    "../bands.md"), found by a regular expression: the first match, or with `every` the range of
+    all matches ("5.3-11.0")."""
     found = re.findall(pattern, (BENCH / file).read_text())
     if not found:
         raise KeyError(f"docs/bench/{file}: nothing matches {pattern!r}")
