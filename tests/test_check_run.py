@@ -591,6 +591,8 @@ def test_docs_bands_md_quotes_the_records_as_they_are():
 # digits docs/bands.md may show outside its blocks, code and formulas, each with its reason
 FREE = {
     "2-core AMD EPYC": "the machines, named by docs/bench/lab_sheet.txt's first line",
+    "2-core Intel Xeon": "the machine, named by docs/bench/times.txt's lines",
+    "macro-F1": "a metric's name",
     "float32": "a dtype's name",
     "bfloat16": "a dtype's name",
     "Emp-F1": "a metric's name",
