@@ -576,7 +576,9 @@ def test_new_records_flow_into_the_docs(tmp_path, monkeypatch):
     for variant in ("ppo", "no_kl"):
         for seed in range(3):
             name = f"abl_{variant}_{seed}"
-            shutil.copytree(runs / ("cpu" if variant == "ppo" else "cpu_no_kl"), runs / name)
+            shutil.copytree(
+                runs / ("base_s0" if variant == "ppo" else "base_no_kl_s0"), runs / name
+            )
             entry = dict(pipeline="abl", variant=variant, ppo_seed=seed, code="current")
             index["records"][name] = dict(entry, dtype="float32", threads=1, commit="0123456")
     (runs / "index.json").write_text(json.dumps(index))
