@@ -130,9 +130,10 @@ T975.update({7: 2.364624, 8: 2.306004, 9: 2.262157, 10: 2.228139, 11: 2.200985, 
 class Interval:
     """A mean with its 95 % interval, shown "+3.23 [+2.95, +3.50]" (the mean alone without one)."""
 
-    def __init__(self, mean, half, signed=True, d=2, alone=" (one seed)"):
+    def __init__(self, mean, half, signed=True, d=2, alone=" (one seed)", note=""):
         self.mean = mean
         self.alone = alone  # what the mean alone is followed by
+        self.note = note  # what the interval is followed by
         self.lo = mean - half
         self.hi = mean + half
         self.signed = signed
@@ -142,7 +143,7 @@ class Interval:
         f = sg if self.signed else num
         if math.isnan(self.lo):
             return f(self.mean, self.d) + self.alone
-        return f"{f(self.mean, self.d)} [{f(self.lo, self.d)}, {f(self.hi, self.d)}]"
+        return f"{f(self.mean, self.d)} [{f(self.lo, self.d)}, {f(self.hi, self.d)}]{self.note}"
 
 
 def ci(names, path, d=2):
@@ -153,14 +154,17 @@ def ci(names, path, d=2):
 
 
 def welch(a, b, path):
-    """The mean over records a minus the mean over records b, with its 95 % t interval."""
+    """The mean over records a minus the mean over records b, with its 95 % t interval; "not
+    resolved" when the interval holds 0 or either side has fewer than 3 seeds."""
     x = [v(n, path) for n in a]
     y = [v(n, path) for n in b]
     d = statistics.mean(x) - statistics.mean(y)
     if min(len(x), len(y)) < 2:
         return Interval(d, math.nan, alone=" (one seed: not resolved)")
     se = math.sqrt(statistics.variance(x) / len(x) + statistics.variance(y) / len(y))
-    return Interval(d, T975[min(len(x), len(y)) - 1] * se)
+    out = Interval(d, T975[min(len(x), len(y)) - 1] * se)
+    out.note = ", not resolved" if min(len(x), len(y)) < 3 or out.lo <= 0 <= out.hi else ""
+    return out
 
 
 def span(names, path):
@@ -307,14 +311,8 @@ def seeds_table(pipeline, variants=("ppo",)):
     """One row per record of a pipeline's variants; for one variant, then their mean [t]."""
     group = [n for var in variants for n in seeds(pipeline, var)]
     rows = [
-        [
-            n,
-            index()[n]["variant"],
-            index()[n]["ppo_seed"],
-            num(v(n, "emprl.emp_f1")),
-            boot(n, "emp_f1"),
-        ]
-        + [boot(n, "emp_f1_judge"), num(v(n, "emprl.ppl")), num(v(n, "kl"))]
+        [n, index()[n]["variant"], index()[n]["ppo_seed"], num(v(n, "emprl.emp_f1"))]
+        + [boot(n, "emp_f1"), boot(n, "emp_f1_judge"), num(v(n, "emprl.ppl")), num(v(n, "kl"))]
         for n in group
     ]
     keys = ["emprl.emp_f1", "diff.emp_f1", "diff.emp_f1_judge", "emprl.ppl", "kl"]

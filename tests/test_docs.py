@@ -543,11 +543,13 @@ def test_student_t_quantiles():
 
 
 def test_intervals_over_seeds_and_against_ppo():
-    """An interval over seeds is mean ± t·SD/√n; a row against PPO is Welch's, min(n) − 1 dof."""
+    """An interval over seeds is mean ± t·SD/√n; a row against PPO is Welch's, min(n) − 1 dof,
+    and says "not resolved" when it holds 0 or a side has fewer than 3 seeds, and only then."""
     runs = {
         f"r{i}": {"emprl": {"x": x}, "sft": {"x": 0.0}} for i, x in enumerate([2.64, 3.74, 4.30])
     }
     runs |= {f"p{i}": {"emprl": {"x": x}, "sft": {"x": 0.0}} for i, x in enumerate([1.0, 1.5, 2.0])}
+    runs |= {f"q{i}": {"emprl": {"x": x}, "sft": {"x": 0.0}} for i, x in enumerate([-1, -0.5, 0])}
     original = records.results
     try:
         records.results = lambda name: runs[name]
@@ -557,6 +559,13 @@ def test_intervals_over_seeds_and_against_ppo():
         w = records.welch(["r0", "r1", "r2"], ["p0", "p1", "p2"], "diff.x")
         se = (sd**2 / 3 + 0.25 / 3) ** 0.5
         assert abs(w.mean - (a.mean - 1.5)) < 1e-12 and abs(w.hi - w.mean - 4.302653 * se) < 1e-9
+        assert str(w).endswith("], not resolved") and w.lo < 0 < w.hi
+        far = records.welch(["r0", "r1", "r2"], ["q0", "q1", "q2"], "diff.x")
+        assert far.lo > 0 and str(far).endswith("]")  # resolved: no note
+        below = records.welch(["q0", "q1", "q2"], ["r0", "r1", "r2"], "diff.x")
+        assert below.hi < 0 and str(below).endswith("]")
+        two = records.welch(["r1", "r2"], ["q0", "q0"], "diff.x")
+        assert two.lo > 0 and str(two).endswith("], not resolved")  # 2 seeds: never resolved
         assert "[" not in str(records.ci(["r0"], "diff.x"))  # one seed: no interval
     finally:
         records.results = original
