@@ -601,3 +601,28 @@ def test_new_records_flow_into_the_docs(tmp_path, monkeypatch):
         assert row.count("[") == 4  # both labellers, over seeds and against PPO
     finally:
         records.clear()
+
+
+# What the sentences of docs/ablations.md say of each row of the base pipeline against its PPO
+# seeds: "above" or "below" (the interval over seeds excludes 0) or "not resolved". A new record
+# that changes one fails here, and the sentence that says it is rewritten.
+ABLATION_CLAIMS = {
+    ("no_kl", "kl"): "above",
+    ("no_kl", "emprl.reward"): "above",
+    ("no_kl", "diff.emp_f1"): "above",
+    ("no_kl", "diff.emp_f1_judge"): "not resolved",
+    ("no_kl", "emprl.ppl"): "above",
+    ("no_kl", "emprl.length"): "below",
+    ("no_kl", "emprl.unique_frac"): "below",
+}
+
+
+def test_the_directions_the_ablation_page_states_hold_in_the_records():
+    """Each direction a sentence of docs/ablations.md states (ABLATION_CLAIMS) is what the row's
+    seeds against PPO's give, and the page names every row it states one for."""
+    page = (ROOT / "docs" / "ablations.md").read_text()
+    for (row, path), said in ABLATION_CLAIMS.items():
+        w = records.welch(records.seeds("base", row), records.seeds("base"), path)
+        found = "not resolved" if w.note else ("above" if w.lo > 0 else "below")
+        assert found == said, f"{row} {path}: the page says {said}, the records give {w}"
+        assert f"(`{row}`)" in page
