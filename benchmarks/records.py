@@ -339,7 +339,7 @@ def pipelines_table():
 def ablation_rows(groups):
     """Each variant (groups: variant -> its records) over its seeds, and minus the "ppo" seeds."""
     rows = []
-    for var, group in sorted(groups.items(), key=lambda kv: kv[0] != "ppo"):
+    for var, group in sorted(groups.items(), key=lambda kv: (kv[0] != "ppo", kv[0])):
         vs = ["", ""]
         if var != "ppo" and "ppo" in groups:
             vs = [welch(group, groups["ppo"], k) for k in ("diff.emp_f1", "diff.emp_f1_judge")]
