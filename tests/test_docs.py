@@ -614,6 +614,12 @@ ABLATION_CLAIMS = {
     ("no_kl", "emprl.ppl"): "above",
     ("no_kl", "emprl.length"): "below",
     ("no_kl", "emprl.unique_frac"): "below",
+    ("no_er", "diff.emp_f1"): "not resolved",
+    ("no_er", "diff.emp_f1_judge"): "not resolved",
+    ("no_er", "diff.emp_f1_er"): "below",
+    ("no_er", "diff.emp_f1_judge_er"): "below",
+    ("no_er", "diff.emp_f1_ex"): "above",
+    ("no_er", "diff.emp_f1_judge_ex"): "above",
 }
 
 
