@@ -620,6 +620,12 @@ ABLATION_CLAIMS = {
     ("no_er", "diff.emp_f1_judge_er"): "below",
     ("no_er", "diff.emp_f1_ex"): "above",
     ("no_er", "diff.emp_f1_judge_ex"): "above",
+    ("no_ex", "diff.emp_f1"): "not resolved",
+    ("no_ex", "diff.emp_f1_judge"): "below",
+    ("no_ex", "diff.emp_f1_ex"): "below",
+    ("no_ex", "diff.emp_f1_judge_ex"): "below",
+    ("no_ex", "diff.emp_f1_er"): "above",
+    ("no_ex", "diff.emp_f1_judge_er"): "not resolved",
 }
 
 
