@@ -626,6 +626,13 @@ ABLATION_CLAIMS = {
     ("no_ex", "diff.emp_f1_judge_ex"): "below",
     ("no_ex", "diff.emp_f1_er"): "above",
     ("no_ex", "diff.emp_f1_judge_er"): "not resolved",
+    ("grpo", "kl"): "below",
+    ("grpo", "emprl.length"): "above",
+    ("grpo", "emprl.unique_frac"): "above",
+    ("grpo", "emprl.ppl"): "below",
+    ("grpo", "diff.emp_f1_judge"): "below",
+    ("grpo", "diff.emp_f1_judge_er"): "below",
+    ("grpo", "diff.emp_f1_judge_ex"): "above",
 }
 
 
