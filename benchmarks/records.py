@@ -159,12 +159,13 @@ def welch(a, b, path):
     x = [v(n, path) for n in a]
     y = [v(n, path) for n in b]
     d = statistics.mean(x) - statistics.mean(y)
-    if min(len(x), len(y)) < 2:
-        return Interval(d, math.nan, alone=" (one seed: not resolved)")
+    n = min(len(x), len(y))
+    if n < 2:
+        return Interval(d, math.nan, alone=" (one seed: not resolved)", note=", not resolved")
     se = math.sqrt(statistics.variance(x) / len(x) + statistics.variance(y) / len(y))
-    out = Interval(d, T975[min(len(x), len(y)) - 1] * se)
-    out.note = ", not resolved" if min(len(x), len(y)) < 3 or out.lo <= 0 <= out.hi else ""
-    return out
+    half = T975[n - 1] * se
+    resolved = n >= 3 and not d - half <= 0 <= d + half
+    return Interval(d, half, note="" if resolved else ", not resolved")
 
 
 def span(names, path):

@@ -566,6 +566,8 @@ def test_intervals_over_seeds_and_against_ppo():
         assert below.hi < 0 and str(below).endswith("]")
         two = records.welch(["r1", "r2"], ["q0", "q0"], "diff.x")
         assert two.lo > 0 and str(two).endswith("], not resolved")  # 2 seeds: never resolved
+        one = records.welch(["r0"], ["p0", "p1", "p2"], "diff.x")
+        assert str(one).endswith("(one seed: not resolved)") and one.note  # no interval
         assert "[" not in str(records.ci(["r0"], "diff.x"))  # one seed: no interval
     finally:
         records.results = original
