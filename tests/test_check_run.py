@@ -401,7 +401,7 @@ def index_flagged():
 @pytest.mark.parametrize("record", index_flagged())
 def test_check_run_flags_a_required_ablation_relabelled_as_the_base_run(record, tmp_path):
     """The ablation records of the variants index.json says must be flagged (no ER, no EX, no KL,
-    GRPO, k3: every record of each), with their config relabelled as the base run's, are out of
+    GRPO: every record of each), with their config relabelled as the base run's, are out of
     range on at least one metric, by their numbers alone."""
     p = check_run(relabel(record, tmp_path / record))
     assert "graded as a reproduction" in p.stdout and "a variant" not in p.stdout
