@@ -632,6 +632,7 @@ ABLATION_CLAIMS = {
     ("grpo", "emprl.length"): "above",
     ("grpo", "emprl.unique_frac"): "above",
     ("grpo", "emprl.ppl"): "below",
+    ("grpo", "diff.emp_f1"): "below",
     ("grpo", "diff.emp_f1_judge"): "below",
     ("grpo", "diff.emp_f1_judge_er"): "below",
     ("grpo", "diff.emp_f1_judge_ex"): "above",
