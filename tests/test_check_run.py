@@ -596,7 +596,6 @@ FREE = {
     "float32": "a dtype's name",
     "bfloat16": "a dtype's name",
     "Emp-F1": "a metric's name",
-    "cpu_fp32": "a record's name",
 }
 
 
