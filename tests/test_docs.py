@@ -663,3 +663,14 @@ def test_the_directions_the_ablation_page_states_hold_in_the_records():
         found = "not resolved" if w.note else ("above" if w.lo > 0 else "below")
         assert found == said, f"{row} {path}: the page says {said}, the records give {w}"
         assert f"(`{row}`)" in page
+
+
+def test_the_ip_gain_the_pages_call_the_smallest_is_the_smallest():
+    """docs/ablations.md and the key's exercise 4 say PPO's IP gain on base is the smallest of the
+    three mechanisms' gains (by the identifiers, mean over the PPO seeds)."""
+    gain = {
+        m: records.ci(records.seeds("base"), f"diff.emp_f1_{m}").mean for m in ("er", "ip", "ex")
+    }
+    assert min(gain, key=gain.get) == "ip", gain
+    assert "IP gain is the smallest" in (ROOT / "docs" / "ablations.md").read_text()
+    assert "IP\ngain is the smallest" in (ROOT / "lab" / "answers.md").read_text()
